@@ -1,0 +1,5 @@
+import sys
+
+from nanoseek.cli import main
+
+sys.exit(main())

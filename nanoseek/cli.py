@@ -1,0 +1,141 @@
+"""nanoseek <command> [options]: every stage of the pipeline from one entry point."""
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import torch
+
+
+def _texts(patterns):
+    """Lines of plain text files, or the "text" field of JSONL lines, from files and globs."""
+    files = sorted({f for p in patterns for f in (glob.glob(p) or [p])})
+    for file in files:
+        if not os.path.isfile(file):
+            raise SystemExit(f"error: input file {file} does not exist")
+        with open(file, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if file.endswith(".jsonl"):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise SystemExit(f"error: {file}:{lineno}: expected a JSON object with a \"text\" field")
+                else:
+                    yield line
+
+
+def cmd_tokenizer(args):
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(_texts(args.input), vocab_size=args.vocab_size)
+    os.makedirs(args.out, exist_ok=True)
+    tok.save(args.out)
+    print(f"tokenizer with {len(tok)} tokens written to {args.out}")
+
+
+def cmd_init(args):
+    from nanoseek import checkpoint
+    from nanoseek.model import DeepSeekV3, config_for_size, round_up
+    from nanoseek.tokenizer import Tokenizer, train_tokenizer
+
+    if args.tokenizer:
+        tok = Tokenizer.load(args.tokenizer)
+    else:  # bytes and special tokens only: a valid tokenizer for any text until you train one
+        tok = train_tokenizer([], vocab_size=263)
+    try:
+        cfg = config_for_size(args.size, vocab_size=round_up(len(tok), 64))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
+    torch.manual_seed(args.seed)
+    model = DeepSeekV3(cfg).init_weights(args.seed)
+    meta = {"stage": "init", "size": args.size, "seed": args.seed, "step": 0, "tokens_seen": 0, "parent": None}
+    checkpoint.save(args.out, model, tok, meta)
+    print(f"initialised size {args.size} checkpoint in {args.out}")
+    _print_info(args.out)
+
+
+def _print_info(path):
+    from nanoseek import checkpoint
+    from nanoseek.model import kv_bytes_per_token, param_counts
+
+    model = checkpoint.load_model(path)
+    cfg = model.config
+    total, active = param_counts(model)
+    print(json.dumps(checkpoint.config_to_json(cfg), indent=2))
+    meta = checkpoint.load_meta(path)
+    if meta:
+        print("nanoseek.json:", json.dumps(meta))
+    print(f"parameters: {total:,} total, {active:,} active per token")
+    print(f"KV cache: {kv_bytes_per_token(cfg, 2):,} bytes/token in bf16 ({kv_bytes_per_token(cfg, 4):,} in fp32)")
+
+
+def cmd_info(args):
+    _print_info(args.ckpt)
+
+
+def cmd_bench(args):
+    from nanoseek import bench
+
+    if args.what == "train":
+        r = bench.bench_train(size=args.size, batch=args.batch, seq=args.seq, steps=args.steps,
+                              warmup=args.warmup, device=args.device, peer=args.peer)
+        bench.print_train(r)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nanoseek", description="Train your own DeepSeek-style reasoning model.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with the chat format")
+    s.add_argument("--input", nargs="+", required=True, help="text or JSONL ({\"text\"}) files or globs")
+    s.add_argument("--vocab-size", type=int, default=4096, help="tokens, including 256 bytes and 7 special tokens")
+    s.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    s.set_defaults(func=cmd_tokenizer)
+
+    s = sub.add_parser("init", help="write a randomly initialised checkpoint")
+    s.add_argument("--size", type=int, default=6, help="the size dial: depth (2 = test, 6 = CPU default, 12 = GPU)")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    s.add_argument("--tokenizer", help="tokenizer directory (default: bytes-only tokenizer)")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("info", help="print a checkpoint's config, parameter counts and KV-cache size")
+    s.add_argument("ckpt")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("bench", help="benchmark against a peer and print the speedup")
+    s.add_argument("what", choices=["train"])
+    s.add_argument("--peer", default="transformers", choices=["transformers"])
+    s.add_argument("--size", type=int, default=6, help="size dial (depth)")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--seq", type=int, default=256)
+    s.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    s.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--json", help="also write the figures to this JSON file")
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None):
+    from nanoseek.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

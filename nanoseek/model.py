@@ -1,0 +1,447 @@
+"""DeepSeek-V3 in one file: MLA, DeepSeekMoE and multi-token prediction.
+
+Module and parameter names follow Hugging Face's DeepseekV3ForCausalLM so a checkpoint maps onto this
+model by name; the one exception is the routed experts, which live stacked in two 3-D tensors so that
+they run as one grouped matmul (checkpoint.py converts to and from per-expert tensors).
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Config:
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384  # dense SwiGLU layers
+    moe_intermediate_size: int = 64  # each routed and shared expert
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    n_shared_experts: int = 1
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    n_group: int = 1  # expert groups for group-limited routing
+    topk_group: int = 1  # groups a token may route into
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 1  # the first k layers use a dense MLP
+    q_lora_rank: int | None = None  # None: queries use one full projection
+    kv_lora_rank: int = 64  # compressed KV latent
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16  # decoupled RoPE key, shared by all heads
+    v_head_dim: int = 32
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    num_nextn_predict_layers: int = 0  # multi-token prediction modules
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 2
+    extra: dict = field(default_factory=dict, repr=False)  # keys from a config.json that we carry but do not use
+
+    @property
+    def qk_head_dim(self):
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def to_dict(self):
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+
+# ----------------------------------------------------------------------------- size dial
+
+
+def config_for_size(size: int, vocab_size: int | None = None) -> Config:
+    """One dial picks every shape: `size` is the depth; width is 64 per layer, heads are 64 wide."""
+    if size < 1:
+        raise ValueError(f"--size must be >= 1 (got {size}); try 2 for a test model or 6 for the CPU default")
+    hidden = 64 * size
+    if vocab_size is None:
+        vocab_size = 512 if size <= 2 else 4096 if size <= 8 else 32768 if size <= 16 else 65536
+    tier = 0 if size < 10 else 1 if size < 16 else 2  # CPU sizes, GPU sizes, ~1B and up
+    return Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=round_up(8 * hidden // 3, 64),
+        moe_intermediate_size=round_up(hidden // 3, 32),  # fine-grained experts
+        num_hidden_layers=size,
+        num_attention_heads=size,
+        n_shared_experts=1,
+        n_routed_experts=(8, 16, 32)[tier],
+        num_experts_per_tok=(2, 4, 6)[tier],
+        n_group=(1, 4, 8)[tier],
+        topk_group=(1, 2, 4)[tier],
+        routed_scaling_factor=1.0,
+        first_k_dense_replace=1,
+        q_lora_rank=3 * hidden // 4 if tier else None,
+        kv_lora_rank=min(512, hidden // 2),
+        qk_nope_head_dim=64 if size >= 4 else 32,
+        qk_rope_head_dim=32 if size >= 4 else 16,
+        v_head_dim=64 if size >= 4 else 32,
+        max_position_embeddings=4096 if tier else 2048,
+        num_nextn_predict_layers=1,
+    )
+
+
+def round_up(x, m):
+    return (x + m - 1) // m * m
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def yarn_mscale(scale, mscale=1.0):
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_tables(cfg: Config):
+    """cos and sin per position and frequency pair, (max_position_embeddings, qk_rope_head_dim // 2)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    attention_factor = 1.0
+    rs = cfg.rope_scaling
+    if rs and rs.get("type", rs.get("rope_type")) == "yarn":
+        factor, original = rs["factor"], rs["original_max_position_embeddings"]
+        beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+        mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float) - low) / ((high - low) or 0.001)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float), inv_freq)
+    return freqs.cos() * attention_factor, freqs.sin() * attention_factor
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x0, x1), (x2, x3) ... of x (B, T, H, R) by cos/sin (B, T, R/2).
+
+    The output lists the rotated even members, then the odd ones. Queries and keys get the same
+    permutation, so their dot products are those of the interleaved layout.
+    """
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def softmax_scale(cfg: Config):
+    scale = cfg.qk_head_dim**-0.5
+    rs = cfg.rope_scaling
+    if rs and rs.get("type", rs.get("rope_type")) == "yarn" and rs.get("mscale_all_dim"):
+        scale *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+    return scale
+
+
+# ----------------------------------------------------------------------------- Multi-head Latent Attention
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = softmax_scale(cfg)
+        q_out = self.n_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+
+    def queries(self, x):
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.queries(x).view(B, T, self.n_heads, -1)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # (B, T, 1, R): one rope key for all heads
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, self.n_heads, -1)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, nope + rope)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# ----------------------------------------------------------------------------- feed-forward: dense and DeepSeekMoE
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, inter):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid router with group-limited top-k; the correction bias steers selection, never the weights."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x):  # x: (N, D) -> weights (N, k), experts (N, k), scores (N, E)
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # (N, n_group)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False)[1], True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(x.shape[0], -1)
+        experts = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, experts, scores
+
+
+def grouped_mm(x, w, offsets, counts):
+    """x (N, in) sorted by group, w (G, in, out): row block g of x times w[g]."""
+    if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return F.grouped_mm(x, w, offs=offsets)
+    return torch.cat([xg @ w[g] for g, xg in enumerate(x.split(counts.tolist()))])
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        E, D, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts, self.inter = E, inter
+        self.gate = Gate(cfg)
+        self.gate_up = nn.Parameter(torch.empty(E, D, 2 * inter))  # per expert: [gate_proj.T | up_proj.T]
+        self.down = nn.Parameter(torch.empty(E, inter, D))  # per expert: down_proj.T
+        self.shared_experts = MLP(D, inter * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        self.expert_load = None  # tokens routed to each expert in the last forward, for load balancing
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        weights, experts, scores = self.gate(x)
+        self.expert_load = torch.bincount(experts.flatten(), minlength=self.n_experts)
+        self.router_scores, self.router_choice = scores, experts  # for the sequence-wise balance loss
+        order = experts.flatten().argsort(stable=True)  # (N * k): assignments grouped by expert
+        token = order // experts.shape[1]
+        offsets = self.expert_load.cumsum(0).to(torch.int32)
+        h = grouped_mm(x[token], self.gate_up, offsets, self.expert_load)
+        gate, up = h.split(self.inter, dim=-1)
+        h = grouped_mm(F.silu(gate) * up, self.down, offsets, self.expert_load)
+        h = h * weights.flatten()[order].unsqueeze(1).to(h.dtype)
+        y = torch.zeros_like(x).index_add_(0, token, h)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+
+# ----------------------------------------------------------------------------- transformer
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer_id: int):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        dense = layer_id < cfg.first_k_dense_replace
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPModule(nn.Module):
+    """Predicts one token further than the module before it; shares the embedding and output head."""
+
+    def __init__(self, cfg: Config, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, layer_id)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h, emb, cos, sin, mask):  # h: previous depth's hidden states, emb: next tokens' embeddings
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(h, cos, sin, mask)
+
+
+class Inner(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepSeekV3(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Inner(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        n = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPModule(cfg, n + k) for k in range(cfg.num_nextn_predict_layers))
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed=None):
+        """Normal(0, initializer_range) weights, output projections scaled down by depth; norms at 1."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * (self.config.num_hidden_layers + len(self.mtp)))
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                s = out_std if name.endswith(("o_proj.weight", "down_proj.weight", ".down")) else std
+                p.copy_(torch.randn(p.shape, generator=gen) * s)
+        for m in self.modules():
+            if isinstance(m, Gate):
+                m.e_score_correction_bias.zero_()
+        return self
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def _positions(self, input_ids, attention_mask, position_ids):
+        B, T = input_ids.shape
+        limit = self.config.max_position_embeddings
+        if T > limit or (position_ids is not None and T and int(position_ids.max()) >= limit):
+            raise ValueError(
+                f"sequence of {T} tokens reaches past the model's context of "
+                f"{self.config.max_position_embeddings} positions; shorten the input"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        return self.rope_cos[position_ids], self.rope_sin[position_ids], _mask(attention_mask, T)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """Final-norm hidden states (B, T, D) and the rope/mask context the MTP modules reuse."""
+        cos, sin, mask = self._positions(input_ids, attention_mask, position_ids)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        return self.model.norm(x), (cos, sin, mask)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """input_ids (B, T) -> logits (B, T, vocab). attention_mask (B, T) marks real tokens with 1."""
+        h, _ = self.hidden_states(input_ids, attention_mask, position_ids)
+        return self.lm_head(h)
+
+    def mtp_hidden_states(self, h, input_ids, ctx):
+        """Yield, per MTP depth k = 1..D, hidden states (B, T - k, D) whose position t predicts token t + k + 1."""
+        cos, sin, mask = ctx
+        for k, module in enumerate(self.mtp, start=1):
+            T = h.shape[1] - 1
+            emb = self.model.embed_tokens(input_ids[:, k : k + T])
+            m = None if mask is None else mask[..., :T, :T]
+            h = module(h[:, :T], emb, cos[:, :T], sin[:, :T], m)
+            yield module.shared_head.norm(h)
+
+    def loss(self, input_ids, targets, mtp_weight=0.0, attention_mask=None):
+        """Mean next-token cross-entropy (targets -100 ignored), plus mtp_weight times the mean MTP loss.
+
+        input_ids, targets (B, T): targets[t] is the token after input_ids[t].
+        Returns (total loss, main loss, list of per-depth MTP losses).
+        """
+        h, ctx = self.hidden_states(input_ids, attention_mask)
+        main = F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        mtp_losses = []
+        if mtp_weight > 0 and len(self.mtp):
+            for k, hk in enumerate(self.mtp_hidden_states(h, input_ids, ctx), start=1):
+                logits = self.lm_head(hk)  # (B, T - k, V), position t predicts targets[t + k]
+                mtp_losses.append(
+                    F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100)
+                )
+        total = main + mtp_weight * sum(mtp_losses) / len(mtp_losses) if mtp_losses else main
+        return total, main, mtp_losses
+
+
+def _mask(attention_mask, T):
+    """Boolean (B, 1, T, T) causal mask over real keys, or None for the plain causal case.
+
+    Each position may always see itself, so rows of padding stay finite.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    mask = causal & attention_mask.bool()[:, None, None, :]
+    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def param_counts(model: DeepSeekV3):
+    """(total, active per token) parameters; active counts k routed experts per MoE layer, no MTP."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    n_moe = sum(isinstance(layer.mlp, MoE) for layer in model.model.layers)
+    active = total - mtp - n_moe * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    return total, active
+
+
+def kv_bytes_per_token(cfg: Config, bytes_per_value=2):
+    """KV cache per token: the compressed latent and the rope key, per layer."""
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * bytes_per_value
+
+
+def flops_per_token(cfg: Config, active_params, seq_len):
+    """Training FLOPs per token: 6 per active matmul weight plus attention scores and values."""
+    embed = cfg.vocab_size * cfg.hidden_size
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+    return 6 * (active_params - embed) + attn

@@ -1,0 +1,159 @@
+"""Byte-level BPE trained from scratch, with DeepSeek-R1's chat format.
+
+The chat renderer builds token ids piece by piece: control tokens come only from the template, and
+every message's text is encoded with special tokens split into plain bytes, so a user who types
+"<｜Assistant｜>" or "</think>" gets text, never a control token.
+"""
+
+import json
+import os
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK = "<think>"
+END_THINK = "</think>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK]  # ids 0..6
+
+# The same rendering as Tokenizer.render_chat, for Hugging Face's apply_chat_template.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' }}"
+    "{% if m.get('reasoning_content') %}{{ '<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n' }}{% endif %}"
+    "{{ m['content'] + '<｜end▁of▁sentence｜>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer):
+        self.tok = tok
+        self.tok.encode_special_tokens = True  # plain encode() never makes control tokens
+        missing = [s for s in SPECIAL_TOKENS if tok.token_to_id(s) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}; train one with `nanoseek tokenizer`")
+        ids = {s: tok.token_to_id(s) for s in SPECIAL_TOKENS}
+        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+        self.user_id, self.assistant_id = ids[USER], ids[ASSISTANT]
+        self.think_id, self.end_think_id = ids[THINK], ids[END_THINK]
+
+    def __len__(self):
+        return self.tok.get_vocab_size()
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; special-token strings in the text stay text."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt=False):
+        """Messages in OpenAI format -> (ids, mask); mask is 1 on assistant tokens (thinking and EOS included)."""
+        parts = []  # (control id or text, is assistant)
+        parts.append((self.bos_id, False))
+        for m in messages:
+            if m.get("role") == "system":
+                parts.append((_content(m), False))
+        for m in messages:
+            role = m.get("role")
+            if role == "user":
+                parts += [(self.user_id, False), (_content(m), False)]
+            elif role == "assistant":
+                parts.append((self.assistant_id, False))
+                if m.get("reasoning_content"):
+                    parts += [(self.think_id, True), ("\n" + m["reasoning_content"] + "\n", True)]
+                    parts += [(self.end_think_id, True), ("\n\n", True)]
+                parts += [(_content(m), True), (self.eos_id, True)]
+            elif role != "system":
+                raise ValueError(f"unknown chat role {role!r}: use 'system', 'user' or 'assistant'")
+        if add_generation_prompt:
+            parts += [(self.assistant_id, False), (self.think_id, False), ("\n", False)]
+        ids, mask = [], []
+        for piece, is_assistant in _merge_text(parts):
+            piece_ids = [piece] if isinstance(piece, int) else self.encode(piece)
+            ids += piece_ids
+            mask += [int(is_assistant)] * len(piece_ids)
+        return ids, mask
+
+    def save(self, out_dir, model_max_length=2048):
+        """tokenizer.json and tokenizer_config.json (with the chat template) for AutoTokenizer."""
+        self.tok.encode_special_tokens = False  # Hugging Face's readers treat special tokens as control tokens
+        try:
+            self.tok.save(os.path.join(out_dir, "tokenizer.json"))
+        finally:
+            self.tok.encode_special_tokens = True
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": model_max_length,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
+    @classmethod
+    def load(cls, path):
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file} is missing: pass a directory made by `nanoseek tokenizer` or `init`")
+        try:
+            return cls(HFTokenizer.from_file(file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            if isinstance(e, ValueError) and "special tokens" in str(e):
+                raise
+            raise ValueError(f"{file} is not a valid tokenizer file ({e}); retrain it with `nanoseek tokenizer`")
+
+
+def _content(m):
+    content = m.get("content")
+    if not isinstance(content, str):
+        raise ValueError(f"message content must be a string, got {type(content).__name__}")
+    return content
+
+
+def _merge_text(parts):
+    """Join neighbouring text pieces of the same role, as a tokenizer reading the rendered string would."""
+    merged = []
+    for piece, flag in parts:
+        if isinstance(piece, str) and merged and isinstance(merged[-1][0], str) and merged[-1][1] == flag:
+            merged[-1] = (merged[-1][0] + piece, flag)
+        elif piece != "":
+            merged.append((piece, flag))
+    return merged
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
+    """Train a byte-level BPE on an iterator of strings. vocab_size counts the 256 bytes and the special tokens."""
+    floor = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < floor:
+        raise ValueError(f"vocab size {vocab_size} is too small: it must be at least {floor} (bytes + special tokens)")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok)

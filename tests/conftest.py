@@ -1,0 +1,63 @@
+import random
+
+import pytest
+import torch
+
+from nanoseek.model import Config
+from nanoseek.tokenizer import train_tokenizer
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "12 + 35 = 47. Check: 47 - 35 = 12.",
+    "Reach 24 from 3, 8 and 1: 3 * 8 = 24, then 24 * 1 = 24.",
+    "A model that thinks before it answers.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(CORPUS, vocab_size=400)
+
+
+def random_config(seed: int) -> Config:
+    """A small DeepSeek-V3 config with every optional feature drawn at random."""
+    r = random.Random(seed)
+    layers = r.randint(1, 3)
+    n_routed = r.choice([4, 8])
+    n_group = r.choice([g for g in (1, 2, 4) if n_routed // g >= 2])
+    topk_group = r.randint(1, n_group)
+    yarn = r.random() < 0.5
+    return Config(
+        vocab_size=r.choice([96, 128, 160]),
+        hidden_size=r.choice([32, 48, 64]),
+        intermediate_size=r.choice([48, 96]),
+        moe_intermediate_size=r.choice([16, 32]),
+        num_hidden_layers=layers,
+        num_attention_heads=r.randint(1, 4),
+        n_shared_experts=r.randint(0, 2),
+        n_routed_experts=n_routed,
+        num_experts_per_tok=r.randint(1, min(4, topk_group * n_routed // n_group)),
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=r.choice([1.0, 2.5]),
+        norm_topk_prob=r.random() < 0.7,
+        first_k_dense_replace=r.randint(0, min(2, layers)),
+        q_lora_rank=r.choice([None, 24]),
+        kv_lora_rank=r.choice([16, 32]),
+        qk_nope_head_dim=r.choice([8, 16]),
+        qk_rope_head_dim=r.choice([4, 8]),
+        v_head_dim=r.choice([8, 16]),
+        max_position_embeddings=256,
+        rope_theta=r.choice([10000.0, 50000.0]),
+        rope_scaling={
+            "type": "yarn", "factor": r.choice([2.0, 4.0]), "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": r.choice([0.707, 1.0]),
+        } if yarn else None,
+        num_nextn_predict_layers=r.randint(0, 1),
+    )
+
+
+def randomize_router_bias(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias.copy_(torch.randn(moe.n_experts, generator=g) * 0.05)

@@ -1,0 +1,149 @@
+"""The model is numerically Hugging Face's DeepseekV3ForCausalLM, in both directions."""
+
+import os
+
+import pytest
+import torch
+from conftest import random_config, randomize_router_bias
+from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.utils import logging as hf_logging
+
+import nanoseek
+from nanoseek import checkpoint
+from nanoseek.model import DeepSeekV3, MoE, config_for_size, kv_bytes_per_token, param_counts
+
+hf_logging.set_verbosity_error()
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def rel_err(a, b, mask=None):
+    diff = (a - b).abs()
+    if mask is not None:
+        diff = diff * mask[..., None]
+    return float(diff.max() / b.abs().max())
+
+
+def batch_with_padding(cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (3, 17), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    mask[2, 12:] = 0  # right padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_nanoseek_checkpoint_matches_transformers(seed, tmp_path):
+    cfg = random_config(seed)
+    torch.manual_seed(seed)
+    ours = DeepSeekV3(cfg).init_weights(seed).eval()
+    randomize_router_bias(ours, seed)
+    checkpoint.save(tmp_path / "ckpt", ours, None)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "DeepseekV3ForCausalLM"
+    ids, mask = batch_with_padding(cfg, seed)
+    with torch.no_grad():
+        assert rel_err(ours(ids), theirs(ids).logits) <= 1e-5
+        assert rel_err(ours(ids, mask), theirs(ids, attention_mask=mask).logits, mask) <= 1e-5
+
+
+@pytest.mark.parametrize("seed", range(100, 108))
+def test_transformers_checkpoint_loads_in_nanoseek(seed, tmp_path):
+    cfg = random_config(seed)
+    hf_cfg = DeepseekV3Config(**{k: v for k, v in checkpoint.config_to_json(cfg).items() if k != "architectures"})
+    torch.manual_seed(seed)
+    theirs = DeepseekV3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # give the router bias and the norms values that matter
+        for name, p in theirs.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+        for name, b in theirs.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.05)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours, tok = nanoseek.load(tmp_path / "hf")
+    assert tok is None and len(ours.mtp) == 0
+    ids, mask = batch_with_padding(cfg, seed)
+    with torch.no_grad():
+        assert rel_err(ours(ids), theirs(ids).logits) <= 1e-5
+        assert rel_err(ours(ids, mask), theirs(ids, attention_mask=mask).logits, mask) <= 1e-5
+
+
+def naive_moe(moe: MoE, x):
+    """Token by token, expert by expert: the definition the grouped kernel must reproduce."""
+    weights, experts, _ = moe.gate(x)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t], experts[t]):
+            h = x[t] @ moe.gate_up[e]
+            gate, up = h.split(moe.inter)
+            out[t] += w * ((torch.nn.functional.silu(gate) * up) @ moe.down[e])
+    return out + moe.shared_experts(x)
+
+
+def test_grouped_experts_equal_naive_loop():
+    cfg = random_config(3)
+    cfg.first_k_dense_replace, cfg.n_shared_experts = 0, 1
+    model = DeepSeekV3(cfg).init_weights(0)
+    moe = model.model.layers[0].mlp
+    x = torch.randn(23, cfg.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), naive_moe(moe, x), rtol=1e-5, atol=1e-6)
+    assert int(moe.expert_load.sum()) == 23 * cfg.num_experts_per_tok
+
+
+def test_router_bias_changes_selection_not_weights():
+    cfg = config_for_size(2)
+    model = DeepSeekV3(cfg).init_weights(0)
+    gate = model.model.layers[1].mlp.gate
+    x = torch.randn(64, cfg.hidden_size)
+    w0, e0, s0 = gate(x)
+    gate.e_score_correction_bias[3] = 10.0  # expert 3 must now be picked by every token
+    w1, e1, s1 = gate(x)
+    assert (e1 == 3).any(dim=1).all() and not (e0 == 3).any(dim=1).all()
+    torch.testing.assert_close(s0, s1)  # scores, and so the weights of any chosen expert, ignore the bias
+    chosen = torch.gather(s1, 1, e1)
+    torch.testing.assert_close(w1, chosen / chosen.sum(-1, keepdim=True) * cfg.routed_scaling_factor)
+
+
+def test_mtp_loss_trains_every_module():
+    cfg = config_for_size(2)
+    cfg.num_nextn_predict_layers = 2
+    model = DeepSeekV3(cfg).init_weights(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    total, main, mtp = model.loss(ids[:, :-1], ids[:, 1:], mtp_weight=0.3)
+    assert len(mtp) == 2
+    torch.testing.assert_close(total, main + 0.3 * (mtp[0] + mtp[1]) / 2)
+    total.backward()
+    for k in range(2):
+        assert model.mtp[k].eh_proj.weight.grad.abs().sum() > 0
+    main_only = model.loss(ids[:, :-1], ids[:, 1:], mtp_weight=0.0)
+    assert main_only[2] == [] and torch.equal(main_only[0], main_only[1])
+
+
+def test_context_limit_is_a_clear_error():
+    cfg = config_for_size(2)
+    cfg.max_position_embeddings = 16
+    model = DeepSeekV3(cfg).init_weights(0)
+    with pytest.raises(ValueError, match="context of 16 positions"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_size_dial_spans_test_to_1b():
+    def counts(size):
+        cfg = config_for_size(size)
+        with torch.device("meta"):
+            model = DeepSeekV3(cfg)
+        return param_counts(model), cfg
+
+    (total, active), cfg = counts(2)
+    assert total < 1_000_000 and active < total
+    (total, _), _ = counts(6)
+    assert 5e6 <= total <= 20e6
+    (total, _), _ = counts(10)
+    assert 100e6 <= total <= 150e6
+    (total, active), cfg = counts(18)
+    assert 0.7e9 <= total <= 1.5e9 and active < total / 2
+    assert kv_bytes_per_token(cfg, 2) == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+    with pytest.raises(ValueError, match="--size"):
+        config_for_size(0)
