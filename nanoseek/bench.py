@@ -95,7 +95,8 @@ def bench_train(size=6, batch=8, seq=256, steps=10, warmup=3, seed=0, device=Non
 
 
 def print_train(r):
-    print(f"bench train: size {r['size']} ({r['params_total'] / 1e6:.1f}M total, {r['params_active'] / 1e6:.1f}M active), "
+    params = f"{r['params_total'] / 1e6:.1f}M total, {r['params_active'] / 1e6:.1f}M active"
+    print(f"bench train: size {r['size']} ({params}), "
           f"batch {r['batch']} x {r['seq']} tokens, {r['device']} {r['dtype']}, {r['threads']} threads")
     print(f"matmul peak (measured): {r['peak_flops'] / 1e9:.1f} GFLOP/s")
     for name in ("nanoseek", "transformers"):

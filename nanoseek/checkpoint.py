@@ -55,7 +55,8 @@ def config_to_json(cfg: Config) -> dict:
 def config_from_json(d: dict, source="config.json") -> Config:
     if d.get("model_type") != "deepseek_v3":
         raise CheckpointError(
-            f"{source}: model_type is {d.get('model_type')!r}, expected 'deepseek_v3'; this is not a DeepSeek-V3 checkpoint"
+            f"{source}: model_type is {d.get('model_type')!r}, expected 'deepseek_v3'; "
+            "this is not a DeepSeek-V3 checkpoint"
         )
     if d.get("scoring_func", "sigmoid") != "sigmoid" or d.get("topk_method", "noaux_tc") != "noaux_tc":
         raise CheckpointError(f"{source}: only scoring_func 'sigmoid' with topk_method 'noaux_tc' is supported")
@@ -230,7 +231,9 @@ def _replace_dir(src, dst):
 def load_config(path) -> Config:
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
-        raise CheckpointError(f"{file} is missing: {path} is not a checkpoint directory (make one with `nanoseek init`)")
+        raise CheckpointError(
+            f"{file} is missing: {path} is not a checkpoint directory (make one with `nanoseek init`)"
+        )
     try:
         with open(file) as f:
             d = json.load(f)
@@ -273,7 +276,8 @@ def load_model(path, device="cpu") -> DeepSeekV3:
     cfg = load_config(path)
     tensors = read_tensors(path)
     n = cfg.num_hidden_layers
-    saved_mtp = {int(m.group(1)) for k in tensors if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= n}
+    layer_ids = {int(m.group(1)) for k in tensors if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    saved_mtp = {i for i in layer_ids if i >= n}
     if saved_mtp != set(range(n, n + len(saved_mtp))):
         raise CheckpointError(f"{path}/model.safetensors: layer numbers {sorted(saved_mtp)} are not contiguous")
     if len(saved_mtp) != cfg.num_nextn_predict_layers:

@@ -23,7 +23,8 @@ def _texts(patterns):
                     try:
                         yield json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise SystemExit(f"error: {file}:{lineno}: expected a JSON object with a \"text\" field")
+                        msg = f"error: {file}:{lineno}: expected a JSON object with a \"text\" field"
+                        raise SystemExit(msg) from None
                 else:
                     yield line
 
@@ -46,10 +47,7 @@ def cmd_init(args):
         tok = Tokenizer.load(args.tokenizer)
     else:  # bytes and special tokens only: a valid tokenizer for any text until you train one
         tok = train_tokenizer([], vocab_size=263)
-    try:
-        cfg = config_for_size(args.size, vocab_size=round_up(len(tok), 64))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    cfg = config_for_size(args.size, vocab_size=round_up(len(tok), 64))
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
     torch.manual_seed(args.seed)
     model = DeepSeekV3(cfg).init_weights(args.seed)

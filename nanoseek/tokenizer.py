@@ -120,7 +120,8 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             if isinstance(e, ValueError) and "special tokens" in str(e):
                 raise
-            raise ValueError(f"{file} is not a valid tokenizer file ({e}); retrain it with `nanoseek tokenizer`")
+            msg = f"{file} is not a valid tokenizer file ({e}); retrain it with `nanoseek tokenizer`"
+            raise ValueError(msg) from None
 
 
 def _content(m):
