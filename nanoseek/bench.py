@@ -67,7 +67,7 @@ def bench_train(size=6, batch=8, seq=256, steps=10, warmup=3, seed=0, device=Non
 
     def step_ours():
         with autocast:
-            loss = ours.loss(x, y)[0]
+            loss = ours(x, targets=y)[0]
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)

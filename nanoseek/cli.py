@@ -88,6 +88,41 @@ def cmd_bench(args):
                 json.dump(r, f, indent=2)
 
 
+def cmd_data(args):
+    from nanoseek.data import build
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    manifest = build(args.input, tok, args.out, val_fraction=args.val_fraction)
+    for split, shards in manifest["splits"].items():
+        tokens, docs = sum(s["tokens"] for s in shards), sum(s["documents"] for s in shards)
+        print(f"{split}: {docs:,} documents, {tokens:,} tokens in {len(shards)} shard(s)")
+    print(f"{manifest['kind']} data written to {args.out}")
+
+
+def cmd_train(args):
+    from nanoseek.train import OPTIONS, train
+
+    options = {k: getattr(args, k) for k in OPTIONS}
+    last = train(options, args.command)
+    if last:
+        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("main_loss", "val_loss", "val_bpb") if k in last)
+        print(f"{args.command} finished: {summary}; model in {os.path.join(args.out, 'final')}")
+
+
+def _add_train_options(s, mode):
+    from nanoseek.train import OPTIONS
+
+    for key, (default, meaning) in OPTIONS.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(default, bool):
+            s.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meaning)
+        else:
+            kind = type(default) if default is not None else str
+            s.add_argument(flag, type=kind, default=default, help=meaning)
+    s.set_defaults(func=cmd_train)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="nanoseek", description="Train your own DeepSeek-style reasoning model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,6 +132,17 @@ def build_parser():
     s.add_argument("--vocab-size", type=int, default=4096, help="tokens, including 256 bytes and 7 special tokens")
     s.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
     s.set_defaults(func=cmd_tokenizer)
+
+    s = sub.add_parser("data", help="tokenize text, JSONL or Parquet corpora into shards")
+    s.add_argument("--input", nargs="+", required=True,
+                   help="files or globs: .txt, .jsonl ({text} or {messages}), .parquet")
+    s.add_argument("--tokenizer", required=True, help="tokenizer or checkpoint directory")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
+    s.set_defaults(func=cmd_data)
+
+    for mode, text in (("pretrain", "train on text shards"), ("sft", "fine-tune on chat shards (assistant tokens)")):
+        _add_train_options(sub.add_parser(mode, help=text), mode)
 
     s = sub.add_parser("init", help="write a randomly initialised checkpoint")
     s.add_argument("--size", type=int, default=6, help="the size dial: depth (2 = test, 6 = CPU default, 12 = GPU)")
@@ -132,6 +178,8 @@ def main(argv=None):
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

@@ -276,6 +276,24 @@ class MoE(nn.Module):
         return y.view(shape)
 
 
+def sequence_balance_loss(moe: MoE, batch: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss for the last forward of `moe`.
+
+    Per sequence: sum over experts of f_i * P_i, with f_i = E / (k T) * tokens routed to i and
+    P_i = mean over tokens of the normalised affinity s_i / sum_j s_j; averaged over sequences.
+    """
+    scores, choice = moe.router_scores, moe.router_choice  # (B T, E), (B T, k)
+    E, k = scores.shape[1], choice.shape[1]
+    scores = scores.view(batch, -1, E)
+    T = scores.shape[1]
+    counts = torch.zeros(batch, E, device=scores.device).scatter_add_(
+        1, choice.view(batch, -1), torch.ones(batch, T * k, device=scores.device)
+    )
+    f = counts * E / (k * T)
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+    return (f * p).sum(-1).mean()
+
+
 # ----------------------------------------------------------------------------- transformer
 
 
@@ -375,10 +393,25 @@ class DeepSeekV3(nn.Module):
             x = layer(x, cos, sin, mask)
         return self.model.norm(x), (cos, sin, mask)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        """input_ids (B, T) -> logits (B, T, vocab). attention_mask (B, T) marks real tokens with 1."""
-        h, _ = self.hidden_states(input_ids, attention_mask, position_ids)
-        return self.lm_head(h)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, targets=None, mtp_weight=0.0):
+        """input_ids (B, T) -> logits (B, T, vocab); attention_mask (B, T) marks real tokens with 1.
+
+        With targets (B, T), where targets[t] is the token after input_ids[t] and -100 is ignored, returns
+        (loss, main loss, per-depth MTP losses) instead: loss = main + mtp_weight * mean of the MTP losses.
+        """
+        h, ctx = self.hidden_states(input_ids, attention_mask, position_ids)
+        if targets is None:
+            return self.lm_head(h)
+        main = F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        mtp_losses = []
+        if mtp_weight > 0:
+            for k, hk in enumerate(self.mtp_hidden_states(h, input_ids, ctx), start=1):
+                logits = self.lm_head(hk)  # (B, T - k, V): position t predicts targets[t + k]
+                mtp_losses.append(
+                    F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100)
+                )
+        total = main + mtp_weight * sum(mtp_losses) / len(mtp_losses) if mtp_losses else main
+        return total, main, mtp_losses
 
     def mtp_hidden_states(self, h, input_ids, ctx):
         """Yield, per MTP depth k = 1..D, hidden states (B, T - k, D) whose position t predicts token t + k + 1."""
@@ -389,24 +422,6 @@ class DeepSeekV3(nn.Module):
             m = None if mask is None else mask[..., :T, :T]
             h = module(h[:, :T], emb, cos[:, :T], sin[:, :T], m)
             yield module.shared_head.norm(h)
-
-    def loss(self, input_ids, targets, mtp_weight=0.0, attention_mask=None):
-        """Mean next-token cross-entropy (targets -100 ignored), plus mtp_weight times the mean MTP loss.
-
-        input_ids, targets (B, T): targets[t] is the token after input_ids[t].
-        Returns (total loss, main loss, list of per-depth MTP losses).
-        """
-        h, ctx = self.hidden_states(input_ids, attention_mask)
-        main = F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        mtp_losses = []
-        if mtp_weight > 0 and len(self.mtp):
-            for k, hk in enumerate(self.mtp_hidden_states(h, input_ids, ctx), start=1):
-                logits = self.lm_head(hk)  # (B, T - k, V), position t predicts targets[t + k]
-                mtp_losses.append(
-                    F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100)
-                )
-        total = main + mtp_weight * sum(mtp_losses) / len(mtp_losses) if mtp_losses else main
-        return total, main, mtp_losses
 
 
 def _mask(attention_mask, T):

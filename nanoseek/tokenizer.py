@@ -91,6 +91,7 @@ class Tokenizer:
 
     def save(self, out_dir, model_max_length=2048):
         """tokenizer.json and tokenizer_config.json (with the chat template) for AutoTokenizer."""
+        os.makedirs(out_dir, exist_ok=True)
         self.tok.encode_special_tokens = False  # Hugging Face's readers treat special tokens as control tokens
         try:
             self.tok.save(os.path.join(out_dir, "tokenizer.json"))

@@ -61,3 +61,42 @@ def randomize_router_bias(model, seed):
     g = torch.Generator().manual_seed(seed)
     for moe in model.moe_layers():
         moe.gate.e_score_correction_bias.copy_(torch.randn(moe.n_experts, generator=g) * 0.05)
+
+
+def arithmetic_documents(n=3000, seed=0):
+    r = random.Random(seed)
+    return [("text", f"{a} + {b} = {a + b}.") for a, b in ((r.randint(0, 99), r.randint(0, 99)) for _ in range(n))]
+
+
+def chat_documents(n=400, seed=0):
+    r = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        a, b = r.randint(0, 99), r.randint(0, 99)
+        docs.append(("chat", [
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": str(a + b), "reasoning_content": f"{a} + {b} = {a + b}"},
+        ]))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory, tokenizer):
+    from nanoseek.data import build
+
+    out = tmp_path_factory.mktemp("data") / "text"
+    build(None, tokenizer, out, val_fraction=0.05, documents=arithmetic_documents())
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory, tokenizer):
+    from nanoseek.data import build
+
+    out = tmp_path_factory.mktemp("data") / "chat"
+    build(None, tokenizer, out, val_fraction=0.05, documents=chat_documents())
+    return str(out)
+
+
+TINY = {"size": 2, "batch": 4, "seq": 32, "warmup": 2, "lr": 3e-3, "eval_every": 0, "eval_windows": 4,
+        "progress": False, "device": "cpu"}

@@ -111,13 +111,13 @@ def test_mtp_loss_trains_every_module():
     cfg.num_nextn_predict_layers = 2
     model = DeepSeekV3(cfg).init_weights(0)
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
-    total, main, mtp = model.loss(ids[:, :-1], ids[:, 1:], mtp_weight=0.3)
+    total, main, mtp = model(ids[:, :-1], targets=ids[:, 1:], mtp_weight=0.3)
     assert len(mtp) == 2
     torch.testing.assert_close(total, main + 0.3 * (mtp[0] + mtp[1]) / 2)
     total.backward()
     for k in range(2):
         assert model.mtp[k].eh_proj.weight.grad.abs().sum() > 0
-    main_only = model.loss(ids[:, :-1], ids[:, 1:], mtp_weight=0.0)
+    main_only = model(ids[:, :-1], targets=ids[:, 1:], mtp_weight=0.0)
     assert main_only[2] == [] and torch.equal(main_only[0], main_only[1])
 
 

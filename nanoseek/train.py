@@ -1,0 +1,453 @@
+"""Pretraining and SFT: one loop, two data modes (text shards, or chat shards with an assistant-only mask).
+
+    out/step_000100/   resumable checkpoints (Hugging Face directories with trainer_state/)
+    out/final/         the finished model
+    out/metrics.jsonl  one line per step; loss.png and experts.png beside it
+
+Runs on one CPU or GPU, or under `torchrun --nproc_per_node N -m nanoseek pretrain ...` with DDP
+(or FSDP2 with --fsdp). The global batch is the same whatever the number of ranks.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from nanoseek import checkpoint
+from nanoseek.data import DataError, Loader, load_manifest, sequential_batches
+from nanoseek.model import DeepSeekV3, config_for_size, flops_per_token, param_counts, round_up, sequence_balance_loss
+from nanoseek.tokenizer import Tokenizer
+
+OPTIONS = {  # every option of pretrain and sft: (default, meaning)
+    "init": (None, "checkpoint to start from (sft: required)"),
+    "size": (6, "size dial for a fresh model when there is no --init"),
+    "data": (None, "data directory made by `nanoseek data`"),
+    "out": (None, "output directory"),
+    "steps": (200, "optimizer steps"),
+    "batch": (16, "sequences per optimizer step, over all ranks and micro-steps"),
+    "grad_accum": (1, "micro-steps per optimizer step"),
+    "seq": (256, "tokens per sequence"),
+    "lr": (3e-3, "peak learning rate"),
+    "min_lr_ratio": (0.1, "final learning rate as a fraction of the peak"),
+    "warmup": (20, "linear warmup steps"),
+    "schedule": ("cosine", "cosine, or wsd (warmup-stable-decay)"),
+    "decay_frac": (0.2, "wsd: fraction of steps spent decaying"),
+    "weight_decay": (0.1, "AdamW weight decay on matrices"),
+    "beta1": (0.9, "AdamW beta1"),
+    "beta2": (0.95, "AdamW beta2"),
+    "clip": (1.0, "gradient-norm clipping (0: off)"),
+    "mtp_weight": (0.3, "lambda: weight of the multi-token-prediction loss"),
+    "bias_update_speed": (0.001, "gamma: aux-loss-free expert bias step"),
+    "balance_alpha": (0.0, "alpha: sequence-wise balance loss weight"),
+    "eval_every": (50, "steps between held-out evaluations (0: only at the end)"),
+    "eval_windows": (32, "held-out sequences per evaluation"),
+    "ckpt_every": (100, "steps between checkpoints (0: only at the end)"),
+    "keep": (2, "step checkpoints to keep"),
+    "max_bad_steps": (5, "stop after this many non-finite steps in a row"),
+    "seed": (0, "seed for initialisation and data order"),
+    "resume": (False, "continue from the newest checkpoint in --out"),
+    "compile": (False, "torch.compile the model"),
+    "fsdp": (False, "shard with FSDP2 instead of replicating with DDP (under torchrun)"),
+    "device": (None, "cpu or cuda (default: cuda when available)"),
+    "progress": (True, "show a progress bar"),
+}
+DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_at(step, o):
+    """Linear warmup to o.lr, then cosine (or stable, then linear decay for wsd) down to o.lr * o.min_lr_ratio."""
+    if step < o.warmup:
+        return o.lr * (step + 1) / o.warmup
+    floor = o.lr * o.min_lr_ratio
+    if o.schedule == "wsd":
+        decay_start = int(o.steps * (1 - o.decay_frac))
+        if step < decay_start:
+            return o.lr
+        return o.lr - (o.lr - floor) * (step - decay_start + 1) / max(1, o.steps - decay_start)
+    progress = (step - o.warmup) / max(1, o.steps - o.warmup)
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def setup_distributed(device):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def all_reduce(t, op=None):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoints_in(out):
+    """(step, path) of the finished checkpoints in out, oldest first."""
+    found = []
+    if os.path.isdir(out):
+        for name in os.listdir(out):
+            path = os.path.join(out, name)
+            if (re.fullmatch(r"step_\d+", name) or name == "final") and os.path.isdir(path):
+                meta = checkpoint.load_meta(path)
+                if "trainer" in meta:
+                    found.append((meta["step"], name == "final", path))
+    return [(s, p) for s, _, p in sorted(found)]
+
+
+def optimizer_tensors(opt, model):
+    """AdamW state as named tensors (safetensors, never pickle)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                out[f"{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
+    return out
+
+
+def restore_optimizer(opt, model, tensors):
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        pname, key = name.rsplit(".", 1)
+        if pname not in params:
+            raise checkpoint.CheckpointError(f"optimizer state names unknown parameter {pname}")
+        p = params[pname]
+        opt.state[p][key] = t.to(p.device) if key != "step" else t
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, o, mode):
+        self.o, self.mode = o, mode
+        device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.rank, self.world, self.device = setup_distributed(device)
+        self.main = self.rank == 0
+        self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        if o.batch % (o.grad_accum * self.world):
+            raise ValueError(f"--batch {o.batch} must divide by --grad-accum {o.grad_accum} x {self.world} ranks")
+        if not o.data or not o.out:
+            raise ValueError("--data and --out are required")
+        self.tokenizer = Tokenizer.load(o.data)
+        manifest = load_manifest(o.data, self.tokenizer)
+        want = "chat" if mode == "sft" else "text"
+        if manifest["kind"] != want:
+            raise DataError(
+                f"{o.data} holds {manifest['kind']} data but {mode} trains on {want} data; "
+                + ("make chat data from JSONL with a \"messages\" field" if want == "chat" else "use `nanoseek sft`")
+            )
+        self.start_step, self.state = 0, None
+        resume_from = checkpoints_in(o.out)[-1][1] if o.resume and checkpoints_in(o.out) else None
+        source = resume_from or o.init
+        if source:
+            model, tok = checkpoint.load(source)
+            if tok is not None and tok.tok.get_vocab() != self.tokenizer.tok.get_vocab():
+                raise DataError(f"{o.data} was tokenized with a different tokenizer than {source}")
+        elif mode == "sft":
+            raise ValueError("sft needs --init CHECKPOINT (a pretrained model)")
+        else:
+            cfg = config_for_size(o.size, vocab_size=round_up(len(self.tokenizer), 64))
+            cfg.max_position_embeddings = max(cfg.max_position_embeddings, o.seq)
+            cfg.bos_token_id, cfg.eos_token_id = self.tokenizer.bos_id, self.tokenizer.eos_id
+            cfg.pad_token_id = self.tokenizer.pad_id
+            torch.manual_seed(o.seed)
+            model = DeepSeekV3(cfg).init_weights(o.seed)
+        self.model = model.to(self.device).train()
+        self.meta_in = checkpoint.load_meta(source) if source else {}
+        self.params = param_counts(self.model)
+        self.flops = flops_per_token(self.model.config, self.params[1], o.seq)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), fused=True,
+        )
+        micro = o.batch // o.grad_accum
+        self.loader = Loader(o.data, "train", o.seq, micro, seed=o.seed, rank=self.rank, world=self.world)
+        if resume_from:
+            self._restore(resume_from)
+        self.net = self._wrap(self.model)
+        self.stop_signal = None
+
+    def _wrap(self, model):
+        net = model
+        if self.world > 1 and self.o.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in list(model.model.layers) + list(model.mtp):
+                fully_shard(block)
+            net = fully_shard(model)
+        elif self.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model)
+        return torch.compile(net) if self.o.compile else net
+
+    def _restore(self, path):
+        meta = checkpoint.load_meta(path)
+        state = meta["trainer"]
+        self.start_step = meta["step"]
+        self.loader.restore(state["loader"])
+        restore_optimizer(self.opt, self.model, load_file(os.path.join(path, "trainer_state", "optimizer.safetensors")))
+        rng = load_file(os.path.join(path, "trainer_state", "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        self.tokens_seen, self.resumed_from = meta.get("tokens_seen", 0), path
+        if self.main:
+            print(f"resuming from {path} at step {self.start_step}")
+
+    def save(self, step, final=False, metrics=None):
+        """Write out/step_N (or out/final) on rank 0; keep the newest `keep` step checkpoints."""
+        if not self.main:
+            return
+        o = self.o
+        path = os.path.join(o.out, "final" if final else f"step_{step:06d}")
+        meta = {
+            "stage": self.mode,
+            "step": step,
+            "tokens_seen": self.tokens_seen,
+            "metrics": metrics or {},
+            "parent": o.init,
+            "options": {k: getattr(o, k) for k in DEFAULTS},
+            "params_total": self.params[0],
+            "params_active": self.params[1],
+            "trainer": {"loader": self.loader.state()},
+        }
+        state = {
+            "optimizer.safetensors": optimizer_tensors(self.opt, self.model),
+            "rng.safetensors": {"torch": torch.get_rng_state()},
+        }
+        checkpoint.save(path, self.model, self.tokenizer, meta, trainer_state=state)
+        steps = [p for s, p in checkpoints_in(o.out) if os.path.basename(p) != "final"]
+        for old in steps[: max(0, len(steps) - o.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def evaluate(self):
+        """Held-out loss (nats/token) and bits per byte over the first eval_windows sequences."""
+        o = self.o
+        self.model.eval()
+        nats, tokens, nbytes = 0.0, 0, 0
+        with torch.no_grad(), self._autocast():
+            for x, y in sequential_batches(o.data, "val", o.seq, 8, o.eval_windows):
+                x, y = x.to(self.device), y.to(self.device)
+                _, main, _ = self.model(x, targets=y)
+                n = int((y != -100).sum())
+                nats += float(main) * n
+                tokens += n
+                nbytes += sum(len(self.tokenizer.decode(row[row != -100].tolist()).encode()) for row in y.cpu())
+        self.model.train()
+        if not tokens:
+            return {}
+        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, nbytes)}
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.dtype)
+
+    def _handle_signal(self, signum, frame):
+        self.stop_signal = signum
+
+    def run(self):
+        o = self.o
+        os.makedirs(o.out, exist_ok=True)
+        previous = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self):
+        o = self.o
+        metrics_file = os.path.join(o.out, "metrics.jsonl")
+        if self.main:
+            _truncate_metrics(metrics_file, self.start_step)
+        if not hasattr(self, "tokens_seen"):
+            self.tokens_seen = 0
+        moes = self.model.moe_layers()
+        peak = _peak_flops(self.device, self.dtype)
+        bar = tqdm(total=o.steps, initial=self.start_step, disable=not (self.main and o.progress),
+                   desc=self.mode, dynamic_ncols=True)
+        bad_in_row, last, step = 0, {}, self.start_step
+        for step in range(self.start_step, o.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, o)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            sums = torch.zeros(2 + len(self.model.mtp))  # loss, main loss, MTP loss per depth
+            loads = torch.zeros(len(moes), moes[0].n_experts if moes else 0, device=self.device)
+            for micro in range(o.grad_accum):
+                x, y = self.loader.next_batch()
+                x, y = x.to(self.device), y.to(self.device)
+                sync = micro == o.grad_accum - 1 or self.world == 1 or o.fsdp
+                with (nullcontext() if sync else self.net.no_sync()), self._autocast():
+                    loss, main, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight)
+                    if o.balance_alpha > 0:
+                        loss = loss + o.balance_alpha * sum(sequence_balance_loss(m, x.shape[0]) for m in moes)
+                    (loss / o.grad_accum).backward()
+                sums[: 2 + len(mtp)] += torch.stack([loss, main, *mtp]).detach().float().cpu() / o.grad_accum
+                for i, m in enumerate(moes):
+                    loads[i] += m.expert_load
+            sums = all_reduce(sums) / self.world
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))
+            finite = math.isfinite(float(sums[0])) and math.isfinite(float(grad_norm))
+            if not finite:
+                self.opt.zero_grad(set_to_none=True)
+                bad_in_row += 1
+                if self.main:
+                    tqdm.write(f"step {step}: non-finite loss or gradient; step skipped ({bad_in_row} in a row)")
+                    _append(metrics_file, {"step": step, "skipped": True, "loss": float(sums[0])})
+                if bad_in_row >= o.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad_in_row} non-finite steps in a row at step {step}: lower --lr, raise --warmup or "
+                        f"check the data; the last good checkpoint is in {o.out}"
+                    )
+                continue
+            bad_in_row = 0
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            loads = all_reduce(loads)
+            with torch.no_grad():  # aux-loss-free balancing: push under-loaded experts up, over-loaded down
+                for m, load in zip(moes, loads):
+                    m.gate.e_score_correction_bias += o.bias_update_speed * torch.sign(load.mean() - load)
+            step_tokens = o.batch * o.seq
+            self.tokens_seen += step_tokens
+            dt = time.perf_counter() - t0
+            last = {
+                "step": step + 1, "loss": float(sums[0]), "main_loss": float(sums[1]),
+                "mtp_loss": [float(v) for v in sums[2:]], "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": self.tokens_seen, "tokens_per_s": step_tokens / dt,
+                "mfu": step_tokens / dt * self.flops / peak / self.world,
+                "expert_imbalance": [float(load.max() / load.mean().clamp(min=1)) for load in loads],
+            }
+            done = step + 1 == o.steps
+            if (o.eval_every and (step + 1) % o.eval_every == 0) or done:
+                last.update(self.evaluate())
+            if self.main:
+                _append(metrics_file, last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                mfu=f"{100 * last['mfu']:.1f}%", refresh=False)
+                bar.update(1)
+            stop = float(all_reduce(torch.tensor([float(self.stop_signal is not None)]))) > 0  # any rank
+            if done or (o.ckpt_every and (step + 1) % o.ckpt_every == 0) or stop:
+                self.save(step + 1, final=done, metrics=last)
+                _barrier()
+            if stop and not done:
+                bar.close()
+                if self.main:
+                    print(f"interrupted: checkpoint written at step {step + 1} in {o.out}; rerun with --resume")
+                raise KeyboardInterrupt
+        bar.close()
+        if self.main:
+            plot_metrics(metrics_file, o.out)
+        return last
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _peak_flops(device, dtype):
+    from nanoseek.bench import matmul_peak_flops
+
+    return matmul_peak_flops(device, dtype)
+
+
+def _append(file, row):
+    with open(file, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(file, start_step):
+    """Keep the lines of steps before start_step: a resumed run rewrites what came after."""
+    if not os.path.exists(file):
+        return
+    with open(file) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, file)
+
+
+def read_metrics(file):
+    with open(file) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(metrics_file, out_dir):
+    """loss.png (train and held-out loss, bits per byte) and experts.png (max/mean load per MoE layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_file) if not r.get("skipped")]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(steps, [r["main_loss"] for r in rows], label="train")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax[0].plot(*zip(*val), "o-", label="held-out")
+        ax[1].plot([s for s, _ in val], [r["val_bpb"] for r in rows if "val_bpb" in r], "o-")
+    ax[0].set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax[0].legend()
+    ax[1].set(xlabel="step", ylabel="bits per byte", title="held-out bits per byte")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+    plt.close(fig)
+    if rows[0]["expert_imbalance"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, series in enumerate(zip(*[r["expert_imbalance"] for r in rows])):
+            ax.plot(steps, series, label=f"MoE layer {i}")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.set(xlabel="step", ylabel="max / mean tokens per expert", title="expert load balance")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "experts.png"), dpi=100)
+        plt.close(fig)
+
+
+def train(options: dict, mode: str):
+    """Run pretraining or SFT with `options` (keys of DEFAULTS); returns the last step's metrics."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown training options {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    o = type("Options", (), {**DEFAULTS, **options})()
+    if o.schedule not in ("cosine", "wsd"):
+        raise ValueError(f"--schedule must be cosine or wsd, not {o.schedule!r}")
+    trainer = Trainer(o, mode)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
