@@ -305,6 +305,8 @@ class Trainer:
             for micro in range(o.grad_accum):
                 x, y = self.loader.next_batch()
                 x, y = x.to(self.device), y.to(self.device)
+                for m in moes:
+                    m.expert_load = None  # MoE layers this forward does not reach (MTP off) stay None
                 sync = micro == o.grad_accum - 1 or self.world == 1 or o.fsdp
                 with (nullcontext() if sync else self.net.no_sync()), self._autocast():
                     loss, main, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight)
@@ -313,7 +315,8 @@ class Trainer:
                     (loss / o.grad_accum).backward()
                 sums[: 2 + len(mtp)] += torch.stack([loss, main, *mtp]).detach().float().cpu() / o.grad_accum
                 for i, m in enumerate(moes):
-                    loads[i] += m.expert_load
+                    if m.expert_load is not None:
+                        loads[i] += m.expert_load
             sums = all_reduce(sums) / self.world
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))
             finite = math.isfinite(float(sums[0])) and math.isfinite(float(grad_norm))
@@ -335,7 +338,8 @@ class Trainer:
             loads = all_reduce(loads)
             with torch.no_grad():  # aux-loss-free balancing: push under-loaded experts up, over-loaded down
                 for m, load in zip(moes, loads):
-                    m.gate.e_score_correction_bias += o.bias_update_speed * torch.sign(load.mean() - load)
+                    if load.sum() > 0:
+                        m.gate.e_score_correction_bias += o.bias_update_speed * torch.sign(load.mean() - load)
             step_tokens = o.batch * o.seq
             self.tokens_seen += step_tokens
             dt = time.perf_counter() - t0
@@ -344,7 +348,7 @@ class Trainer:
                 "mtp_loss": [float(v) for v in sums[2:]], "lr": lr, "grad_norm": float(grad_norm),
                 "tokens": self.tokens_seen, "tokens_per_s": step_tokens / dt,
                 "mfu": step_tokens / dt * self.flops / peak / self.world,
-                "expert_imbalance": [float(load.max() / load.mean().clamp(min=1)) for load in loads],
+                "expert_imbalance": [float(load.max() / load.mean()) for load in loads if load.sum() > 0],
             }
             done = step + 1 == o.steps
             if (o.eval_every and (step + 1) % o.eval_every == 0) or done:

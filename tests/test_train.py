@@ -1,0 +1,173 @@
+"""The training loop: learns, resumes exactly, survives kills, scales to ranks, balances experts."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import TINY
+
+import nanoseek
+from nanoseek.data import DataError
+from nanoseek.train import TrainingError, checkpoints_in, lr_at, read_metrics, train
+
+
+def run(data, out, mode="pretrain", **options):
+    return train({**TINY, "data": data, "out": str(out), **options}, mode)
+
+
+def cli(*args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "nanoseek", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def cli_args(data, out, steps, **options):
+    opts = {**TINY, "data": data, "out": str(out), "steps": steps, **options}
+    args = ["pretrain"]
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        args += [flag] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False else [flag, str(v)]
+    return args
+
+
+def losses(out):
+    return [r["loss"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_overfits_a_small_batch(text_data, tmp_path, monkeypatch):
+    from nanoseek import train as train_module
+
+    original = train_module.Loader.next_batch
+    fixed = {}
+    monkeypatch.setattr(train_module.Loader, "next_batch", lambda self: fixed.setdefault("b", original(self)))
+    last = run(text_data, tmp_path, steps=60, lr=1e-2, warmup=5, mtp_weight=0.0)
+    assert losses(tmp_path)[0] > 4.0 and last["main_loss"] < 0.5
+
+
+def test_schedules():
+    o = type("O", (), {"lr": 1.0, "warmup": 10, "steps": 100, "min_lr_ratio": 0.1, "schedule": "cosine",
+                       "decay_frac": 0.2})
+    assert lr_at(0, o) == pytest.approx(0.1) and lr_at(9, o) == pytest.approx(1.0)
+    assert lr_at(99, o) == pytest.approx(0.1, abs=1e-3) and 0.1 < lr_at(50, o) < 1.0
+    o.schedule = "wsd"
+    assert lr_at(50, o) == 1.0 and lr_at(79, o) == 1.0 and lr_at(99, o) == pytest.approx(0.1)
+
+
+def test_resume_after_sigkill_gives_the_same_losses(text_data, tmp_path):
+    straight = tmp_path / "straight"  # every run in a subprocess with one thread: same arithmetic order
+    assert cli(*cli_args(text_data, straight, 12, ckpt_every=0, eval_every=0)).wait() == 0
+    killed = tmp_path / "killed"
+    proc = cli(*cli_args(text_data, killed, 12, ckpt_every=3, eval_every=0))
+    metrics = killed / "metrics.jsonl"
+    while proc.poll() is None:  # kill it hard once it is past half way
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read()
+    assert 3 <= checkpoints_in(str(killed))[-1][0] < 12
+    assert cli(*cli_args(text_data, killed, 12, ckpt_every=3, eval_every=0, resume=True)).wait() == 0
+    assert losses(killed) == losses(straight)  # exact, step by step
+
+
+def test_sigkill_during_checkpoint_writes_never_damages_checkpoints(text_data, tmp_path):
+    out = tmp_path / "run"
+    rng = random.Random(0)
+    for attempt in range(4):
+        proc = cli(*cli_args(text_data, out, 200, ckpt_every=1, keep=3, eval_every=0, resume=True))
+        time.sleep(4 + rng.random() * 2)  # checkpointing every step: most kills land inside a write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        found = checkpoints_in(str(out))
+        assert found, f"attempt {attempt}: no checkpoint survived"
+        for _, path in found:
+            nanoseek.load(path)  # every checkpoint on disk is whole
+    leftovers = [n for n in os.listdir(out) if n.startswith(".")]
+    step = checkpoints_in(str(out))[-1][0]
+    run(text_data, out, steps=step + 2, ckpt_every=1, resume=True)
+    assert checkpoints_in(str(out))[-1][0] == step + 2
+    assert all(n.startswith(".step_") for n in leftovers)  # only abandoned temporary directories
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(text_data, tmp_path):
+    proc = cli(*cli_args(text_data, tmp_path, 10_000, ckpt_every=0, eval_every=0))
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rerun with --resume" in out
+    step = checkpoints_in(str(tmp_path))[-1][0]
+    assert step >= 3 and step == len(read_metrics(metrics))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_gloo_ranks_match_one_process(text_data, tmp_path):
+    run(text_data, tmp_path / "one", steps=6, batch=8, mtp_weight=0.3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = cli_args(text_data, tmp_path / "two", 6, batch=8, mtp_weight=0.3)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(29500 + os.getpid() % 1000), "-m", "nanoseek", *args],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        assert abs(a - b) / abs(a) < 1e-4
+
+
+def test_bias_update_lowers_expert_imbalance(text_data, tmp_path):
+    def imbalance(gamma):
+        out = tmp_path / f"g{gamma}"
+        run(text_data, out, steps=40, bias_update_speed=gamma, mtp_weight=0.0)
+        rows = read_metrics(out / "metrics.jsonl")[-10:]
+        return sum(sum(r["expert_imbalance"]) / len(r["expert_imbalance"]) for r in rows) / len(rows)
+
+    balanced, free = imbalance(0.01), imbalance(0.0)
+    assert balanced < 0.8 * free, (balanced, free)
+
+
+def test_sequence_balance_loss_trains(text_data, tmp_path):
+    last = run(text_data, tmp_path, steps=4, balance_alpha=0.01)
+    assert last["step"] == 4
+
+
+def test_sft_learns_on_chat_data(chat_data, text_data, tmp_path):
+    run(text_data, tmp_path / "pt", steps=4)
+    last = run(chat_data, tmp_path / "sft", mode="sft", steps=20, init=str(tmp_path / "pt" / "final"))
+    rows = read_metrics(tmp_path / "sft" / "metrics.jsonl")
+    assert last["main_loss"] < rows[0]["main_loss"]
+    meta = json.load(open(tmp_path / "sft" / "final" / "nanoseek.json"))
+    assert meta["stage"] == "sft" and meta["parent"] == str(tmp_path / "pt" / "final")
+
+
+def test_wrong_data_kind_and_missing_init(chat_data, text_data, tmp_path):
+    with pytest.raises(DataError, match="holds chat data but pretrain trains on text"):
+        run(chat_data, tmp_path, steps=1)
+    with pytest.raises(ValueError, match="sft needs --init"):
+        run(chat_data, tmp_path, mode="sft", steps=1)
+    with pytest.raises(ValueError, match="unknown training options"):
+        run(text_data, tmp_path, steps=1, learning_rate=1)
+
+
+def test_non_finite_losses_stop_with_a_clear_message(text_data, tmp_path):
+    with pytest.raises(TrainingError, match="non-finite steps in a row"):
+        run(text_data, tmp_path, steps=20, lr=1e12, warmup=1, clip=0.0, max_bad_steps=3)
+    skipped = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("skipped")]
+    assert len(skipped) == 3
+
+
+def test_plots_and_metrics(text_data, tmp_path):
+    run(text_data, tmp_path, steps=4, eval_every=2)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert "val_bpb" in rows[1] and "val_bpb" in rows[3] and rows[0]["tokens_per_s"] > 0
+    for png in ("loss.png", "experts.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
