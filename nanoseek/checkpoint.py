@@ -87,11 +87,11 @@ def config_from_json(d: dict, source="config.json") -> Config:
 # ----------------------------------------------------------------------------- tensor names
 
 
-def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: DeepSeekV3, state_dict=None) -> dict[str, torch.Tensor]:
     """Our parameters under the official names: per-expert tensors, MTP modules as extra layers."""
     n = model.config.num_hidden_layers
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in (state_dict or model.state_dict()).items():
         name = _mtp_to_hf(name, n)
         if name.endswith(".mlp.gate_up"):
             prefix, inter = name[: -len("gate_up")], t.shape[-1] // 2
@@ -161,8 +161,10 @@ def _mtp_from_hf(name, n):
 # ----------------------------------------------------------------------------- save
 
 
-def save(out_dir, model: DeepSeekV3, tokenizer: Tokenizer | None, meta: dict | None = None, trainer_state=None):
-    """Write a checkpoint directory atomically. trainer_state: {file name: tensors dict} for resume."""
+def save(out_dir, model: DeepSeekV3, tokenizer: Tokenizer | None, meta: dict | None = None, trainer_state=None,
+         state_dict=None):
+    """Write a checkpoint directory atomically. trainer_state: {file name: tensors dict} for resume;
+    state_dict: the model's full state when it is sharded (FSDP) and model.state_dict() holds only a shard."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -170,7 +172,8 @@ def save(out_dir, model: DeepSeekV3, tokenizer: Tokenizer | None, meta: dict | N
     try:
         cfg = model.config
         _write_json(os.path.join(tmp, "config.json"), config_to_json(cfg))
-        save_file(to_hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tensors = to_hf_state_dict(model, state_dict)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": [cfg.eos_token_id],
                       "pad_token_id": cfg.pad_token_id, "do_sample": False}
         _write_json(os.path.join(tmp, "generation_config.json"), generation)

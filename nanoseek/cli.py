@@ -105,7 +105,7 @@ def cmd_train(args):
 
     options = {k: getattr(args, k) for k in OPTIONS}
     last = train(options, args.command)
-    if last:
+    if last and os.environ.get("RANK", "0") == "0":
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("main_loss", "val_loss", "val_bpb") if k in last)
         print(f"{args.command} finished: {summary}; model in {os.path.join(args.out, 'final')}")
 

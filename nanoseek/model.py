@@ -239,6 +239,7 @@ class Gate(nn.Module):
         return weights * self.scaling, experts, scores
 
 
+@torch.compiler.disable  # runs eagerly under torch.compile: the traced kernel accepts bf16 only
 def grouped_mm(x, w, offsets, counts):
     """x (N, in) sorted by group, w (G, in, out): row block g of x times w[g]."""
     if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
@@ -329,8 +330,10 @@ class MTPModule(nn.Module):
         self.shared_head = SharedHead(cfg)
 
     def forward(self, h, emb, cos, sin, mask):  # h: previous depth's hidden states, emb: next tokens' embeddings
+        """-> (hidden states for the next depth, normed hidden states for the output head)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.block(h, cos, sin, mask)
+        h = self.block(h, cos, sin, mask)
+        return h, self.shared_head.norm(h)
 
 
 class Inner(nn.Module):
@@ -420,8 +423,8 @@ class DeepSeekV3(nn.Module):
             T = h.shape[1] - 1
             emb = self.model.embed_tokens(input_ids[:, k : k + T])
             m = None if mask is None else mask[..., :T, :T]
-            h = module(h[:, :T], emb, cos[:, :T], sin[:, :T], m)
-            yield module.shared_head.norm(h)
+            h, normed = module(h[:, :T], emb, cos[:, :T], sin[:, :T], m)
+            yield normed
 
 
 def _mask(attention_mask, T):

@@ -128,7 +128,7 @@ def optimizer_tensors(opt, model):
     for group in opt.param_groups:
         for p in group["params"]:
             for key, value in opt.state.get(p, {}).items():
-                out[f"{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
+                out[f"{names[id(p)]}.{key}"] = value.detach()
     return out
 
 
@@ -139,6 +139,10 @@ def restore_optimizer(opt, model, tensors):
         if pname not in params:
             raise checkpoint.CheckpointError(f"optimizer state names unknown parameter {pname}")
         p = params[pname]
+        if key != "step" and hasattr(p, "device_mesh"):  # an FSDP-sharded parameter: keep this rank's shard
+            from torch.distributed.tensor import distribute_tensor
+
+            t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
         opt.state[p][key] = t.to(p.device) if key != "step" else t
 
 
@@ -184,6 +188,7 @@ class Trainer:
         self.meta_in = checkpoint.load_meta(source) if source else {}
         self.params = param_counts(self.model)
         self.flops = flops_per_token(self.model.config, self.params[1], o.seq)
+        self.net = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW(
@@ -194,7 +199,6 @@ class Trainer:
         self.loader = Loader(o.data, "train", o.seq, micro, seed=o.seed, rank=self.rank, world=self.world)
         if resume_from:
             self._restore(resume_from)
-        self.net = self._wrap(self.model)
         self.stop_signal = None
 
     def _wrap(self, model):
@@ -221,8 +225,18 @@ class Trainer:
         if self.main:
             print(f"resuming from {path} at step {self.start_step}")
 
+    def full_state(self):
+        """(model state, optimizer state) as whole CPU tensors; under FSDP every rank must call it."""
+        model_state, opt_state = self.model.state_dict(), optimizer_tensors(self.opt, self.model)
+        if self.o.fsdp and self.world > 1:  # gather the shards, tensor by tensor, in the same order everywhere
+            model_state = {k: _full(v) for k, v in model_state.items()}
+            opt_state = {k: _full(v) for k, v in opt_state.items()}
+        cpu = lambda state: {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        return cpu(model_state), cpu(opt_state)
+
     def save(self, step, final=False, metrics=None):
         """Write out/step_N (or out/final) on rank 0; keep the newest `keep` step checkpoints."""
+        model_state, opt_state = self.full_state()
         if not self.main:
             return
         o = self.o
@@ -239,10 +253,10 @@ class Trainer:
             "trainer": {"loader": self.loader.state()},
         }
         state = {
-            "optimizer.safetensors": optimizer_tensors(self.opt, self.model),
+            "optimizer.safetensors": opt_state,
             "rng.safetensors": {"torch": torch.get_rng_state()},
         }
-        checkpoint.save(path, self.model, self.tokenizer, meta, trainer_state=state)
+        checkpoint.save(path, self.model, self.tokenizer, meta, trainer_state=state, state_dict=model_state)
         steps = [p for s, p in checkpoints_in(o.out) if os.path.basename(p) != "final"]
         for old in steps[: max(0, len(steps) - o.keep)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -371,6 +385,12 @@ class Trainer:
         if self.main:
             plot_metrics(metrics_file, o.out)
         return last
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
 
 
 def _barrier():

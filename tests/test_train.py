@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 from conftest import TINY
 
 import nanoseek
@@ -108,16 +107,27 @@ def test_sigterm_writes_a_checkpoint_and_exits(text_data, tmp_path):
     assert step >= 3 and step == len(read_metrics(metrics))
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_two_gloo_ranks_match_one_process(text_data, tmp_path):
-    run(text_data, tmp_path / "one", steps=6, batch=8, mtp_weight=0.3)
+def torchrun(args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = cli_args(text_data, tmp_path / "two", 6, batch=8, mtp_weight=0.3)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(29500 + os.getpid() % 1000), "-m", "nanoseek", *args],
-                            env=env, capture_output=True, text=True, timeout=300)
+                            env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    return result.stdout
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process(text_data, tmp_path, sharding):
+    run(text_data, tmp_path / "one", steps=6, batch=8, mtp_weight=0.3)
+    two = tmp_path / "two"
+    if sharding == "fsdp":  # stop half way and resume, so sharded checkpoints are exercised too
+        out = torchrun(cli_args(text_data, two, 3, batch=8, mtp_weight=0.3, fsdp=True))
+        assert out.count("pretrain finished") == 1  # only rank 0 speaks
+        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=0.3, fsdp=True, resume=True))
+        nanoseek.load(two / "final")
+    else:
+        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=0.3))
+    one, two = losses(tmp_path / "one"), losses(two)
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
         assert abs(a - b) / abs(a) < 1e-4
