@@ -183,7 +183,9 @@ class Attention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
+        if cache is not None:
+            return self.forward_absorbed(x, cos, sin, cache)
         B, T, _ = x.shape
         q = self.queries(x).view(B, T, self.n_heads, -1)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
@@ -197,6 +199,30 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_absorbed(self, x, cos, sin, cache):
+        """Attention over a cache of compressed latents, with kv_b_proj absorbed into the query and output.
+
+        cache.write(latent (B, T, C), k_pe (B, T, R)) stores this chunk and returns every cached latent and
+        rope key of these rows, (B, L, C) and (B, L, R), with the mask (B, T, L) of keys each query may see.
+        Keys and values are never expanded per head: the cache holds C + R numbers per token and layer.
+        """
+        B, T, _ = x.shape
+        q = self.queries(x).view(B, T, self.n_heads, -1)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        latents, rope_keys, mask = cache.write(self.kv_a_layernorm(latent), k_pe)
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, C), (H, v, C)
+        q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
+        scores = q_latent @ latents.unsqueeze(1).transpose(-1, -2)  # (B, H, T, L)
+        scores = scores + q_pe.transpose(1, 2) @ rope_keys.unsqueeze(1).transpose(-1, -2)
+        scores = (scores * self.scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        out = torch.softmax(scores.float(), dim=-1).to(x.dtype) @ latents.unsqueeze(1)  # (B, H, T, C)
+        out = torch.einsum("bhtc,hvc->bthv", out, w_uv)
+        return self.o_proj(out.reshape(B, T, -1))
 
 
 # ----------------------------------------------------------------------------- feed-forward: dense and DeepSeekMoE
@@ -307,8 +333,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -329,10 +355,10 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h, emb, cos, sin, mask):  # h: previous depth's hidden states, emb: next tokens' embeddings
+    def forward(self, h, emb, cos, sin, mask, cache=None):  # h: previous depth's states, emb: next tokens'
         """-> (hidden states for the next depth, normed hidden states for the output head)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        h = self.block(h, cos, sin, mask)
+        h = self.block(h, cos, sin, mask, cache)
         return h, self.shared_head.norm(h)
 
 
@@ -395,6 +421,18 @@ class DeepSeekV3(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask)
         return self.model.norm(x), (cos, sin, mask)
+
+    def forward_cached(self, input_ids, position_ids, caches):
+        """Final-norm hidden states (B, T, D) of a chunk of tokens at position_ids (B, T), reading and
+        extending the per-layer latent caches (see Attention.forward_absorbed)."""
+        if int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(position_ids.max())} is past the model's context of "
+                             f"{self.config.max_position_embeddings} tokens")
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        x = self.model.embed_tokens(input_ids)
+        for layer, cache in zip(self.model.layers, caches):
+            x = layer(x, cos, sin, None, cache)
+        return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, targets=None, mtp_weight=0.0):
         """input_ids (B, T) -> logits (B, T, vocab); attention_mask (B, T) marks real tokens with 1.

@@ -1,0 +1,334 @@
+"""One engine for every generation: RL rollouts, evaluation, chat and the server.
+
+Sequences live in slots of a latent KV cache (kv_lora_rank + qk_rope_head_dim numbers per token and
+layer). A step samples one token for every running sequence and runs one batched forward; sequences
+join (`add`) and leave between steps, which is all continuous batching needs. With MTP modules and
+greedy decoding, each step drafts one more token with the MTP module and verifies it in the same
+forward (self-speculative decoding): the output is exactly what plain greedy decoding gives.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model import DeepSeekV3
+
+
+class EngineFull(RuntimeError):
+    """Every slot is taken; try again when a sequence finishes."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256  # new tokens at most
+    temperature: float = 1.0  # 0 picks the most likely token
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0  # nucleus sampling mass
+    stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one
+    seed: int | None = None  # same seed, same output
+    logprobs: bool = False  # keep each new token's log-probability (temperature 1)
+
+    def validate(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    slot: int
+    tokens: list[int] = field(default_factory=list)  # generated
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""  # decoded generated text, cut at a stop string
+    sent: int = 0  # characters of text already streamed
+    finish_reason: str | None = None  # "stop" or "length"
+    generator: torch.Generator | None = None
+    next_logits: torch.Tensor | None = None  # (vocab,) for the next token
+    mtp_states: list = field(default_factory=list)  # main hidden states of positions the MTP cache lacks
+
+    @property
+    def length(self):  # tokens in the cache
+        return len(self.prompt) + len(self.tokens) - 1 if self.tokens else len(self.prompt)
+
+
+@dataclass
+class Event:
+    """What a step produced for one sequence: new token ids, the new text, and whether it finished."""
+
+    seq: Sequence
+    token_ids: list[int]
+    text: str
+    finished: bool
+
+
+class LatentCache:
+    """Per layer: (slots, max_len, kv_lora_rank) latents and (slots, max_len, rope) keys."""
+
+    def __init__(self, n_layers, slots, max_len, latent_dim, rope_dim, dtype, device):
+        self.latent = torch.zeros(n_layers, slots, max_len, latent_dim, dtype=dtype, device=device)
+        self.rope = torch.zeros(n_layers, slots, max_len, rope_dim, dtype=dtype, device=device)
+
+    def views(self, rows, starts):
+        """Per-layer writers for a forward over `rows` (slot ids) whose chunks start at `starts`."""
+        return [_LayerView(self, i, rows, starts) for i in range(self.latent.shape[0])]
+
+    def bytes_per_token(self):
+        return (self.latent[:, 0, 0].numel() + self.rope[:, 0, 0].numel()) * self.latent.element_size()
+
+
+class _LayerView:
+    def __init__(self, cache, layer, rows, starts):
+        self.cache, self.layer, self.rows, self.starts = cache, layer, rows, starts
+
+    def write(self, latent, k_pe):
+        T = latent.shape[1]
+        pos = self.starts[:, None] + torch.arange(T, device=latent.device)  # (B, T)
+        lat, rope = self.cache.latent[self.layer], self.cache.rope[self.layer]
+        lat[self.rows[:, None], pos] = latent.to(lat.dtype)
+        rope[self.rows[:, None], pos] = k_pe.to(rope.dtype)
+        L = int(pos.max()) + 1
+        mask = torch.arange(L, device=latent.device) <= pos[..., None]  # (B, T, L): causal over the cache
+        return lat[self.rows, :L], rope[self.rows, :L], mask
+
+
+class Engine:
+    def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=True):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        cfg = model.config
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_batch = max_batch
+        p = next(model.parameters())
+        self.device = p.device
+        shape = (max_batch, self.max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, p.dtype, p.device)
+        self.cache = LatentCache(cfg.num_hidden_layers, *shape)
+        self.speculative = speculative and len(model.mtp) > 0
+        self.mtp_cache = LatentCache(1, *shape) if self.speculative else None
+        self.free = list(range(max_batch - 1, -1, -1))
+        self.running: dict[int, Sequence] = {}
+        self.ids = itertools.count()
+        self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
+        self.drafted = self.accepted = 0  # speculative decoding counters
+
+    # ------------------------------------------------------------------------- joining and leaving
+
+    @torch.no_grad()
+    def add(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Prefill prompts into free slots (one batched forward); they decode from the next step on."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(prompts) > len(self.free):
+            raise EngineFull(f"{len(self.running)} sequences are running and the engine holds {self.max_batch}")
+        for prompt, sp in zip(prompts, params):
+            sp.validate()
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            if len(prompt) >= self.max_len:
+                raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_len}, "
+                                 "so shorten it to leave room for an answer")
+        seqs = []
+        for prompt, sp in zip(prompts, params):
+            gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+            seqs.append(Sequence(next(self.ids), list(prompt), sp, self.free.pop(), generator=gen))
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in seqs], device=self.device)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        starts = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        h = self._forward(ids, rows, starts)  # right padding: causal attention never sees the pads
+        last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
+        h_last = h[torch.arange(len(seqs)), last]
+        logits = self.model.lm_head(h_last).float()
+        if self.speculative and width > 1:  # the MTP cache covers the prompt: position t sees token t + 1
+            self._mtp_forward(h[:, :-1], ids[:, 1:], rows, starts)
+        for i, s in enumerate(seqs):
+            s.next_logits = logits[i]
+            s.mtp_states = [h_last[i]] if self.speculative else []
+            self.running[s.id] = s
+        return seqs
+
+    def abort(self, seq_id):
+        """Stop a sequence and free its slot (a client went away)."""
+        s = self.running.pop(seq_id, None)
+        if s is not None:
+            s.finish_reason = s.finish_reason or "abort"
+            self.free.append(s.slot)
+
+    @property
+    def idle(self):
+        return not self.running
+
+    # ------------------------------------------------------------------------- stepping
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Sample the next token of every running sequence, then one forward for those that go on."""
+        seqs = list(self.running.values())
+        events = [self._emit(s, [self._sample(s)]) for s in seqs]
+        go_on = [s for s in seqs if s.finish_reason is None]
+        if not go_on:
+            return events
+        if self.speculative and all(s.params.temperature == 0 for s in go_on):
+            return _merge(events + self._draft_and_verify(go_on))
+        ids = torch.tensor([[s.tokens[-1]] for s in go_on], device=self.device)
+        h = self._forward(ids, self._rows(go_on), self._starts(go_on))[:, 0]
+        logits = self.model.lm_head(h).float()
+        for i, s in enumerate(go_on):
+            s.next_logits = logits[i]
+            if self.speculative:
+                s.mtp_states.append(h[i])
+        return events
+
+    def _draft_and_verify(self, seqs):
+        """Greedy: draft the token after each sequence's newest one with the MTP module, then verify
+        [newest, draft] in one forward of the main model; keep the draft where the model agrees."""
+        # MTP catches up on the positions whose next token is now known, and drafts from the last one
+        pending = [len(s.mtp_states) for s in seqs]
+        width = max(pending)
+        pad = [width - n for n in pending]  # rows with fewer pending positions repeat their last one
+        h_prev = torch.stack([torch.stack(s.mtp_states + s.mtp_states[-1:] * p) for s, p in zip(seqs, pad)])
+        next_ids = [s.tokens[-n:] + s.tokens[-1:] * p for s, n, p in zip(seqs, pending, pad)]
+        next_ids = torch.tensor(next_ids, device=self.device)
+        starts = torch.tensor([s.length - n for s, n in zip(seqs, pending)], device=self.device)
+        h_mtp = self._mtp_forward(h_prev, next_ids, self._rows(seqs), starts)
+        last = torch.tensor(pending, device=self.device) - 1
+        drafts = self.model.lm_head(h_mtp[torch.arange(len(seqs)), last]).argmax(-1).tolist()
+        ids = torch.tensor([[s.tokens[-1], d] for s, d in zip(seqs, drafts)], device=self.device)
+        h = self._forward(ids, self._rows(seqs), self._starts(seqs))  # (B, 2, D)
+        logits = self.model.lm_head(h).float()
+        events = []
+        for i, (s, draft) in enumerate(zip(seqs, drafts)):
+            self.drafted += 1
+            s.next_logits, s.mtp_states = logits[i, 0], [h[i, 0]]
+            if int(logits[i, 0].argmax()) == draft and self._room(s) > 1:
+                self.accepted += 1
+                events.append(self._emit(s, [self._sample(s)]))  # greedy: the sample is the draft
+                s.next_logits, s.mtp_states = logits[i, 1], [h[i, 0], h[i, 1]]
+        return events
+
+    @property
+    def acceptance_rate(self):
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def _room(self, s):
+        return min(s.params.max_tokens - len(s.tokens), self.max_len - s.length - 1)
+
+    # ------------------------------------------------------------------------- pieces
+
+    def _rows(self, seqs):
+        return torch.tensor([s.slot for s in seqs], device=self.device)
+
+    def _starts(self, seqs):
+        return torch.tensor([s.length for s in seqs], device=self.device)
+
+    def _forward(self, ids, rows, starts):
+        positions = starts[:, None] + torch.arange(ids.shape[1], device=self.device)
+        return self.model.forward_cached(ids, positions, self.cache.views(rows, starts))
+
+    def _mtp_forward(self, h, next_ids, rows, starts):
+        """MTP module over (B, T) positions: main hidden states h and the embeddings of the tokens after them."""
+        module = self.model.mtp[0]
+        positions = starts[:, None] + torch.arange(h.shape[1], device=self.device)
+        cos, sin = self.model.rope_cos[positions], self.model.rope_sin[positions]
+        emb = self.model.model.embed_tokens(next_ids)
+        _, normed = module(h, emb, cos, sin, None, self.mtp_cache.views(rows, starts)[0])
+        return normed
+
+    def _sample(self, s: Sequence) -> int:
+        logits, sp = s.next_logits, s.params
+        if sp.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            scaled = logits / sp.temperature
+            if sp.top_k:
+                kth = scaled.topk(min(sp.top_k, scaled.numel())).values[-1]
+                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            if sp.top_p < 1.0:
+                sorted_logits, order = scaled.sort(descending=True)
+                cumulative = sorted_logits.softmax(-1).cumsum(-1)
+                drop = cumulative - sorted_logits.softmax(-1) >= sp.top_p  # keep the smallest set reaching top_p
+                scaled = scaled.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+            probs = scaled.softmax(-1).cpu()
+            token = int(torch.multinomial(probs, 1, generator=s.generator))
+        s.tokens.append(token)
+        if sp.logprobs:
+            s.logprobs.append(float(F.log_softmax(logits, -1)[token]))
+        return token
+
+    def _emit(self, s: Sequence, new_tokens: list[int]) -> Event:
+        """Update the text, apply stop conditions, and return what is new for the client."""
+        token = new_tokens[-1]
+        if token in self.stop_ids:
+            s.finish_reason = "stop"
+            visible = s.tokens[:-1]
+        else:
+            visible = s.tokens
+        text = self.tokenizer.decode(visible) if self.tokenizer is not None else ""
+        for stop in s.params.stop:
+            cut = text.find(stop)
+            if cut != -1:
+                text, s.finish_reason = text[:cut], "stop"
+        if s.finish_reason is None and (len(s.tokens) >= s.params.max_tokens or s.length + 1 >= self.max_len):
+            s.finish_reason = "length"
+        s.text = text
+        finished = s.finish_reason is not None
+        safe = len(text) if finished else _safe_prefix(text, s.params.stop)
+        delta, s.sent = text[s.sent : safe], max(s.sent, safe)
+        if finished:
+            self.running.pop(s.id, None)
+            self.free.append(s.slot)
+        return Event(s, new_tokens, delta, finished)
+
+    # ------------------------------------------------------------------------- whole requests
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Generate for every prompt (more than max_batch are queued); returns finished sequences in order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        waiting = list(enumerate(zip(prompts, params)))
+        done: dict[int, Sequence] = {}
+        order: dict[int, int] = {}
+        while waiting or self.running:
+            if waiting and self.free:
+                batch, waiting = waiting[: len(self.free)], waiting[len(self.free) :]
+                for (i, _), s in zip(batch, self.add([p for _, (p, _) in batch], [sp for _, (_, sp) in batch])):
+                    order[s.id] = i
+            for e in self.step():
+                if e.finished and e.seq.id in order:
+                    done[order[e.seq.id]] = e.seq
+        return [done[i] for i in range(len(prompts))]
+
+    def stream(self, prompt: list[int], params: SamplingParams):
+        """Yield Events for one prompt as tokens arrive."""
+        (seq,) = self.add([prompt], params)
+        while seq.finish_reason is None:
+            for e in self.step():
+                if e.seq is seq:
+                    yield e
+
+
+def _safe_prefix(text, stops):
+    """Characters that can be sent now: hold back an unfinished UTF-8 character or a possible stop prefix."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[:end].endswith(stop[:k]):
+                end -= k
+                break
+    return end
+
+
+def _merge(events):
+    """One event per sequence: a speculative step can produce two tokens for it."""
+    merged: dict[int, Event] = {}
+    for e in events:
+        if e.seq.id in merged:
+            m = merged[e.seq.id]
+            merged[e.seq.id] = Event(e.seq, m.token_ids + e.token_ids, m.text + e.text, e.finished)
+        else:
+            merged[e.seq.id] = e
+    return list(merged.values())

@@ -1,0 +1,170 @@
+"""The engine: greedy equals transformers, sampling is seeded, stops and streaming behave, MTP drafts."""
+
+import pytest
+import torch
+from conftest import TINY
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+import nanoseek
+from nanoseek import checkpoint
+from nanoseek.engine import Engine, EngineFull, SamplingParams
+from nanoseek.model import DeepSeekV3, config_for_size
+from nanoseek.train import train
+
+hf_logging.set_verbosity_error()
+GREEDY = SamplingParams(max_tokens=64, temperature=0)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
+
+
+@pytest.fixture(scope="module")
+def peaky(tmp_path_factory, tokenizer):
+    """A random model with confident logits (no near-ties), saved as a checkpoint with the test tokenizer."""
+    cfg = config_for_size(2, vocab_size=448)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    model = DeepSeekV3(cfg).init_weights(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5)
+    path = tmp_path_factory.mktemp("peaky") / "ckpt"
+    checkpoint.save(path, model, tokenizer)
+    return nanoseek.load(path) + (path,)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_data):
+    """A tiny model trained with MTP on arithmetic, so its MTP module drafts well."""
+    out = tmp_path_factory.mktemp("trained")
+    train({**TINY, "data": text_data, "out": str(out), "steps": 80, "lr": 1e-2, "mtp_weight": 0.5}, "pretrain")
+    return nanoseek.load(out / "final")
+
+
+def reference(path, prompts, n):
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return [hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+
+
+def test_greedy_matches_transformers_batched_and_alone(peaky):
+    model, tok, path = peaky
+    expected = reference(path, PROMPTS, 64)
+    engine = Engine(model, tok, max_batch=4, speculative=False)
+    engine.stop_ids = set()  # compare 64 tokens whatever they are
+    batched = engine.generate(PROMPTS, GREEDY)
+    alone = [engine.generate([p], GREEDY)[0] for p in PROMPTS]
+    for b, a, ref in zip(batched, alone, expected):
+        assert b.tokens == ref and a.tokens == ref and len(ref) == 64
+
+
+def test_more_prompts_than_slots_are_queued(peaky):
+    model, tok, _ = peaky
+    engine = Engine(model, tok, max_batch=2, speculative=False)
+    out = engine.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0))
+    alone = [Engine(model, tok, max_batch=1, speculative=False).generate([p], SamplingParams(max_tokens=8,
+             temperature=0))[0].tokens for p in PROMPTS]
+    assert [s.tokens for s in out] == alone
+    engine.add(PROMPTS[:2], GREEDY)
+    with pytest.raises(EngineFull):
+        engine.add(PROMPTS[2:], GREEDY)
+
+
+def test_joining_a_running_batch_changes_nothing(peaky):
+    model, tok, _ = peaky
+    params = SamplingParams(max_tokens=20, temperature=0)
+    alone = [Engine(model, tok, speculative=False).generate([p], params)[0].tokens for p in PROMPTS[:2]]
+    engine = Engine(model, tok, max_batch=4, speculative=False)
+    (first,) = engine.add([PROMPTS[0]], params)
+    for _ in range(7):
+        engine.step()
+    (second,) = engine.add([PROMPTS[1]], params)  # joins mid-flight, continuous batching
+    while not engine.idle:
+        engine.step()
+    assert [first.tokens, second.tokens] == alone
+
+
+def test_seeded_sampling_is_reproducible(peaky):
+    model, tok, _ = peaky
+    engine = Engine(model, tok, max_batch=4)
+
+    def sample(seed, **kw):
+        return engine.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=1.5, seed=seed, **kw))[0].tokens
+
+    assert sample(1) == sample(1) and sample(1) != sample(2)
+    assert sample(3, top_k=5) == sample(3, top_k=5)
+    greedy = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0))[0].tokens
+    assert sample(4, top_k=1)[:len(greedy)] == greedy and sample(5, top_p=1e-6)[:len(greedy)] == greedy
+
+
+def test_stops(peaky):
+    model, tok, _ = peaky
+    engine = Engine(model, tok, speculative=False)
+    free = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=40, temperature=0))[0]
+    assert free.finish_reason in ("length", "stop")
+    engine.stop_ids = {free.tokens[5]}
+    cut = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=40, temperature=0))[0]
+    first = free.tokens.index(free.tokens[5])
+    assert cut.finish_reason == "stop" and cut.tokens == free.tokens[: first + 1]
+    assert cut.text == tok.decode(free.tokens[:first])  # the stop token is not part of the text
+    engine.stop_ids = {tok.eos_id}
+    text = tok.decode(free.tokens)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stopped = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.find(stop)]
+    short = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert short.finish_reason == "length" and len(short.tokens) == 3
+    small = Engine(model, tok, max_len=12, speculative=False)
+    small.stop_ids = set()
+    ctx = small.generate([PROMPTS[0]], SamplingParams(max_tokens=100, temperature=0))[0]
+    assert ctx.finish_reason == "length" and len(PROMPTS[0]) + len(ctx.tokens) == 12
+    with pytest.raises(ValueError, match="context holds 12"):
+        small.add([list(range(12))], GREEDY)
+
+
+def test_streaming_deltas_add_up(peaky):
+    model, tok, _ = peaky
+    engine = Engine(model, tok)
+    params = SamplingParams(max_tokens=30, temperature=0.8, seed=7, stop=("ab",))
+    deltas = [e.text for e in engine.stream(PROMPTS[1], params)]
+    whole = Engine(model, tok).generate([PROMPTS[1]], params)[0]
+    assert "".join(deltas) == whole.text and len(deltas) > 1
+
+
+def test_logprobs_match_a_full_forward(peaky):
+    model, tok, _ = peaky
+    engine = Engine(model, tok)
+    s = engine.generate([PROMPTS[2]], SamplingParams(max_tokens=10, temperature=1.0, seed=0, logprobs=True))[0]
+    ids = torch.tensor([PROMPTS[2] + s.tokens])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids)[0, len(PROMPTS[2]) - 1 : -1], -1)
+    expected = logp.gather(1, torch.tensor(s.tokens)[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(s.logprobs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mtp_speculative_decoding_is_exact_and_accepts(trained):
+    model, tok = trained
+    prompts = [tok.encode("12 + 34 ="), tok.encode("7 + 5"), tok.encode("99 + 1 = 100.")]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    plain = Engine(model, tok, speculative=False).generate(prompts, params)
+    fast = Engine(model, tok, speculative=True)
+    drafted = fast.generate(prompts, params)
+    assert [s.tokens for s in drafted] == [s.tokens for s in plain]
+    assert fast.drafted > 0 and fast.acceptance_rate > 0.3
+
+
+def test_kv_cache_holds_only_the_latent(peaky):
+    model, tok, _ = peaky
+    cfg = model.config
+    engine = Engine(model, tok)
+    assert engine.cache.bytes_per_token() == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+def test_bad_requests(peaky):
+    model, tok, _ = peaky
+    engine = Engine(model, tok)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add([[]], GREEDY)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add([[1, 2]], SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="temperature"):
+        engine.add([[1, 2]], SamplingParams(temperature=-1))
