@@ -123,6 +123,19 @@ def _add_train_options(s, mode):
     s.set_defaults(func=cmd_train)
 
 
+def cmd_serve(args):
+    from nanoseek.server import serve
+
+    serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          model_name=args.model_name, device=args.device)
+
+
+def cmd_chat(args):
+    from nanoseek.chat import chat
+
+    chat(args.ckpt, temperature=args.temperature, max_tokens=args.max_tokens, device=args.device or "cpu")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="nanoseek", description="Train your own DeepSeek-style reasoning model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -143,6 +156,23 @@ def build_parser():
 
     for mode, text in (("pretrain", "train on text shards"), ("sft", "fine-tune on chat shards (assistant tokens)")):
         _add_train_options(sub.add_parser(mode, help=text), mode)
+
+    s = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
+    s.add_argument("ckpt")
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--max-tokens", type=int, default=512)
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible API and a web chat")
+    s.add_argument("ckpt")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"), help="require this bearer key")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together; more get 429")
+    s.add_argument("--model-name", help="model id in the API (default: the directory name)")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("init", help="write a randomly initialised checkpoint")
     s.add_argument("--size", type=int, default=6, help="the size dial: depth (2 = test, 6 = CPU default, 12 = GPU)")

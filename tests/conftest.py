@@ -100,3 +100,71 @@ def chat_data(tmp_path_factory, tokenizer):
 
 TINY = {"size": 2, "batch": 4, "seq": 32, "warmup": 2, "lr": 3e-3, "eval_every": 0, "eval_windows": 4,
         "progress": False, "device": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory, text_data, chat_data):
+    """A tiny model taught the R1 format: it thinks 'a + b = c', closes </think>, answers, and stops."""
+    from nanoseek.train import train
+
+    out = tmp_path_factory.mktemp("chat_model")
+    train({**TINY, "data": text_data, "out": str(out / "pt"), "steps": 30, "lr": 1e-2}, "pretrain")
+    train({**TINY, "data": chat_data, "out": str(out / "sft"), "steps": 120, "lr": 5e-3, "seq": 64,
+           "init": str(out / "pt" / "final")}, "sft")
+    return str(out / "sft" / "final")
+
+
+def start_server(app):
+    """Run an ASGI app with uvicorn on a free loopback port in a thread; returns (url, stop)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="session")
+def live_server(chat_model):
+    """A nanoseek server of the chat model on loopback, in this process; yields (base url, app)."""
+    from nanoseek.checkpoint import load
+    from nanoseek.engine import Engine
+    from nanoseek.server import create_app
+
+    model, tok = load(chat_model)
+    app = create_app(Engine(model, tok, max_batch=4), "tiny", api_key="sekrit", max_body_bytes=100_000)
+    url, stop = start_server(app)
+    yield url, app
+    stop()
+
+
+@pytest.fixture(scope="session")
+def endless_server(tokenizer):
+    """A server of a random model whose greedy output runs to max_tokens: for capacity tests."""
+    from nanoseek.engine import Engine
+    from nanoseek.model import DeepSeekV3, config_for_size
+    from nanoseek.server import create_app
+
+    cfg = config_for_size(2, vocab_size=448)
+    model = DeepSeekV3(cfg).init_weights(0)
+    engine = Engine(model, tokenizer, max_batch=4)
+    engine.stop_ids = set()  # no end-of-sequence token: every request runs to max_tokens
+    app = create_app(engine, "endless")
+    url, stop = start_server(app)
+    yield url
+    stop()

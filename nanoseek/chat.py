@@ -1,0 +1,75 @@
+"""`nanoseek chat CKPT`: a terminal chat that streams the thinking (dimmed) and then the answer."""
+
+import sys
+
+from nanoseek.checkpoint import load
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.server import END_THINK
+
+DIM, RESET = "\033[2m", "\033[0m"
+HELP = "commands: /reset (new conversation), /temp X, /max N, /quit"
+
+
+def chat(path, temperature=0.7, max_tokens=512, device="cpu", stdin=sys.stdin, out=sys.stdout):
+    model, tokenizer = load(path, device)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer; chat needs a checkpoint made by nanoseek")
+    engine = Engine(model, tokenizer, max_batch=1)
+    messages = []
+    color = out.isatty()
+    dim, reset = (DIM, RESET) if color else ("", "")
+    out.write(f"chatting with {path}; {HELP}\n")
+    while True:
+        out.write("\nyou> ")
+        out.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            try:
+                if cmd == "/quit":
+                    break
+                elif cmd == "/reset":
+                    messages = []
+                    out.write("(new conversation)\n")
+                elif cmd == "/temp":
+                    temperature = float(arg)
+                    out.write(f"(temperature {temperature})\n")
+                elif cmd == "/max":
+                    max_tokens = int(arg)
+                    out.write(f"(max tokens {max_tokens})\n")
+                else:
+                    out.write(HELP + "\n")
+            except ValueError:
+                out.write(f"{cmd} needs a number\n")
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+        room = engine.max_len - len(prompt)
+        if room < 1:
+            out.write("(the conversation fills the context: /reset to start again)\n")
+            messages.pop()
+            continue
+        params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature)
+        out.write(f"\n{dim}thinking: ")
+        answering, full = False, ""
+        for event in engine.stream(prompt, params):
+            full += event.text
+            piece = event.text
+            if not answering and END_THINK in full:
+                before, after = piece.split(END_THINK, 1) if END_THINK in piece else (piece, "")
+                out.write(before + f"{reset}\n\nnanoseek> " + after.lstrip("\n"))
+                answering = True
+            else:
+                out.write(piece)
+            out.flush()
+        if not answering:
+            out.write(reset)
+        answer = full.split(END_THINK, 1)[1].lstrip("\n") if END_THINK in full else ""
+        messages.append({"role": "assistant", "content": answer})
+        out.write("\n")
+    return messages
