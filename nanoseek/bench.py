@@ -22,6 +22,17 @@ def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10):
     return 2 * n**3 / best
 
 
+def _quiet_transformers():
+    """transformers reports the MTP weights it does not use on every load; the benchmarks know."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
 def _sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -48,6 +59,7 @@ def bench_train(size=6, batch=8, seq=256, steps=10, warmup=3, seed=0, device=Non
         raise ValueError(f"unknown peer {peer!r}: the train benchmark compares with 'transformers'")
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     cfg = config_for_size(size)
@@ -105,3 +117,100 @@ def print_train(r):
               f"MFU {100 * s['mfu']:5.1f}%  loss {s['loss']:.4f}")
     print(f"speedup vs transformers: {r['speedup']:.2f}")
 
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _hf_kv_bytes_per_token(cache, tokens):
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total / tokens
+
+
+def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=128, seed=0, device=None,
+                 peer="transformers"):
+    """Greedy decoding of new_tokens after prompt_len-token prompts, nanoseek's engine vs transformers'
+    generate, on the same checkpoint; with MTP modules, also nanoseek's self-speculative decoding."""
+    if peer != "transformers":
+        raise ValueError(f"unknown peer {peer!r}: the decode benchmark compares with 'transformers'")
+    from transformers import AutoModelForCausalLM
+
+    from nanoseek.engine import Engine, SamplingParams
+
+    _quiet_transformers()
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        if ckpt is None:
+            ours = DeepSeekV3(config_for_size(size)).init_weights(seed)
+            checkpoint.save(tmp, ours, None)
+            ckpt = tmp
+        ours, _ = checkpoint.load(ckpt)
+        theirs = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    ours = ours.to(device=device, dtype=dtype).eval()
+    cfg = ours.config
+    g = torch.Generator().manual_seed(seed)
+    out = {"device": device, "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len,
+           "new_tokens": new_tokens, "params": param_counts(ours), "threads": torch.get_num_threads(), "runs": []}
+    greedy = SamplingParams(max_tokens=new_tokens, temperature=0)
+    for batch in batches:
+        prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g)
+        row = {"batch": batch}
+        for name, spec in (("nanoseek", False), ("nanoseek_mtp", True)):
+            if spec and not len(ours.mtp):
+                continue
+            engine = Engine(ours, None, max_batch=batch, max_len=prompt_len + new_tokens + 2, speculative=spec)
+            engine.stop_ids = set()  # decode exactly new_tokens
+            engine.generate(prompts[:, :8].tolist(), SamplingParams(max_tokens=4, temperature=0))  # warm-up
+            _sync(device)
+            t = time.perf_counter()
+            seqs = engine.generate(prompts.tolist(), greedy)
+            _sync(device)
+            sec = time.perf_counter() - t
+            row[name] = {"tokens_per_s": batch * new_tokens / sec, "seconds": sec}
+            if spec:
+                row[name]["acceptance"] = engine.acceptance_rate
+            else:
+                row["kv_bytes_per_token_nanoseek"] = engine.cache.bytes_per_token()
+                ours_tokens = [s.tokens for s in seqs]
+        with torch.no_grad():
+            ids = prompts.to(device)
+            kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=new_tokens)
+            theirs.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+            _sync(device)
+            t = time.perf_counter()
+            result = theirs.generate(ids, max_new_tokens=new_tokens, return_dict_in_generate=True, **kw)
+            _sync(device)
+            sec = time.perf_counter() - t
+        row["transformers"] = {"tokens_per_s": batch * new_tokens / sec, "seconds": sec}
+        row["kv_bytes_per_token_transformers"] = _hf_kv_bytes_per_token(
+            result.past_key_values, batch * (prompt_len + new_tokens - 1))
+        row["same_tokens"] = result.sequences[:, prompt_len:].tolist() == ours_tokens
+        row["speedup"] = row["nanoseek"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+        out["runs"].append(row)
+    return out
+
+
+def print_decode(r):
+    total, active = r["params"]
+    print(f"bench decode: {total / 1e6:.1f}M total / {active / 1e6:.1f}M active params, {r['device']} {r['dtype']}, "
+          f"{r['threads']} threads, greedy, {r['prompt_len']}-token prompts, {r['new_tokens']} new tokens")
+    for row in r["runs"]:
+        b = row["batch"]
+        print(f"batch {b:>3}:  nanoseek {row['nanoseek']['tokens_per_s']:8.1f} tok/s   "
+              f"transformers {row['transformers']['tokens_per_s']:8.1f} tok/s   same tokens: {row['same_tokens']}")
+        print(f"           KV cache bytes/token: nanoseek {row['kv_bytes_per_token_nanoseek']:,.0f}, "
+              f"transformers {row['kv_bytes_per_token_transformers']:,.0f}")
+        if "nanoseek_mtp" in row:
+            m = row["nanoseek_mtp"]
+            print(f"           with MTP self-speculation: {m['tokens_per_s']:8.1f} tok/s, acceptance "
+                  f"{100 * m['acceptance']:.0f}%, {m['tokens_per_s'] / row['nanoseek']['tokens_per_s']:.2f}x "
+                  "plain nanoseek")
+    for row in r["runs"]:
+        print(f"speedup vs transformers (batch {row['batch']}): {row['speedup']:.2f}")

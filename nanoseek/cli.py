@@ -83,9 +83,14 @@ def cmd_bench(args):
         r = bench.bench_train(size=args.size, batch=args.batch, seq=args.seq, steps=args.steps,
                               warmup=args.warmup, device=args.device, peer=args.peer)
         bench.print_train(r)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(r, f, indent=2)
+    elif args.what == "decode":
+        r = bench.bench_decode(ckpt=args.ckpt, size=args.size, batches=tuple(args.batches),
+                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
+                               peer=args.peer)
+        bench.print_decode(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
 
 
 def cmd_data(args):
@@ -186,10 +191,14 @@ def build_parser():
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("bench", help="benchmark against a peer and print the speedup")
-    s.add_argument("what", choices=["train"])
+    s.add_argument("what", choices=["train", "decode"])
+    s.add_argument("--ckpt", help="decode: checkpoint to benchmark (default: a random model of --size)")
+    s.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode: batch sizes")
+    s.add_argument("--prompt-len", type=int, default=64, help="decode: prompt tokens")
+    s.add_argument("--new-tokens", type=int, default=128, help="decode: tokens to generate")
     s.add_argument("--peer", default="transformers", choices=["transformers"])
     s.add_argument("--size", type=int, default=6, help="size dial (depth)")
-    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--batch", type=int, default=8, help="train: sequences per step")
     s.add_argument("--seq", type=int, default=256)
     s.add_argument("--steps", type=int, default=10, help="timed steps per side")
     s.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
