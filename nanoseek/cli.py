@@ -93,12 +93,34 @@ def cmd_bench(args):
             json.dump(r, f, indent=2)
 
 
+def task_documents(spec, n, kind="chat", seed=0, difficulty=None, checker="exact"):
+    """n training problems of a task as chat documents (thinking from solve) or plain text documents."""
+    import random
+
+    from nanoseek.tasks import as_chat, get_task
+
+    task, rng = get_task(spec, checker), random.Random(seed)
+    for _ in range(n):
+        problem = task.sample(rng, "train", difficulty)
+        reasoning, answer = task.solve(problem)
+        if kind == "chat":
+            yield "chat", as_chat(problem, reasoning, answer)
+        else:
+            yield "text", f"{problem.question}\n{reasoning}\nAnswer: {answer}"
+
+
 def cmd_data(args):
     from nanoseek.data import build
     from nanoseek.tokenizer import Tokenizer
 
+    if bool(args.input) == bool(args.task):
+        raise ValueError("give either --input files or --task NAME")
     tok = Tokenizer.load(args.tokenizer)
-    manifest = build(args.input, tok, args.out, val_fraction=args.val_fraction)
+    documents = None
+    if args.task:
+        documents = (d for spec in args.task for d in task_documents(spec, args.n, args.kind, args.seed,
+                                                                      args.difficulty or None, args.checker))
+    manifest = build(args.input, tok, args.out, val_fraction=args.val_fraction, documents=documents)
     for split, shards in manifest["splits"].items():
         tokens, docs = sum(s["tokens"] for s in shards), sum(s["documents"] for s in shards)
         print(f"{split}: {docs:,} documents, {tokens:,} tokens in {len(shards)} shard(s)")
@@ -115,17 +137,35 @@ def cmd_train(args):
         print(f"{args.command} finished: {summary}; model in {os.path.join(args.out, 'final')}")
 
 
-def _add_train_options(s, mode):
-    from nanoseek.train import OPTIONS
+def cmd_rl(args):
+    from nanoseek.rl import OPTIONS, rl
 
-    for key, (default, meaning) in OPTIONS.items():
+    last = rl({k: getattr(args, k) for k in OPTIONS})
+    if last and os.environ.get("RANK", "0") == "0":
+        print(f"rl finished: reward {last['reward']:.3f}, accuracy {last['accuracy']:.3f}; "
+              f"model in {os.path.join(args.out, 'final')}")
+
+
+def cmd_eval(args):
+    from nanoseek.evaluate import evaluate, markdown_table
+
+    results = evaluate(args.ckpt, args.task, n=args.n, k=args.k, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed, out=args.out, device=args.device or "cpu", checker=args.checker,
+                       difficulty=args.difficulty or None)
+    print(markdown_table(results, args.k))
+    if args.out:
+        print(f"written to {args.out}/eval.json, eval.md, eval.png")
+
+
+def _add_options(s, options, func):
+    for key, (default, meaning) in options.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(default, bool):
             s.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meaning)
         else:
             kind = type(default) if default is not None else str
             s.add_argument(flag, type=kind, default=default, help=meaning)
-    s.set_defaults(func=cmd_train)
+    s.set_defaults(func=func)
 
 
 def cmd_serve(args):
@@ -152,15 +192,37 @@ def build_parser():
     s.set_defaults(func=cmd_tokenizer)
 
     s = sub.add_parser("data", help="tokenize text, JSONL or Parquet corpora into shards")
-    s.add_argument("--input", nargs="+", required=True,
-                   help="files or globs: .txt, .jsonl ({text} or {messages}), .parquet")
+    s.add_argument("--input", nargs="+", help="files or globs: .txt, .jsonl ({text} or {messages}), .parquet")
+    s.add_argument("--task", nargs="+", help="make data from tasks instead (worked solutions as <think> traces)")
+    s.add_argument("--n", type=int, default=10000, help="--task: problems per task")
+    s.add_argument("--kind", choices=["chat", "text"], default="chat", help="--task: chat (SFT) or text data")
+    s.add_argument("--difficulty", type=int, default=0, help="--task: one difficulty (0: all)")
+    s.add_argument("--checker", default="exact", help="--task with a JSONL file: its checker")
+    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tokenizer", required=True, help="tokenizer or checkpoint directory")
     s.add_argument("--out", required=True, help="data directory to write")
     s.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
     s.set_defaults(func=cmd_data)
 
+    from nanoseek.rl import OPTIONS as RL_OPTIONS
+    from nanoseek.train import OPTIONS as TRAIN_OPTIONS
+
     for mode, text in (("pretrain", "train on text shards"), ("sft", "fine-tune on chat shards (assistant tokens)")):
-        _add_train_options(sub.add_parser(mode, help=text), mode)
+        _add_options(sub.add_parser(mode, help=text), TRAIN_OPTIONS, cmd_train)
+    _add_options(sub.add_parser("rl", help="GRPO on a task with rule-checked rewards"), RL_OPTIONS, cmd_rl)
+
+    s = sub.add_parser("eval", help="held-out pass@1 / pass@k per task and difficulty")
+    s.add_argument("ckpt", nargs="+", help="one or more checkpoints, compared side by side")
+    s.add_argument("--task", nargs="+", default=["countdown"], help="tasks (built-in names, .jsonl, file.py:Class)")
+    s.add_argument("--checker", default="exact", help="checker for JSONL tasks: exact, numeric or math")
+    s.add_argument("--n", type=int, default=500, help="held-out problems per task")
+    s.add_argument("--k", type=int, default=1, help="samples per problem for pass@k (1: greedy only)")
+    s.add_argument("--difficulty", type=int, default=0, help="one difficulty (0: the task's whole range)")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
     s.add_argument("ckpt")

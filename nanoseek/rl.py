@@ -1,0 +1,322 @@
+"""GRPO with rule-checked rewards (DeepSeekMath / R1), with the fixes people rely on.
+
+Per step: P problems, G completions each through the engine; reward = accuracy + format (weights set by
+options) minus an optional over-length penalty; group-relative advantages (std-normalised, or mean-only as
+in Dr. GRPO); mu passes of the PPO-clipped objective with separate eps_low / eps_high (clip-higher),
+token-level normalisation, optional k3 KL to the frozen starting model; dynamic sampling drops groups whose
+rewards are all equal and draws more problems in their place.
+"""
+
+import math
+import os
+import random
+import signal
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from nanoseek import checkpoint
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.tasks import get_task
+from nanoseek.train import (
+    _append,
+    _truncate_metrics,
+    all_reduce,
+    checkpoints_in,
+    optimizer_tensors,
+    read_metrics,
+    restore_optimizer,
+    setup_distributed,
+)
+
+OPTIONS = {  # every option of rl: (default, meaning)
+    "init": (None, "checkpoint to start from (an SFT model)"),
+    "task": ("countdown", "built-in task, problems.jsonl, or file.py:ClassName"),
+    "checker": ("exact", "answer checker for a JSONL task: exact, numeric or math"),
+    "difficulty": (0, "problem difficulty (0: the task's whole range)"),
+    "out": (None, "output directory"),
+    "steps": (50, "GRPO steps"),
+    "prompts": (8, "problems per step, over all ranks"),
+    "group": (8, "G: completions per problem"),
+    "max_new_tokens": (256, "longest completion"),
+    "temperature": (1.0, "sampling temperature of the rollouts"),
+    "lr": (1e-4, "AdamW learning rate"),
+    "weight_decay": (0.0, "AdamW weight decay"),
+    "mu": (1, "update passes over each batch of rollouts"),
+    "eps_low": (0.2, "PPO clip below 1"),
+    "eps_high": (0.28, "PPO clip above 1 (clip-higher)"),
+    "beta": (0.0, "k3 KL penalty to the starting model (0: no reference model)"),
+    "advantage": ("std", "std (GRPO) or mean (Dr. GRPO: no division by the group's std)"),
+    "accuracy_weight": (1.0, "reward for a right answer"),
+    "format_weight": (0.1, "reward for <reasoning></think><answer>"),
+    "overlong_penalty": (0.0, "subtracted when a completion hits max_new_tokens"),
+    "dynamic_sampling": (True, "drop groups with equal rewards and draw more problems"),
+    "max_draws": (3, "dynamic sampling: rounds of extra problems per step at most"),
+    "clip": (1.0, "gradient-norm clipping (0: off)"),
+    "ckpt_every": (25, "steps between checkpoints (0: only at the end)"),
+    "keep": (2, "step checkpoints to keep"),
+    "seed": (0, "seed for problems and sampling"),
+    "resume": (False, "continue from the newest checkpoint in --out"),
+    "device": (None, "cpu or cuda (default: cuda when available)"),
+    "progress": (True, "show a progress bar"),
+}
+DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def group_advantages(rewards: torch.Tensor, mode="std"):
+    """rewards (P, G) -> advantages (P, G): minus the group mean, divided by the group std for 'std'."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if mode == "mean":
+        return centred
+    if mode != "std":
+        raise ValueError(f"advantage must be 'std' or 'mean', not {mode!r}")
+    return centred / (rewards.std(dim=1, keepdim=True) + 1e-4)
+
+
+def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None):
+    """Token-level GRPO objective (to minimise) and its statistics.
+
+    logp, old_logp, ref_logp, mask: (N, T) per completion token; advantages: (N,) per completion.
+    loss = sum over tokens of -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3, / number of tokens,
+    with r = exp(logp - old_logp) and k3 = exp(ref - logp) - (ref - logp) - 1.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if beta > 0:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    n = mask.sum().clamp(min=1)
+    loss = (per_token * mask).sum() / n
+    clip_frac = (((clipped < unclipped) & mask.bool()).sum() / n).detach()
+    return loss, {"kl": float((kl * mask).sum() / n), "clip_frac": float(clip_frac)}
+
+
+def token_logprobs(model, ids, completion_mask):
+    """Log-probabilities (N, T - 1) of ids[:, 1:] and the mean entropy over completion tokens."""
+    logits = model(ids)[:, :-1].float()
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        mask = completion_mask[:, 1:]
+        mean_entropy = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+    return logp, mean_entropy
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class GRPO:
+    def __init__(self, o):
+        self.o = o
+        device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.rank, self.world, self.device = setup_distributed(device)
+        self.main = self.rank == 0
+        if not o.init or not o.out:
+            raise ValueError("--init (an SFT checkpoint) and --out are required")
+        if o.prompts % self.world:
+            raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
+        self.task = get_task(o.task, o.checker)
+        found = checkpoints_in(o.out) if o.resume else []
+        source = found[-1][1] if found else o.init
+        self.model, self.tokenizer = checkpoint.load(source, self.device)
+        if self.tokenizer is None:
+            raise ValueError(f"{source} has no tokenizer")
+        self.ref = None
+        if o.beta > 0:
+            self.ref = checkpoint.load(o.init, self.device)[0].eval()
+            for p in self.ref.parameters():
+                p.requires_grad_(False)
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
+                                     betas=(0.9, 0.99), fused=True)
+        self.engine = Engine(self.model, self.tokenizer, max_batch=max(1, o.prompts // self.world) * o.group)
+        self.start_step = 0
+        if found:
+            meta = checkpoint.load_meta(source)
+            self.start_step = meta["step"]
+            restore_optimizer(self.opt, self.model, load_file(os.path.join(source, "trainer_state",
+                                                                            "optimizer.safetensors")))
+            if self.main:
+                print(f"resuming from {source} at step {self.start_step}")
+        self.stop_signal = None
+
+    def rollouts(self, step):
+        """Problems and their G completions for this rank; dynamic sampling refills uninformative groups."""
+        o = self.o
+        per_rank = o.prompts // self.world
+        kept, draws, seen = [], 0, 0
+        difficulty = o.difficulty or None
+        while len(kept) < per_rank and draws <= (o.max_draws if o.dynamic_sampling else 0):
+            rng = random.Random(hash((o.seed, step, draws, self.rank)) & 0xFFFFFFFF)
+            problems = [self.task.sample(rng, "train", difficulty) for _ in range(per_rank)]
+            prompts = [self.tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in problems]
+            params = [SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature,
+                                     seed=(o.seed * 7919 + step * 104729 + draws * 1299709 + self.rank * 15485863
+                                           + i) & 0x7FFFFFFF)
+                      for i in range(per_rank * o.group)]
+            seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
+            for i, problem in enumerate(problems):
+                group = seqs[i * o.group : (i + 1) * o.group]
+                rewards = [self.task.score(problem, s.text) for s in group]
+                total = [o.accuracy_weight * r.accuracy + o.format_weight * r.format
+                         - (o.overlong_penalty if s.finish_reason == "length" else 0.0)
+                         for r, s in zip(rewards, group)]
+                seen += 1
+                if o.dynamic_sampling and max(total) == min(total):
+                    continue
+                if len(kept) < per_rank:
+                    kept.append((prompts[i], group, rewards, total))
+            draws += 1
+        return kept, seen
+
+    def update(self, kept):
+        """mu passes of the clipped objective over this step's rollouts; returns statistics."""
+        o = self.o
+        if not kept:
+            return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        rows, adv = [], []
+        rewards = torch.tensor([total for _, _, _, total in kept])
+        advantages = group_advantages(rewards, o.advantage)
+        for (prompt, group, _, _), a in zip(kept, advantages):
+            for s, ai in zip(group, a):
+                rows.append((prompt, s.tokens))
+                adv.append(float(ai))
+        width = max(len(p) + len(t) for p, t in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width)
+        for i, (p, t) in enumerate(rows):
+            ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+            mask[i, len(p) : len(p) + len(t)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        adv = torch.tensor(adv, device=self.device)
+        target_mask = mask[:, 1:]
+        with torch.no_grad():
+            old_logp, _ = token_logprobs(self.model, ids, mask)
+            ref_logp = token_logprobs(self.ref, ids, mask)[0] if self.ref is not None else None
+        self.model.train()
+        for _ in range(o.mu):
+            logp, entropy = token_logprobs(self.net, ids, mask)
+            loss, stats = grpo_loss(logp, old_logp, adv, target_mask, o.eps_low, o.eps_high, o.beta, ref_logp)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))
+            if math.isfinite(float(grad_norm)):
+                self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self.model.eval()
+        return {"loss": float(loss.detach()), "entropy": entropy, "grad_norm": float(grad_norm), **stats}
+
+    def save(self, step, final=False, metrics=None):
+        if not self.main:
+            return
+        o = self.o
+        path = os.path.join(o.out, "final" if final else f"step_{step:06d}")
+        meta = {"stage": "rl", "step": step, "metrics": metrics or {}, "parent": o.init,
+                "options": {k: getattr(o, k) for k in DEFAULTS}, "trainer": {"task": o.task}}
+        state = {"optimizer.safetensors": optimizer_tensors(self.opt, self.model)}
+        checkpoint.save(path, self.model, self.tokenizer, meta, trainer_state=state)
+        steps = [p for s, p in checkpoints_in(o.out) if os.path.basename(p) != "final"]
+        for old in steps[: max(0, len(steps) - o.keep)]:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+
+    def run(self):
+        o = self.o
+        os.makedirs(o.out, exist_ok=True)
+        metrics_file = os.path.join(o.out, "metrics.jsonl")
+        if self.main:
+            _truncate_metrics(metrics_file, self.start_step)
+        previous = {sig: signal.signal(sig, lambda s, f: setattr(self, "stop_signal", s))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=o.steps, initial=self.start_step, disable=not (self.main and o.progress), desc="rl")
+        self.model.eval()
+        last = {}
+        try:
+            for step in range(self.start_step, o.steps):
+                t0 = time.perf_counter()
+                kept, seen = self.rollouts(step)
+                stats = self.update(kept)
+                rewards = [r for _, _, rs, _ in kept for r in rs]
+                totals = [t for _, _, _, ts in kept for t in ts]
+                lengths = [len(s.tokens) for _, g, _, _ in kept for s in g]
+                sums = torch.tensor([sum(totals), sum(r.accuracy for r in rewards), sum(r.format for r in rewards),
+                                     sum(lengths), len(totals), len(kept), seen], dtype=torch.float64)
+                sums = all_reduce(sums)
+                n = max(1.0, float(sums[4]))
+                last = {"step": step + 1, "reward": float(sums[0]) / n, "accuracy": float(sums[1]) / n,
+                        "format": float(sums[2]) / n, "response_length": float(sums[3]) / n,
+                        "groups_kept": int(sums[5]), "groups_seen": int(sums[6]),
+                        "seconds": time.perf_counter() - t0, **stats}
+                done = step + 1 == o.steps
+                if self.main:
+                    _append(metrics_file, last)
+                    bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}", refresh=False)
+                    bar.update(1)
+                stop = float(all_reduce(torch.tensor([float(self.stop_signal is not None)]))) > 0
+                if done or (o.ckpt_every and (step + 1) % o.ckpt_every == 0) or stop:
+                    self.save(step + 1, final=done, metrics=last)
+                if stop and not done:
+                    if self.main:
+                        print(f"interrupted: checkpoint written at step {step + 1} in {o.out}; rerun with --resume")
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self.main:
+            plot_rl(metrics_file, o.out)
+        return last
+
+
+def plot_rl(metrics_file, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_file)
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
+    for key in ("reward", "accuracy", "format"):
+        ax[0].plot(steps, [r[key] for r in rows], label=key)
+    ax[0].set(xlabel="step", title="rollout reward")
+    ax[0].legend()
+    ax[1].plot(steps, [r["response_length"] for r in rows])
+    ax[1].set(xlabel="step", title="response length (tokens)")
+    ax[2].plot(steps, [r["entropy"] for r in rows], label="entropy")
+    ax[2].plot(steps, [r["clip_frac"] for r in rows], label="clip fraction")
+    ax[2].plot(steps, [r["kl"] for r in rows], label="KL")
+    ax[2].set(xlabel="step", title="policy")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "rl.png"), dpi=100)
+    plt.close(fig)
+
+
+def rl(options: dict):
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown rl options {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    o = type("Options", (), {**DEFAULTS, **options})()
+    trainer = GRPO(o)
+    try:
+        return trainer.run()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+

@@ -1,0 +1,89 @@
+"""Multi-digit arithmetic with worked column-by-column reasoning; difficulty is the number of digits."""
+
+from nanoseek.tasks import Problem, sample_split, score_integer
+
+
+def _digits(n):
+    return [int(c) for c in str(n)][::-1]
+
+
+def add_steps(a, b):
+    """Column addition, right to left, with carries."""
+    da, db = _digits(a), _digits(b)
+    carry, out, lines = 0, [], []
+    for i in range(max(len(da), len(db))):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        s = x + y + carry
+        lines.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}, write {s % 10}"
+                     + (f", carry {s // 10}" if s >= 10 else ""))
+        out.append(s % 10)
+        carry = s // 10
+    if carry:
+        lines.append(f"carry {carry} at the front")
+        out.append(carry)
+    result = int("".join(map(str, out[::-1])))
+    return lines, result
+
+
+def sub_steps(a, b):
+    """a - b by columns with borrows; for a < b compute b - a and negate."""
+    if a < b:
+        lines, r = sub_steps(b, a)
+        return [f"{a} < {b}, so compute {b} - {a} and negate"] + lines, -r
+    da, db = _digits(a), _digits(b)
+    borrow, out, lines = 0, [], []
+    for i in range(len(da)):
+        x, y = da[i] - borrow, (db[i] if i < len(db) else 0)
+        borrow = int(x < y)
+        d = x + 10 * borrow - y
+        lines.append(f"{x + 10 * borrow} - {y} = {d}" + (", borrow 1" if borrow else ""))
+        out.append(d)
+    return lines, int("".join(map(str, out[::-1])))
+
+
+def mul_steps(a, b):
+    """Long multiplication: a times each digit of b, shifted, then summed."""
+    lines, total = [], 0
+    for i, d in enumerate(_digits(b)):
+        part = a * d * 10**i
+        lines.append(f"{a} * {d * 10**i} = {part}")
+        total += part
+    lines.append(f"sum of the parts = {total}")
+    return lines, total
+
+
+OPS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
+
+
+class Arithmetic:
+    """a + b, a - b, or a * b with `difficulty` digits (multiplication: the second factor has fewer)."""
+
+    name = "arithmetic"
+    difficulties = range(1, 7)
+    ops = "+-*"
+
+    def make(self, rng, difficulty):
+        op = rng.choice(self.ops)
+        lo, hi = 10 ** (difficulty - 1) if difficulty > 1 else 0, 10**difficulty - 1
+        a = rng.randint(lo, hi)
+        b = rng.randint(lo, hi) if op != "*" else rng.randint(0, 10 ** max(1, difficulty // 2) - 1)
+        _, result = OPS[op](a, b)
+        return Problem(f"What is {a} {op} {b}?", str(result), difficulty, {"a": a, "b": b, "op": op})
+
+    def sample(self, rng, split, difficulty=None):
+        return sample_split(lambda r: self.make(r, difficulty or r.choice(self.difficulties)), rng, split)
+
+    def solve(self, problem):
+        a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
+        lines, result = OPS[op](a, b)
+        return f"{a} {op} {b}:\n" + "\n".join(lines) + f"\nSo {a} {op} {b} = {result}.", str(result)
+
+    def score(self, problem, completion):
+        return score_integer(problem, completion)
+
+
+class Addition(Arithmetic):
+    """Multi-digit addition only."""
+
+    name = "addition"
+    ops = "+"

@@ -1,0 +1,31 @@
+"""Linear equations a*x + b = c with an integer solution; difficulty scales the coefficients."""
+
+from nanoseek.tasks import Problem, sample_split, score_integer
+
+
+class LinearEquation:
+    name = "linear"
+    difficulties = range(1, 4)
+
+    def make(self, rng, difficulty):
+        size = 10**difficulty
+        x = rng.randint(-size, size)
+        a = rng.choice([k for k in range(-9 * difficulty, 9 * difficulty + 1) if k not in (0,)])
+        b = rng.randint(-size, size)
+        c = a * x + b
+        sign = "+" if b >= 0 else "-"
+        q = f"Solve for x: {a}x {sign} {abs(b)} = {c}"
+        return Problem(q, str(x), difficulty, {"a": a, "b": b, "c": c})
+
+    def sample(self, rng, split, difficulty=None):
+        return sample_split(lambda r: self.make(r, difficulty or r.choice(self.difficulties)), rng, split)
+
+    def solve(self, problem):
+        a, b, c = problem.data["a"], problem.data["b"], problem.data["c"]
+        x = (c - b) // a
+        steps = [f"{a}x + {b} = {c}", f"subtract {b}: {a}x = {c - b}", f"divide by {a}: x = {x}",
+                 f"check: {a} * {x} + {b} = {a * x + b}"]
+        return "\n".join(steps), str(x)
+
+    def score(self, problem, completion):
+        return score_integer(problem, completion)

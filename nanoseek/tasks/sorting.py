@@ -1,0 +1,37 @@
+"""Sort a list of integers ascending; difficulty is the list length."""
+
+import re
+
+from nanoseek.tasks import Problem, Reward, parse_completion, sample_split
+
+
+class SortNumbers:
+    name = "sort"
+    difficulties = range(3, 9)
+
+    def make(self, rng, difficulty):
+        numbers = [rng.randint(0, 99) for _ in range(difficulty)]
+        answer = ", ".join(map(str, sorted(numbers)))
+        return Problem(f"Sort ascending: {', '.join(map(str, numbers))}", answer, difficulty, {"numbers": numbers})
+
+    def sample(self, rng, split, difficulty=None):
+        return sample_split(lambda r: self.make(r, difficulty or r.choice(self.difficulties)), rng, split)
+
+    def solve(self, problem):
+        rest, out, steps = list(problem.data["numbers"]), [], []
+        while rest:  # selection sort, said out loud
+            m = min(rest)
+            rest.remove(m)
+            out.append(m)
+            steps.append(f"smallest of the rest is {m}: {out}")
+        return "\n".join(steps), ", ".join(map(str, out))
+
+    def score(self, problem, completion):
+        _, answer, ok = parse_completion(completion)
+        if not ok:
+            return Reward(0.0, 0.0, "no single </think> followed by an answer")
+        if not re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*\.?\s*", answer):
+            return Reward(0.0, 0.0, f"answer {answer[:40]!r} is not a comma-separated list of integers")
+        got = [int(n) for n in re.findall(r"-?\d+", answer)]
+        right = got == sorted(problem.data["numbers"])
+        return Reward(float(right), 1.0, "correct" if right else f"got {got}")

@@ -1,0 +1,121 @@
+"""GRPO: the loss and advantages by hand, a plug-in task and a JSONL task through rl and eval, and a
+tiny seeded policy whose reward rises."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanoseek import checkpoint
+from nanoseek.evaluate import evaluate, pass_at_k, wilson
+from nanoseek.model import DeepSeekV3, config_for_size
+from nanoseek.rl import group_advantages, grpo_loss, rl
+from nanoseek.train import read_metrics
+
+DIGITS_TASK = '''
+from nanoseek.tasks import Problem, Reward
+
+class Digits:
+    """Rewards completions for being made of digits: easy to learn, so reward must rise."""
+    name = "digits"
+
+    def sample(self, rng, split, difficulty=None):
+        return Problem(f"Count {rng.randint(0, 9)}", "0")
+
+    def solve(self, problem):
+        return "count", "0"
+
+    def score(self, problem, completion):
+        share = sum(c.isdigit() for c in completion) / max(1, len(completion))
+        return Reward(share, 1.0, "share of digits")
+'''
+
+
+def test_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    std = math.sqrt(((0.5**2) * 4) / 3)  # unbiased std of [1, 0, 0, 1]
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(group_advantages(r, "mean"), expected)
+    torch.testing.assert_close(group_advantages(r, "std"), expected / torch.tensor([[std + 1e-4], [1e-4]]))
+    with pytest.raises(ValueError):
+        group_advantages(r, "median")
+
+
+def test_grpo_loss_by_hand():
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    # ratios: row 0 = 1.5, 0.6, 1.1 (advantage +1); row 1 = 1.5, 0.6, 1.1 (advantage -1); last token masked out
+    new = torch.log(torch.tensor([[0.75, 0.3, 0.55], [0.75, 0.3, 0.55]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = grpo_loss(new, old, adv, mask, eps_low=0.2, eps_high=0.28)
+    # A > 0: min(r, clip(r)) -> 1.28 (clipped above), 0.6 (not clipped: the min keeps the lower value)
+    # A < 0: min(-r, -clip(r)) -> -1.5, -0.8 (clipped below), -1.1
+    per_token = [-1.28, -0.6, 1.5, 0.8, 1.1]
+    assert float(loss) == pytest.approx(sum(per_token) / 5, rel=1e-5)
+    assert stats["clip_frac"] == pytest.approx(2 / 5) and stats["kl"] == 0.0
+    ref = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]))
+    loss_kl, stats_kl = grpo_loss(new, old, adv, mask, 0.2, 0.28, beta=0.1, ref_logp=ref)
+    delta = ref - new
+    k3 = torch.exp(delta) - delta - 1
+    kl = float((k3 * mask).sum() / 5)
+    assert stats_kl["kl"] == pytest.approx(kl, rel=1e-5)
+    assert float(loss_kl) == pytest.approx(sum(per_token) / 5 + 0.1 * kl, rel=1e-5)
+
+
+def test_pass_at_k_and_wilson():
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+@pytest.fixture(scope="module")
+def random_policy(tmp_path_factory, tokenizer):
+    cfg = config_for_size(2, vocab_size=448)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    path = tmp_path_factory.mktemp("policy") / "init"
+    checkpoint.save(path, DeepSeekV3(cfg).init_weights(0), tokenizer)
+    return str(path)
+
+
+def test_plugin_task_reward_rises(random_policy, tmp_path):
+    task_file = tmp_path / "digits.py"
+    task_file.write_text(DIGITS_TASK)
+    out = tmp_path / "rl"
+    rl({"init": random_policy, "task": f"{task_file}:Digits", "out": str(out), "steps": 12, "prompts": 4,
+        "group": 8, "max_new_tokens": 8, "lr": 1e-2, "format_weight": 0.0, "progress": False, "device": "cpu",
+        "ckpt_every": 0})
+    rows = read_metrics(out / "metrics.jsonl")
+    first, last = sum(r["reward"] for r in rows[:3]) / 3, sum(r["reward"] for r in rows[-3:]) / 3
+    assert last > first + 0.1, [round(r["reward"], 3) for r in rows]
+    assert {"entropy", "kl", "clip_frac", "groups_kept", "response_length"} <= set(rows[0])
+    assert (out / "rl.png").exists() and (out / "final" / "model.safetensors").exists()
+    results = evaluate([str(out / "final")], [f"{task_file}:Digits"], n=8, max_new_tokens=8, out=str(tmp_path / "ev"))
+    assert results[str(out / "final")]["digits"]["all"]["n"] == 8
+    assert (tmp_path / "ev" / "eval.md").read_text().startswith("pass@1")
+
+
+def test_jsonl_task_through_rl_and_eval_with_kl_and_resume(random_policy, tmp_path):
+    path = tmp_path / "squares.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"What is {i} squared?", "answer": i * i}) for i in range(50)))
+    opts = {"init": random_policy, "task": str(path), "checker": "numeric", "out": str(tmp_path / "rl"),
+            "prompts": 2, "group": 4, "max_new_tokens": 6, "beta": 0.05, "mu": 2, "dynamic_sampling": False,
+            "format_weight": 0.5, "progress": False, "device": "cpu", "ckpt_every": 1}
+    rl({**opts, "steps": 2})
+    last = rl({**opts, "steps": 3, "resume": True})
+    rows = read_metrics(tmp_path / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and last["step"] == 3
+    straight = rl({**opts, "steps": 3, "out": str(tmp_path / "straight")})
+    assert straight["reward"] == last["reward"]  # seeded rollouts: resume replays the same problems
+    results = evaluate([random_policy, str(tmp_path / "rl" / "final")], [str(path)], n=5, k=2, max_new_tokens=6,
+                       checker="numeric")
+    assert len(results) == 2 and "pass@2" in results[random_policy]["squares"]["all"]
+
+
+def test_bad_rl_options(random_policy, tmp_path):
+    with pytest.raises(ValueError, match="unknown rl options"):
+        rl({"init": random_policy, "out": str(tmp_path), "gamma": 1})
+    with pytest.raises(ValueError, match="unknown task"):
+        rl({"init": random_policy, "out": str(tmp_path), "task": "chess", "device": "cpu"})

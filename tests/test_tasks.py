@@ -1,0 +1,86 @@
+"""Tasks: disjoint splits, worked solutions that score, and rewards for crafted completions."""
+
+import json
+import random
+
+import pytest
+
+from nanoseek.tasks import builtin_tasks, get_task
+from nanoseek.tasks.countdown import evaluate_expression
+
+
+@pytest.mark.parametrize("name", sorted(builtin_tasks()))
+def test_splits_never_overlap_and_solutions_score(name):
+    task = get_task(name)
+    rng = random.Random(0)
+    train = {task.sample(rng, "train").question for _ in range(1500)}
+    test = {task.sample(rng, "test").question for _ in range(300)}
+    assert train and test and not train & test
+    for d in task.difficulties:
+        p = task.sample(rng, "train", d)
+        reasoning, answer = task.solve(p)
+        assert reasoning.strip() and "\n" in reasoning or name == "sort"
+        reward = task.score(p, f"{reasoning}\n</think>\n\n{answer}")
+        assert (reward.accuracy, reward.format) == (1.0, 1.0), (p, reasoning, answer, reward)
+
+
+def test_rewards_for_crafted_completions():
+    add = get_task("addition")
+    p = add.make(random.Random(1), 3)
+    right, wrong = p.answer, str(int(p.answer) + 1)
+    assert add.score(p, f"steps\n</think>\n\n{right}").accuracy == 1
+    assert add.score(p, f"steps\n</think>\n\n{right}.").accuracy == 1
+    r = add.score(p, f"steps\n</think>\n\n{wrong}")
+    assert (r.accuracy, r.format) == (0, 1) and "expected" in r.reason
+    assert add.score(p, f"steps {right}").format == 0  # no </think>
+    assert add.score(p, f"a</think>b</think>\n{right}").format == 0  # two of them
+    assert add.score(p, "steps\n</think>\n\n").format == 0  # no answer
+    assert add.score(p, "steps\n</think>\n\nforty-two").format == 0
+
+
+@pytest.mark.parametrize("attack", [
+    "__import__('os').system('touch pwned')",
+    "(lambda: 1)()",
+    "open('/etc/passwd')",
+    "[1, 2][0] + 3",
+    "2 ** 10",
+    "9" * 300,
+])
+def test_countdown_answers_are_parsed_never_run(attack, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cd = get_task("countdown")
+    p = cd.make(random.Random(3), 3)
+    r = cd.score(p, f"search\n</think>\n\n{attack}")
+    assert r.accuracy == 0 and r.format == 0 and "not usable" in r.reason
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_countdown_rules():
+    cd = get_task("countdown")
+    p = cd.make(random.Random(5), 4)
+    a, b = p.data["numbers"][:2]
+    assert evaluate_expression(f"({a} + {b}) / 1")[1] == [a, b, 1]
+    used_twice = f"{a} + {a} + {a} + {a} + {a}"
+    assert cd.score(p, f"x\n</think>\n\n{used_twice}").accuracy == 0
+    reasoning, answer = cd.solve(p)
+    assert cd.score(p, f"{reasoning}\n</think>\n\n{answer} = {p.answer}").accuracy == 1
+
+
+def test_jsonl_task_and_checkers(tmp_path):
+    path = tmp_path / "capitals.jsonl"
+    rows = [{"question": f"What is {i} squared?", "answer": str(i * i)} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    exact, numeric = get_task(str(path), "exact"), get_task(str(path), "numeric")
+    p = exact.sample(random.Random(0), "test")
+    assert exact.score(p, f"x</think>{p.answer}").accuracy == 1
+    assert numeric.score(p, f"x</think> {p.answer}.0").accuracy == 1
+    assert exact.score(p, f"x</think> {p.answer}.0").accuracy == 0
+    train = {exact.sample(random.Random(i), "train").question for i in range(200)}
+    assert p.question not in train
+    path.write_text('{"q": 1}\n')
+    with pytest.raises(ValueError, match=r"capitals.jsonl:1: expected"):
+        get_task(str(path))
+    with pytest.raises(ValueError, match="unknown checker"):
+        get_task(str(tmp_path / "x.jsonl"), "fuzzy")
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        get_task("chess")
