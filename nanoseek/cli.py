@@ -181,6 +181,23 @@ def cmd_chat(args):
     chat(args.ckpt, temperature=args.temperature, max_tokens=args.max_tokens, device=args.device or "cpu")
 
 
+def cmd_run(args):
+    from nanoseek.pipeline import main_run
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if "." not in key or not _:
+            raise ValueError(f"--set takes section.key=value, got {item!r}")
+        try:
+            import json as _json
+
+            overrides[key] = _json.loads(value)
+        except ValueError:
+            overrides[key] = value
+    main_run(args.recipe, force=args.force or (), overrides=overrides, stop_after=args.stop_after)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="nanoseek", description="Train your own DeepSeek-style reasoning model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -223,6 +240,13 @@ def build_parser():
     s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("run", help="every stage of a recipe: data, tokenizer, pretrain, sft, rl, eval, report")
+    s.add_argument("--recipe", default="cpu", help="a recipe name (recipes/NAME.toml) or a .toml file")
+    s.add_argument("--force", nargs="*", help="stages to redo (or 'all'), even if their output is complete")
+    s.add_argument("--set", nargs="*", help="override recipe values: section.key=value (JSON values)")
+    s.add_argument("--stop-after", help="stop after this stage")
+    s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
     s.add_argument("ckpt")
@@ -276,7 +300,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

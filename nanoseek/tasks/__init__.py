@@ -66,6 +66,22 @@ def sample_split(make, rng, split, tries=10_000):
     raise RuntimeError("could not draw a problem of this split; the task has too few distinct problems")
 
 
+def pick_difficulty(rng, difficulty, choices):
+    """difficulty: one level, a list of levels to draw from, or None for the task's whole range."""
+    if isinstance(difficulty, int) and difficulty:
+        return difficulty
+    return rng.choice(list(difficulty or choices))
+
+
+class GeneratedTask:
+    """Base of tasks that make problems from a seed: subclasses define make(rng, difficulty)."""
+
+    difficulties = range(1, 2)
+
+    def sample(self, rng, split, difficulty=None):
+        return sample_split(lambda r: self.make(r, pick_difficulty(r, difficulty, self.difficulties)), rng, split)
+
+
 def parse_completion(completion: str):
     """(reasoning, answer, well_formed): well formed means one </think> with reasoning before and an answer after."""
     if completion.count(END_THINK) != 1:

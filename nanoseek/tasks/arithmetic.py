@@ -1,6 +1,6 @@
 """Multi-digit arithmetic with worked column-by-column reasoning; difficulty is the number of digits."""
 
-from nanoseek.tasks import Problem, sample_split, score_integer
+from nanoseek.tasks import GeneratedTask, Problem, score_integer
 
 
 def _digits(n):
@@ -55,7 +55,7 @@ def mul_steps(a, b):
 OPS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
 
 
-class Arithmetic:
+class Arithmetic(GeneratedTask):
     """a + b, a - b, or a * b with `difficulty` digits (multiplication: the second factor has fewer)."""
 
     name = "arithmetic"
@@ -69,9 +69,6 @@ class Arithmetic:
         b = rng.randint(lo, hi) if op != "*" else rng.randint(0, 10 ** max(1, difficulty // 2) - 1)
         _, result = OPS[op](a, b)
         return Problem(f"What is {a} {op} {b}?", str(result), difficulty, {"a": a, "b": b, "op": op})
-
-    def sample(self, rng, split, difficulty=None):
-        return sample_split(lambda r: self.make(r, difficulty or r.choice(self.difficulties)), rng, split)
 
     def solve(self, problem):
         a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]

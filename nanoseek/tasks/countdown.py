@@ -9,7 +9,7 @@ import ast
 from collections import Counter
 from fractions import Fraction
 
-from nanoseek.tasks import Problem, Reward, parse_completion, sample_split
+from nanoseek.tasks import GeneratedTask, Problem, Reward, parse_completion
 
 OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
@@ -84,7 +84,7 @@ def search(numbers, target, trace, limit=200):
     return found[1:-1] if found and found.startswith("(") and found.endswith(")") else found
 
 
-class Countdown:
+class Countdown(GeneratedTask):
     name = "countdown"
     difficulties = range(3, 6)  # how many numbers
 
@@ -102,13 +102,10 @@ class Countdown:
                 q = f"Using the numbers {', '.join(map(str, numbers))}, each at most once, with + - * /, make {target}."
                 return Problem(q, str(target), difficulty, {"numbers": numbers, "target": target})
 
-    def sample(self, rng, split, difficulty=None):
-        return sample_split(lambda r: self.make(r, difficulty or r.choice(self.difficulties)), rng, split)
-
     def solve(self, problem):
         numbers, target = problem.data["numbers"], problem.data["target"]
         trace = [f"Target {target} from {numbers}."]
-        expr = search(numbers, target, trace, limit=24)
+        expr = search(numbers, target, trace, limit=12)
         if expr is None:  # the trace got long: search again without writing it down
             expr = search(numbers, target, [], limit=100_000)
             trace.append("...")

@@ -1,9 +1,9 @@
 """Linear equations a*x + b = c with an integer solution; difficulty scales the coefficients."""
 
-from nanoseek.tasks import Problem, sample_split, score_integer
+from nanoseek.tasks import GeneratedTask, Problem, score_integer
 
 
-class LinearEquation:
+class LinearEquation(GeneratedTask):
     name = "linear"
     difficulties = range(1, 4)
 
@@ -16,9 +16,6 @@ class LinearEquation:
         sign = "+" if b >= 0 else "-"
         q = f"Solve for x: {a}x {sign} {abs(b)} = {c}"
         return Problem(q, str(x), difficulty, {"a": a, "b": b, "c": c})
-
-    def sample(self, rng, split, difficulty=None):
-        return sample_split(lambda r: self.make(r, difficulty or r.choice(self.difficulties)), rng, split)
 
     def solve(self, problem):
         a, b, c = problem.data["a"], problem.data["b"], problem.data["c"]

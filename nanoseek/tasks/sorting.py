@@ -2,10 +2,10 @@
 
 import re
 
-from nanoseek.tasks import Problem, Reward, parse_completion, sample_split
+from nanoseek.tasks import GeneratedTask, Problem, Reward, parse_completion
 
 
-class SortNumbers:
+class SortNumbers(GeneratedTask):
     name = "sort"
     difficulties = range(3, 9)
 
@@ -13,9 +13,6 @@ class SortNumbers:
         numbers = [rng.randint(0, 99) for _ in range(difficulty)]
         answer = ", ".join(map(str, sorted(numbers)))
         return Problem(f"Sort ascending: {', '.join(map(str, numbers))}", answer, difficulty, {"numbers": numbers})
-
-    def sample(self, rng, split, difficulty=None):
-        return sample_split(lambda r: self.make(r, difficulty or r.choice(self.difficulties)), rng, split)
 
     def solve(self, problem):
         rest, out, steps = list(problem.data["numbers"]), [], []

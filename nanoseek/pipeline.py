@@ -1,0 +1,269 @@
+"""`nanoseek run --recipe NAME|FILE`: every stage of a recipe, each skipped when its output is complete.
+
+    task data -> tokenizer -> pretrain -> sft -> rl -> eval (every stage) -> report.md
+
+A recipe is a TOML file (recipes/*.toml). [pretrain] and [sft] take the options of `nanoseek pretrain`,
+[rl] those of `nanoseek rl`; [run], [data] and [eval] are described in SECTIONS below.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+from nanoseek import rl as rl_module
+from nanoseek import train as train_module
+
+SECTIONS = {  # section -> key -> (default, meaning)
+    "run": {
+        "out": ("runs/default", "directory every stage writes into"),
+        "seed": (0, "seed for data, initialisation and sampling"),
+        "device": ("", "cpu or cuda (empty: cuda when available)"),
+    },
+    "data": {
+        "tasks": (["addition", "countdown"], "tasks whose worked solutions make the training data"),
+        "difficulties": ({}, "per task, the difficulties to draw (empty: the task's whole range)"),
+        "pretrain_problems": (20000, "problems per task rendered as plain text for pretraining"),
+        "sft_problems": (5000, "problems per task rendered as chat with <think> for SFT"),
+        "corpus": ([], "your own text/JSONL/Parquet files, added to the pretraining data"),
+        "vocab_size": (1024, "tokenizer vocabulary"),
+        "val_fraction": (0.01, "share of documents held out"),
+    },
+    "eval": {
+        "tasks": (["addition", "countdown"], "tasks to evaluate every stage on"),
+        "n": (500, "held-out problems per task"),
+        "k": (1, "samples per problem for pass@k (1: greedy pass@1 only)"),
+        "max_new_tokens": (256, "longest completion"),
+        "stages": (["pretrain", "sft", "rl"], "stages whose checkpoints are evaluated"),
+    },
+    "pretrain": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
+    "sft": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
+    "rl": {k: v for k, v in rl_module.OPTIONS.items() if k not in ("out", "init", "resume")},
+}
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def load_recipe(name_or_path, overrides=None):
+    """A recipe as {section: {key: value}} with every default filled in; unknown keys and wrong types are errors."""
+    path = name_or_path if name_or_path.endswith(".toml") else os.path.join(RECIPES_DIR, f"{name_or_path}.toml")
+    if not os.path.exists(path):
+        known = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".toml")) if os.path.isdir(
+            RECIPES_DIR) else []
+        raise RecipeError(f"recipe {name_or_path!r} not found ({path}); built-in recipes: {known}")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    recipe = {}
+    for section in raw:
+        if section not in SECTIONS:
+            raise RecipeError(f"{path}: unknown section [{section}]; valid sections: {sorted(SECTIONS)}")
+    for section, fields in SECTIONS.items():
+        given = raw.get(section, {})
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise RecipeError(f"{path}: unknown keys {unknown} in [{section}]; valid keys: {sorted(fields)}")
+        values = {}
+        for key, (default, _) in fields.items():
+            value = given.get(key, default)
+            if default is not None and value is not None and not _same_type(value, default):
+                raise RecipeError(f"{path}: [{section}] {key} should be {type(default).__name__}, "
+                                  f"got {value!r}")
+            values[key] = value
+        recipe[section] = values
+    recipe["path"] = path
+    return recipe
+
+
+def _same_type(value, default):
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return isinstance(value, type(default))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run(recipe, force=(), stop_after=None, log=print):
+    """Run the recipe's stages in order; a stage whose output is complete is skipped unless named in force."""
+    out = recipe["run"]["out"]
+    os.makedirs(out, exist_ok=True)
+    timings_file = os.path.join(out, "stages.json")
+    timings = json.load(open(timings_file)) if os.path.exists(timings_file) else {}
+    device = recipe["run"]["device"] or None
+    paths = {"text": os.path.join(out, "data", "text"), "chat": os.path.join(out, "data", "chat"),
+             "tokenizer": os.path.join(out, "tokenizer"), "pretrain": os.path.join(out, "pretrain"),
+             "sft": os.path.join(out, "sft"), "rl": os.path.join(out, "rl"), "eval": os.path.join(out, "eval")}
+    done = {
+        "tokenizer": lambda: os.path.exists(os.path.join(paths["tokenizer"], "tokenizer.json")),
+        "data": lambda: all(os.path.exists(os.path.join(paths[k], "manifest.json")) for k in ("text", "chat")),
+        "pretrain": lambda: os.path.exists(os.path.join(paths["pretrain"], "final", "model.safetensors")),
+        "sft": lambda: os.path.exists(os.path.join(paths["sft"], "final", "model.safetensors")),
+        "rl": lambda: os.path.exists(os.path.join(paths["rl"], "final", "model.safetensors")),
+        "eval": lambda: os.path.exists(os.path.join(paths["eval"], "eval.json")),
+        "report": lambda: False,
+    }
+    # the tokenizer is trained on the task text, so it runs between making the text and tokenizing it
+    order = ["tokenizer", "data", "pretrain", "sft", "rl", "eval", "report"]
+    for stage in order:
+        if stage in force or "all" in force:
+            _clear(stage, paths)
+        if done[stage]():
+            log(f"[{stage}] complete, skipped (--force {stage} redoes it)")
+        else:
+            log(f"[{stage}] running")
+            t0 = time.time()
+            info = STAGE_FUNCS[stage](recipe, paths, device) or {}
+            timings[stage] = {"seconds": round(time.time() - t0, 1), **info}
+            _write_json(timings_file, timings)
+            log(f"[{stage}] done in {timings[stage]['seconds']:.0f} s")
+        if stop_after == stage:
+            break
+    return paths
+
+
+def _clear(stage, paths):
+    targets = {"data": [paths["text"], paths["chat"]], "tokenizer": [paths["tokenizer"]],
+               "pretrain": [paths["pretrain"]], "sft": [paths["sft"]], "rl": [paths["rl"]], "eval": [paths["eval"]]}
+    for p in targets.get(stage, []):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _task_docs(recipe, kind, count_key):
+    from nanoseek.cli import task_documents
+
+    d = recipe["data"]
+    for i, spec in enumerate(d["tasks"]):
+        yield from task_documents(spec, d[count_key], kind, seed=recipe["run"]["seed"] * 100 + i + (kind == "chat"),
+                                  difficulty=d["difficulties"].get(spec) or None)
+
+
+def stage_tokenizer(recipe, paths, device):
+    from nanoseek.data import expand_inputs, read_documents
+    from nanoseek.tokenizer import train_tokenizer
+
+    d = recipe["data"]
+    texts = [doc for _, doc in _task_docs(recipe, "text", "pretrain_problems")]
+    for f in expand_inputs(d["corpus"]) if d["corpus"] else []:
+        texts += [doc for kind, doc in read_documents(f) if kind == "text"]
+    tok = train_tokenizer(texts, vocab_size=d["vocab_size"])
+    tmp = paths["tokenizer"] + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save(tmp)
+    os.replace(tmp, paths["tokenizer"])
+    return {"vocab_size": len(tok)}
+
+
+def stage_data(recipe, paths, device):
+    from nanoseek.data import build, expand_inputs, read_documents
+    from nanoseek.tokenizer import Tokenizer
+
+    d = recipe["data"]
+    tok = Tokenizer.load(paths["tokenizer"])
+
+    def text_docs():
+        yield from _task_docs(recipe, "text", "pretrain_problems")
+        for f in expand_inputs(d["corpus"]) if d["corpus"] else []:
+            yield from read_documents(f)
+
+    text = build(None, tok, paths["text"], d["val_fraction"], documents=text_docs())
+    chat = build(None, tok, paths["chat"], d["val_fraction"], documents=_task_docs(recipe, "chat", "sft_problems"))
+    count = lambda m: sum(s["tokens"] for s in m["splits"]["train"])  # noqa: E731
+    return {"pretrain_tokens": count(text), "sft_tokens": count(chat)}
+
+
+def _train(recipe, paths, device, stage, data, init):
+    opts = {**recipe[stage], "data": data, "out": paths[stage], "init": init, "resume": True,
+            "seed": recipe["run"]["seed"], "device": device}
+    last = train_module.train(opts, "pretrain" if stage == "pretrain" else "sft")
+    meta = json.load(open(os.path.join(paths[stage], "final", "nanoseek.json")))
+    return {"tokens": meta["tokens_seen"], "steps": meta["step"], "loss": last.get("main_loss"),
+            "val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb"),
+            "params_total": meta["params_total"], "params_active": meta["params_active"]}
+
+
+def stage_pretrain(recipe, paths, device):
+    return _train(recipe, paths, device, "pretrain", paths["text"], None)
+
+
+def stage_sft(recipe, paths, device):
+    return _train(recipe, paths, device, "sft", paths["chat"], os.path.join(paths["pretrain"], "final"))
+
+
+def stage_rl(recipe, paths, device):
+    opts = {**recipe["rl"], "init": os.path.join(paths["sft"], "final"), "out": paths["rl"], "resume": True,
+            "seed": recipe["run"]["seed"], "device": device}
+    last = rl_module.rl(opts)
+    return {"steps": last["step"], "reward": last["reward"], "accuracy": last["accuracy"]}
+
+
+def stage_eval(recipe, paths, device):
+    from nanoseek.evaluate import evaluate
+
+    e = recipe["eval"]
+    ckpts = [os.path.join(paths[s], "final") for s in e["stages"]]
+    results = {}
+    for spec in e["tasks"]:
+        difficulty = recipe["data"]["difficulties"].get(spec) or None
+        part = evaluate(ckpts, [spec], n=e["n"], k=e["k"], max_new_tokens=e["max_new_tokens"],
+                        seed=recipe["run"]["seed"], device=device or "cpu", difficulty=difficulty)
+        for ckpt, by_task in part.items():
+            results.setdefault(ckpt, {}).update(by_task)
+    tmp = paths["eval"] + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    from nanoseek.evaluate import markdown_table, plot
+
+    _write_json(os.path.join(tmp, "eval.json"), results)
+    with open(os.path.join(tmp, "eval.md"), "w") as f:
+        f.write(markdown_table(results, e["k"]))
+    plot(results, os.path.join(tmp, "eval.png"))
+    shutil.rmtree(paths["eval"], ignore_errors=True)
+    os.replace(tmp, paths["eval"])
+    return {}
+
+
+def stage_report(recipe, paths, device):
+    from nanoseek.report import write_report
+
+    write_report(recipe, paths)
+    return {}
+
+
+STAGE_FUNCS = {"data": stage_data, "tokenizer": stage_tokenizer, "pretrain": stage_pretrain, "sft": stage_sft,
+               "rl": stage_rl, "eval": stage_eval, "report": stage_report}
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main_run(recipe_name, force=(), overrides=None, stop_after=None):
+    recipe = load_recipe(recipe_name, overrides)
+    t0 = time.time()
+    paths = run(recipe, force=force, stop_after=stop_after)
+    final = os.path.join(paths["rl"], "final")
+    print(f"\nfinished in {time.time() - t0:.0f} s; report: {os.path.join(recipe['run']['out'], 'report.md')}")
+    print(f"chat with it:   nanoseek chat {final}")
+    print(f"serve it:       nanoseek serve {final}   (web chat at http://127.0.0.1:8000/)")
+    sys.stdout.flush()
+    return paths

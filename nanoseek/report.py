@@ -1,0 +1,107 @@
+"""The report card of a run: report.md in the run folder, with its plots beside it."""
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+
+def _load(path, default=None):
+    return json.load(open(path)) if os.path.exists(path) else default
+
+
+def _metrics(path):
+    file = os.path.join(path, "metrics.jsonl")
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_report(recipe, paths):
+    out = recipe["run"]["out"]
+    timings = _load(os.path.join(out, "stages.json"), {})
+    results = _load(os.path.join(paths["eval"], "eval.json"), {})
+    lines = [f"# nanoseek report: {os.path.basename(recipe['path'])}", ""]
+    device = recipe["run"]["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    lines.append(f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with {os.cpu_count()} cores, "
+                 f"torch {torch.__version__}, device {device}.")
+    lines.append("")
+
+    # stages
+    lines += ["## Stages", "", "| stage | time | tokens | steps | result |", "|---|---|---|---|---|"]
+    total = 0.0
+    for stage in ("tokenizer", "data", "pretrain", "sft", "rl", "eval"):
+        t = timings.get(stage)
+        if not t:
+            continue
+        total += t["seconds"]
+        tokens = t.get("tokens") or t.get("pretrain_tokens")
+        result = ""
+        if stage == "tokenizer":
+            result = f"{t['vocab_size']} tokens"
+        elif stage == "data":
+            result = f"{t['pretrain_tokens']:,} pretraining and {t['sft_tokens']:,} SFT tokens"
+        elif stage in ("pretrain", "sft") and t.get("val_loss") is not None:
+            result = f"held-out loss {t['val_loss']:.3f}, {t['val_bpb']:.3f} bits/byte"
+        elif stage == "rl":
+            result = f"last step: reward {t['reward']:.3f}, rollout accuracy {t['accuracy']:.3f}"
+        tokens = f"{tokens:,}" if isinstance(tokens, int) else ""
+        lines.append(f"| {stage} | {t['seconds']:.0f} s | {tokens} | {t.get('steps', '')} | {result} |")
+    lines += ["", f"Total: {total:.0f} s ({total / 60:.1f} min).", ""]
+    pt = timings.get("pretrain", {})
+    if pt.get("params_total"):
+        lines += [f"Model: {pt['params_total']:,} parameters, {pt['params_active']:,} active per token.", ""]
+
+    # accuracy
+    if results:
+        ckpts = list(results)
+        stage_of = {c: os.path.basename(os.path.dirname(os.path.normpath(c))) for c in ckpts}
+        lines += ["## Held-out accuracy", "",
+                  "pass@1 with greedy decoding on problems from the test split (never trained on), with 95% Wilson "
+                  "intervals.", "",
+                  "| task | difficulty | " + " | ".join(stage_of[c] for c in ckpts) + " |",
+                  "|---|---|" + "---|" * len(ckpts)]
+        for task in results[ckpts[0]]:
+            rows = [("all", None)] + [(d, d) for d in results[ckpts[0]][task]["by_difficulty"]]
+            for label, d in rows:
+                cells = []
+                for c in ckpts:
+                    s = results[c][task]["all"] if d is None else results[c][task]["by_difficulty"][d]
+                    cells.append(f"{100 * s['pass@1']:.1f}% [{100 * s['pass@1_ci'][0]:.1f}–"
+                                 f"{100 * s['pass@1_ci'][1]:.1f}] (n={s['n']}, format {100 * s['format']:.0f}%)")
+                lines.append(f"| {task} | {label} | " + " | ".join(cells) + " |")
+        lines += ["", "![accuracy](eval/eval.png)", ""]
+
+    # curves
+    lines += ["## Curves", ""]
+    for stage, png, title in (("pretrain", "loss.png", "pretraining loss"), ("sft", "loss.png", "SFT loss"),
+                              ("rl", "rl.png", "GRPO reward, length and policy statistics"),
+                              ("pretrain", "experts.png", "expert load balance during pretraining")):
+        if os.path.exists(os.path.join(paths[stage], png)):
+            lines += [f"{title}:", "", f"![{title}]({stage}/{png})", ""]
+
+    # expert balance
+    rows = [r for r in _metrics(paths["pretrain"]) if r.get("expert_imbalance")]
+    if rows:
+        first, last = rows[0]["expert_imbalance"], rows[-1]["expert_imbalance"]
+        lines += ["## Expert load balance", "",
+                  "max / mean tokens per routed expert in each MoE layer (1.0 is perfect balance), first and last "
+                  "pretraining step, with auxiliary-loss-free bias updates:", "",
+                  "| MoE layer | first step | last step |", "|---|---|---|"]
+        lines += [f"| {i} | {a:.2f} | {b:.2f} |" for i, (a, b) in enumerate(zip(first, last))]
+        lines.append("")
+
+    # transcripts
+    if results:
+        final = list(results)[-1]
+        lines += ["## Transcripts", "", f"Greedy completions of `{final}` on held-out problems:", ""]
+        for task, r in results[final].items():
+            for ex in r["examples"][:2]:
+                lines += [f"**{task}**: {ex['question']}", "", "```", ex["completion"].strip(), "```",
+                          f"→ {ex['reason']}", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    return os.path.join(out, "report.md")
