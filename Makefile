@@ -3,9 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-RUN_DIR ?= runs/default
+RECIPE ?= cpu
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test bench reliability clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -17,7 +17,7 @@ $(VENV)/.done: pyproject.toml
 setup: $(VENV)/.done
 
 run: setup
-	$(PY) -m nanoseek init --size 6 --out $(RUN_DIR)/init
+	$(PY) -m nanoseek run --recipe $(RECIPE)
 
 test: setup
 	$(PY) -m ruff check nanoseek tests
@@ -28,3 +28,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The full fault, load and fuzz suite (about 10 minutes on 2 cores); `make test` runs a fast subset.
+reliability: setup
+	NANOSEEK_FAULTS=7 $(PY) -m pytest tests/test_reliability.py tests/test_checkpoint.py -q
+	$(PY) benchmarks/load_test.py --clients 64 --requests 2 --max-tokens 32
+	$(PY) benchmarks/fuzz_api.py --max-examples 50

@@ -7,6 +7,7 @@ Writes go to a sibling directory that is fsynced and renamed into place, so a cr
 old checkpoint or the new one. Reads validate everything and never unpickle.
 """
 
+import errno
 import json
 import os
 import re
@@ -170,26 +171,37 @@ def save(out_dir, model: DeepSeekV3, tokenizer: Tokenizer | None, meta: dict | N
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        cfg = model.config
-        _write_json(os.path.join(tmp, "config.json"), config_to_json(cfg))
-        tensors = to_hf_state_dict(model, state_dict)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": [cfg.eos_token_id],
-                      "pad_token_id": cfg.pad_token_id, "do_sample": False}
-        _write_json(os.path.join(tmp, "generation_config.json"), generation)
-        if tokenizer is not None:
-            tokenizer.save(tmp, model_max_length=cfg.max_position_embeddings)
-        _write_json(os.path.join(tmp, "nanoseek.json"), meta or {})
-        if trainer_state:
-            os.makedirs(os.path.join(tmp, "trainer_state"))
-            for fname, tensors in trainer_state.items():
-                save_file(tensors, os.path.join(tmp, "trainer_state", fname))
-        _fsync_tree(tmp)
-        _replace_dir(tmp, out_dir)
+        _write_checkpoint(tmp, out_dir, model, tokenizer, meta, trainer_state, state_dict)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(
+                f"no space left on the device while writing {out_dir}; nothing was replaced, the previous "
+                "checkpoint is intact: free some space and resume with --resume") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_checkpoint(tmp, out_dir, model, tokenizer, meta, trainer_state, state_dict):
+    cfg = model.config
+    _write_json(os.path.join(tmp, "config.json"), config_to_json(cfg))
+    tensors = to_hf_state_dict(model, state_dict)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": [cfg.eos_token_id],
+                  "pad_token_id": cfg.pad_token_id, "do_sample": False}
+    _write_json(os.path.join(tmp, "generation_config.json"), generation)
+    if tokenizer is not None:
+        tokenizer.save(tmp, model_max_length=cfg.max_position_embeddings)
+    _write_json(os.path.join(tmp, "nanoseek.json"), meta or {})
+    if trainer_state:
+        os.makedirs(os.path.join(tmp, "trainer_state"))
+        for fname, tensors in trainer_state.items():
+            save_file(tensors, os.path.join(tmp, "trainer_state", fname))
+    _fsync_tree(tmp)
+    _replace_dir(tmp, out_dir)
 
 
 def _write_json(path, obj):
@@ -315,8 +327,22 @@ def load_meta(path) -> dict:
     file = os.path.join(path, "nanoseek.json")
     if not os.path.exists(file):
         return {}
-    with open(file) as f:
-        return json.load(f)
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); the checkpoint is damaged") from None
+
+
+def load_trainer_state(path, name) -> dict[str, torch.Tensor]:
+    """trainer_state/<name> of a checkpoint, as tensors; a damaged file is a CheckpointError naming it."""
+    file = os.path.join(path, "trainer_state", name)
+    if not os.path.exists(file):
+        raise CheckpointError(f"{file} is missing: this checkpoint cannot be resumed")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} cannot be read ({e}); the trainer state is damaged or truncated") from None
 
 
 def load(path, device="cpu"):

@@ -171,7 +171,7 @@ class Engine:
         go_on = [s for s in seqs if s.finish_reason is None]
         if not go_on:
             return events
-        if self.speculative and all(s.params.temperature == 0 for s in go_on):
+        if self.speculative and all(s.params.temperature < 1e-4 for s in go_on):
             return _merge(events + self._draft_and_verify(go_on))
         ids = torch.tensor([[s.tokens[-1]] for s in go_on], device=self.device)
         h = self._forward(ids, self._rows(go_on), self._starts(go_on))[:, 0]
@@ -239,7 +239,7 @@ class Engine:
 
     def _sample(self, s: Sequence) -> int:
         logits, sp = s.next_logits, s.params
-        if sp.temperature == 0:
+        if sp.temperature < 1e-4:  # below this, sampling is greedy in all but overflow
             token = int(logits.argmax())
         else:
             scaled = logits / sp.temperature

@@ -15,7 +15,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from nanoseek import checkpoint
@@ -29,6 +28,7 @@ from nanoseek.train import (
     optimizer_tensors,
     read_metrics,
     restore_optimizer,
+    resume_point,
     setup_distributed,
 )
 
@@ -127,9 +127,10 @@ class GRPO:
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
         self.task = get_task(o.task, o.checker)
-        found = checkpoints_in(o.out) if o.resume else []
-        source = found[-1][1] if found else o.init
-        self.model, self.tokenizer = checkpoint.load(source, self.device)
+        point = resume_point(o.out) if o.resume else None
+        source = point[0] if point else o.init
+        self.model, self.tokenizer = point[1:3] if point else checkpoint.load(source)
+        self.model.to(self.device)
         if self.tokenizer is None:
             raise ValueError(f"{source} has no tokenizer")
         self.ref = None
@@ -144,11 +145,9 @@ class GRPO:
                                      betas=(0.9, 0.99), fused=True)
         self.engine = Engine(self.model, self.tokenizer, max_batch=max(1, o.prompts // self.world) * o.group)
         self.start_step = 0
-        if found:
-            meta = checkpoint.load_meta(source)
-            self.start_step = meta["step"]
-            restore_optimizer(self.opt, self.model, load_file(os.path.join(source, "trainer_state",
-                                                                            "optimizer.safetensors")))
+        if point:
+            self.start_step = point[3]["step"]
+            restore_optimizer(self.opt, self.model, point[4]["optimizer.safetensors"])
             if self.main:
                 print(f"resuming from {source} at step {self.start_step}")
         self.stop_signal = None

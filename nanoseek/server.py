@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.engine import Engine, SamplingParams
 
@@ -43,6 +44,23 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=1_000_000)
     reasoning_content: str | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
+    (400, "invalid JSON, or a prompt and max_tokens over the context"), (401, "missing or wrong API key"),
+    (404, "unknown model"), (413, "request body too large"), (422, "invalid fields"),
+    (429, "every engine slot is taken"))}
 
 
 class StreamOptions(BaseModel):
@@ -152,7 +170,15 @@ class Worker:
                     self.engine.abort(sid)
                     self.jobs.pop(sid, None)
                 continue
-            for event in self.engine.step():
+            try:
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving the next ones
+                for sid, (job, _) in list(self.jobs.items()):
+                    job.push(("error", RuntimeError(f"generation failed: {e}")))
+                    self.engine.abort(sid)
+                self.jobs.clear()
+                continue
+            for event in events:
                 job, index = self.jobs.get(event.seq.id, (None, None))
                 if job is not None:
                     job.push((index, event))
@@ -174,6 +200,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     async def _api_error(request, exc: APIError):
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail)).response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         errors = exc.errors()
@@ -189,9 +219,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             return APIError(413, f"the request body is larger than {max_body_bytes} bytes").response()
-        public = request.url.path in ("/health", "/", "/favicon.ico")
-        if api_key and not public:
+        if api_key and request.url.path != "/health":
             given = request.headers.get("authorization", "")
+            if request.url.path == "/" and "api_key" in request.query_params:  # the page: open /?api_key=KEY
+                given = "Bearer " + request.query_params["api_key"]
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
                                 "authentication_error", code="invalid_api_key").response()
@@ -201,20 +232,20 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     async def health():
         return {"status": "ok", **worker.load}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERRORS)
     async def models():
         return {"object": "list", "data": [_model_card(model_name)]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", responses=ERRORS)
     async def model(name: str):
         _check_model(name, model_name)
         return _model_card(model_name)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, responses={401: ERRORS[401]})
     async def page():
         return HTMLResponse(resources.files("nanoseek.web").joinpath("index.html").read_text())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat(req: ChatRequest, request: Request):
         _check_model(req.model, model_name)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -223,7 +254,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         params = _params(req, max_tokens, len(prompt), context)
         return await _serve(request, worker, [prompt] * req.n, params, req, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model, model_name)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -234,6 +265,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         prompts = [p for p in prompts for _ in range(req.n)]
         return await _serve(request, worker, prompts, params, req, chat=False)
 
+    default_openapi = app.openapi
+
+    def openapi():  # the one model id this server knows, so clients and fuzzers can reach past the 404
+        schema = default_openapi()
+        for name in ("ChatRequest", "CompletionRequest"):
+            schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [model_name]
+        return schema
+
+    app.openapi = openapi
     return app
 
 
@@ -326,7 +366,8 @@ async def _collect(request, job, n):
     while any(f is None for f in finals):
         index, event = await _next_event(request, job)
         if index == "error":
-            raise APIError(400, str(event))
+            raise APIError(400 if isinstance(event, ValueError) else 500, str(event),
+                           "invalid_request_error" if isinstance(event, ValueError) else "server_error")
         if event.finished:
             finals[index] = event.seq
     return finals

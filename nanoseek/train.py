@@ -19,7 +19,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from nanoseek import checkpoint
@@ -109,16 +108,41 @@ def all_reduce(t, op=None):
 
 
 def checkpoints_in(out):
-    """(step, path) of the finished checkpoints in out, oldest first."""
+    """(step, path) of the resumable checkpoints in out, oldest first (damaged ones included, by their name)."""
     found = []
     if os.path.isdir(out):
         for name in os.listdir(out):
             path = os.path.join(out, name)
-            if (re.fullmatch(r"step_\d+", name) or name == "final") and os.path.isdir(path):
+            if not ((re.fullmatch(r"step_\d+", name) or name == "final") and os.path.isdir(path)):
+                continue
+            try:
                 meta = checkpoint.load_meta(path)
-                if "trainer" in meta:
-                    found.append((meta["step"], name == "final", path))
+                if "trainer" not in meta:
+                    continue
+                step = meta["step"]
+            except checkpoint.CheckpointError:
+                step = int(name[5:]) if name != "final" else 1 << 60
+            found.append((step, name == "final", path))
     return [(s, p) for s, _, p in sorted(found)]
+
+
+def resume_point(out, say=print):
+    """The newest checkpoint in out that loads whole: (path, model, tokenizer, meta, trainer tensors).
+
+    A damaged checkpoint is reported and the one before it is tried; None when out has none."""
+    found = checkpoints_in(out)
+    for _, path in reversed(found):
+        try:
+            model, tok = checkpoint.load(path)
+            meta = checkpoint.load_meta(path)
+            names = sorted(os.listdir(os.path.join(path, "trainer_state")))
+            states = {n: checkpoint.load_trainer_state(path, n) for n in names}
+            return path, model, tok, meta, states
+        except (checkpoint.CheckpointError, OSError, KeyError) as e:
+            say(f"warning: cannot resume from {path}: {e}; falling back to the checkpoint before it")
+    if found:
+        raise checkpoint.CheckpointError(f"every checkpoint in {out} is damaged; start again without --resume")
+    return None
 
 
 def optimizer_tensors(opt, model):
@@ -169,10 +193,10 @@ class Trainer:
                 + ("make chat data from JSONL with a \"messages\" field" if want == "chat" else "use `nanoseek sft`")
             )
         self.start_step, self.state = 0, None
-        resume_from = checkpoints_in(o.out)[-1][1] if o.resume and checkpoints_in(o.out) else None
-        source = resume_from or o.init
+        point = resume_point(o.out) if o.resume else None
+        source = point[0] if point else o.init
         if source:
-            model, tok = checkpoint.load(source)
+            model, tok = point[1:3] if point else checkpoint.load(source)
             if tok is not None and tok.tok.get_vocab() != self.tokenizer.tok.get_vocab():
                 raise DataError(f"{o.data} was tokenized with a different tokenizer than {source}")
         elif mode == "sft":
@@ -197,8 +221,8 @@ class Trainer:
         )
         micro = o.batch // o.grad_accum
         self.loader = Loader(o.data, "train", o.seq, micro, seed=o.seed, rank=self.rank, world=self.world)
-        if resume_from:
-            self._restore(resume_from)
+        if point:
+            self._restore(point[0], point[3], point[4])
         self.stop_signal = None
 
     def _wrap(self, model):
@@ -213,14 +237,11 @@ class Trainer:
             net = torch.nn.parallel.DistributedDataParallel(model)
         return torch.compile(net) if self.o.compile else net
 
-    def _restore(self, path):
-        meta = checkpoint.load_meta(path)
-        state = meta["trainer"]
+    def _restore(self, path, meta, states):
         self.start_step = meta["step"]
-        self.loader.restore(state["loader"])
-        restore_optimizer(self.opt, self.model, load_file(os.path.join(path, "trainer_state", "optimizer.safetensors")))
-        rng = load_file(os.path.join(path, "trainer_state", "rng.safetensors"))
-        torch.set_rng_state(rng["torch"])
+        self.loader.restore(meta["trainer"]["loader"])
+        restore_optimizer(self.opt, self.model, states["optimizer.safetensors"])
+        torch.set_rng_state(states["rng.safetensors"]["torch"])
         self.tokens_seen, self.resumed_from = meta.get("tokens_seen", 0), path
         if self.main:
             print(f"resuming from {path} at step {self.start_step}")

@@ -170,7 +170,9 @@ def test_special_tokens_from_the_api_stay_text(live_server, chat_model):
 
 def test_web_page_is_served_offline(live_server):
     url, _ = live_server
-    html = httpx.get(url + "/").text
+    assert httpx.get(url + "/").status_code == 401  # every route but /health needs the key
+    assert httpx.get(url + "/?api_key=wrong").status_code == 401
+    html = httpx.get(url + "/?api_key=" + KEY).text
     assert "<title>nanoseek chat</title>" in html and "http" not in html.split("<script>")[1].split("fetch(")[0]
     assert "cdn" not in html.lower() and 'src="http' not in html
     json.dumps(html)  # plain text, nothing binary

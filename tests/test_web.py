@@ -20,9 +20,8 @@ def test_chat_page_streams_thinking_and_answer(live_server, tmp_path):
         page = browser.new_page()
         requests = []
         page.on("request", lambda r: requests.append(r.url))
-        page.goto(url + "/")
-        page.fill("#key", "sekrit")
-        page.dispatch_event("#key", "change")
+        page.goto(url + "/?api_key=sekrit")  # with --api-key the page itself needs the key
+        assert page.url == url + "/" and page.input_value("#key") == "sekrit"
         page.fill("#temperature", "0")
         page.fill("#max-tokens", "40")
         page.fill("#input", "What is 12 + 30?")

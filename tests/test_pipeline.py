@@ -1,0 +1,79 @@
+"""End to end: the smoke recipe through every stage, the report, and a final checkpoint that loads in
+transformers and answers through the engine."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+import nanoseek
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.pipeline import RecipeError, load_recipe, run
+from nanoseek.tasks import get_task
+
+hf_logging.set_verbosity_error()
+
+
+def test_smoke_recipe_end_to_end(tmp_path):
+    recipe = load_recipe("smoke", {"run.out": str(tmp_path / "run"), "run.device": "cpu"})
+    logs = []
+    paths = run(recipe, log=logs.append)
+    out = tmp_path / "run"
+    assert [line for line in logs if line.endswith("running")] == [
+        f"[{s}] running" for s in ("tokenizer", "data", "pretrain", "sft", "rl", "eval", "report")]
+    report = (out / "report.md").read_text()
+    for section in ("## Stages", "## Held-out accuracy", "## Curves", "## Expert load balance", "## Transcripts"):
+        assert section in report
+    assert "![pretraining loss](pretrain/loss.png)" in report and (out / "eval" / "eval.png").exists()
+    timings = json.loads((out / "stages.json").read_text())
+    assert timings["pretrain"]["tokens"] == 30 * 8 * 128 and timings["pretrain"]["params_active"] > 0
+    results = json.loads((out / "eval" / "eval.json").read_text())
+    assert set(results) == {os.path.join(paths[s], "final") for s in ("pretrain", "sft", "rl")}
+    assert results[os.path.join(paths["rl"], "final")]["addition"]["all"]["n"] == 16
+
+    final = out / "rl" / "final"
+    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    hf_tok = AutoTokenizer.from_pretrained(final)
+    model, tok = nanoseek.load(final)
+    problem = get_task("addition").sample(random.Random(0), "test", 1)
+    prompt, _ = tok.render_chat(problem.messages(), add_generation_prompt=True)
+    assert hf_tok.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=True)[
+        "input_ids"] == prompt
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+    seq = Engine(model, tok).generate([prompt], SamplingParams(max_tokens=48, temperature=0))[0]
+    assert seq.tokens and seq.finish_reason in ("stop", "length")
+    reward = get_task("addition").score(problem, seq.text)
+    assert 0 <= reward.accuracy <= 1 and reward.reason
+
+    logs.clear()  # a rerun finds every stage complete and only rewrites the report
+    run(recipe, log=logs.append)
+    assert sum("skipped" in line for line in logs) == 6 and "[report] running" in logs
+    logs.clear()
+    run(recipe, force=["rl"], log=logs.append)
+    assert "[rl] running" in logs and "[sft] complete, skipped (--force sft redoes it)" in logs
+
+
+def test_recipe_errors_list_what_is_valid(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pretrain]\nsteps = 10\nlearning_rate = 0.1\n")
+    with pytest.raises(RecipeError, match=r"unknown keys \['learning_rate'\] in \[pretrain\]; valid keys: .*'lr'"):
+        load_recipe(str(bad))
+    bad.write_text('[pretrain]\nsteps = "ten"\n')
+    with pytest.raises(RecipeError, match=r"\[pretrain\] steps should be int, got 'ten'"):
+        load_recipe(str(bad))
+    bad.write_text("[training]\nsteps = 1\n")
+    with pytest.raises(RecipeError, match=r"unknown section \[training\]"):
+        load_recipe(str(bad))
+    bad.write_text("[pretrain\n")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(str(bad))
+    with pytest.raises(RecipeError, match=r"built-in recipes: \[.*'cpu'.*'smoke'"):
+        load_recipe("nope")
+    recipe = load_recipe("smoke", {"pretrain.steps": 3})
+    assert recipe["pretrain"]["steps"] == 3 and recipe["sft"]["steps"] == 20 and recipe["rl"]["mu"] == 1

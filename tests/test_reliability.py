@@ -1,0 +1,91 @@
+"""Faults: training killed at random moments (checkpoint writes included) resumes onto the very same
+trajectory; damaged checkpoints are named, and resume falls back to the one before, out loud.
+
+`make test` runs one kill per stage; `make reliability` sets NANOSEEK_FAULTS=7 (21 kills in all).
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import TINY
+
+from nanoseek.train import read_metrics, train
+
+KILLS = int(os.environ.get("NANOSEEK_FAULTS", "1"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def command(stage, data, out, steps, init=None, task=None):
+    if stage == "rl":
+        args = ["rl", "--init", init, "--task", task, "--out", str(out), "--steps", str(steps), "--prompts", "2",
+                "--group", "4", "--max-new-tokens", "12", "--device", "cpu", "--no-progress", "--ckpt-every", "1",
+                "--lr", "0.001", "--resume"]
+    else:
+        args = [stage, "--data", data, "--out", str(out), "--steps", str(steps), "--ckpt-every", "1", "--keep", "2",
+                "--eval-every", "0", "--no-progress", "--resume"]
+        for k in ("size", "batch", "seq", "warmup", "lr", "device"):
+            args += [f"--{k}", str(TINY[k])]
+        if init:
+            args += ["--init", init]
+    return [sys.executable, "-m", "nanoseek", *args]
+
+
+def trajectory(out, key):
+    return [(r["step"], r[key]) for r in read_metrics(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def sft_init(text_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_init")
+    train({**TINY, "data": text_data, "out": str(out), "steps": 2}, "pretrain")
+    return str(out / "final")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "rl"])
+def test_random_kills_resume_onto_the_same_trajectory(stage, text_data, chat_data, sft_init, chat_model, tmp_path):
+    data = {"pretrain": text_data, "sft": chat_data, "rl": None}[stage]
+    init = {"pretrain": None, "sft": sft_init, "rl": chat_model}[stage]
+    steps, key = (30, "loss") if stage != "rl" else (8, "reward")
+    straight = tmp_path / "straight"
+    assert subprocess.run(command(stage, data, straight, steps, init, "addition"), env=ENV,
+                          capture_output=True).returncode == 0
+    out, rng, kills = tmp_path / "killed", random.Random(stage), 0
+    for _ in range(KILLS):
+        proc = subprocess.Popen(command(stage, data, out, steps, init, "addition"), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(3.0 + rng.random() * 3.0)  # past start-up, at a random moment of training or saving
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    result = subprocess.run(command(stage, data, out, steps, init, "addition"), env=ENV, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert kills >= 1
+    assert trajectory(out, key) == trajectory(straight, key)
+
+
+def test_damaged_checkpoints_fall_back_out_loud(text_data, tmp_path):
+    opts = {**TINY, "data": text_data, "out": str(tmp_path), "ckpt_every": 2, "keep": 3}
+    train({**opts, "steps": 6}, "pretrain")
+    weights = tmp_path / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    (tmp_path / "step_000006" / "trainer_state" / "optimizer.safetensors").write_bytes(b"\x00" * 64)
+    lines = []
+    from nanoseek import train as train_module
+
+    original = train_module.resume_point
+    train_module.resume_point = lambda out, say=print: original(out, say=lines.append)
+    try:
+        last = train({**opts, "steps": 8, "resume": True}, "pretrain")
+    finally:
+        train_module.resume_point = original
+    assert "final/model.safetensors" in lines[0] and "damaged or truncated" in lines[0]
+    assert "step_000006/trainer_state/optimizer.safetensors" in lines[1]
+    assert last["step"] == 8
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 9))
