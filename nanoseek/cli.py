@@ -79,6 +79,7 @@ def cmd_info(args):
 def cmd_bench(args):
     from nanoseek import bench
 
+    args.peer = args.peer or ("trl" if args.what == "grpo" else "transformers")
     if args.what == "train":
         r = bench.bench_train(size=args.size, batch=args.batch, seq=args.seq, steps=args.steps,
                               warmup=args.warmup, device=args.device, peer=args.peer)
@@ -88,6 +89,12 @@ def cmd_bench(args):
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
                                peer=args.peer)
         bench.print_decode(r)
+    elif args.what == "grpo":
+        if not args.ckpt:
+            raise ValueError("bench grpo needs --ckpt (an SFT checkpoint, e.g. runs/cpu/sft/final)")
+        r = bench.bench_grpo(args.ckpt, task=args.task, difficulty=args.difficulty, steps=args.steps,
+                             prompts=args.prompts, group=args.group, max_new_tokens=args.new_tokens, peer=args.peer)
+        bench.print_grpo(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
@@ -277,12 +284,17 @@ def build_parser():
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("bench", help="benchmark against a peer and print the speedup")
-    s.add_argument("what", choices=["train", "decode"])
+    s.add_argument("what", choices=["train", "decode", "grpo"])
+    s.add_argument("--task", default="addition", help="grpo: task")
+    s.add_argument("--difficulty", type=int, default=2, help="grpo: task difficulty")
+    s.add_argument("--prompts", type=int, default=4, help="grpo: problems per step")
+    s.add_argument("--group", type=int, default=8, help="grpo: completions per problem")
     s.add_argument("--ckpt", help="decode: checkpoint to benchmark (default: a random model of --size)")
     s.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode: batch sizes")
     s.add_argument("--prompt-len", type=int, default=64, help="decode: prompt tokens")
     s.add_argument("--new-tokens", type=int, default=128, help="decode: tokens to generate")
-    s.add_argument("--peer", default="transformers", choices=["transformers"])
+    s.add_argument("--peer", default=None, choices=["transformers", "trl"],
+                   help="transformers (train, decode) or trl (grpo)")
     s.add_argument("--size", type=int, default=6, help="size dial (depth)")
     s.add_argument("--batch", type=int, default=8, help="train: sequences per step")
     s.add_argument("--seq", type=int, default=256)

@@ -202,12 +202,14 @@ class GRPO:
         ids, mask = ids.to(self.device), mask.to(self.device)
         adv = torch.tensor(adv, device=self.device)
         target_mask = mask[:, 1:]
-        with torch.no_grad():
-            old_logp, _ = token_logprobs(self.model, ids, mask)
+        with torch.no_grad():  # with one pass the policy that sampled is the one updated: no extra forward
+            old_logp = token_logprobs(self.model, ids, mask)[0] if o.mu > 1 else None
             ref_logp = token_logprobs(self.ref, ids, mask)[0] if self.ref is not None else None
         self.model.train()
         for _ in range(o.mu):
             logp, entropy = token_logprobs(self.net, ids, mask)
+            if old_logp is None:
+                old_logp = logp.detach()
             loss, stats = grpo_loss(logp, old_logp, adv, target_mask, o.eps_low, o.eps_high, o.beta, ref_logp)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))

@@ -7,10 +7,14 @@ def _digits(n):
     return [int(c) for c in str(n)][::-1]
 
 
+def _spaced(digits):
+    return " ".join(map(str, digits))
+
+
 def add_steps(a, b):
-    """Column addition, right to left, with carries."""
+    """Column addition, right to left, with carries: the digits listed from the right first."""
     da, db = _digits(a), _digits(b)
-    carry, out, lines = 0, [], []
+    carry, out, lines = 0, [], [f"digits from the right: {_spaced(da)} and {_spaced(db)}"]
     for i in range(max(len(da), len(db))):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
         s = x + y + carry
@@ -21,6 +25,7 @@ def add_steps(a, b):
     if carry:
         lines.append(f"carry {carry} at the front")
         out.append(carry)
+    lines.append(f"written from the right: {_spaced(out)}")
     result = int("".join(map(str, out[::-1])))
     return lines, result
 
@@ -31,13 +36,14 @@ def sub_steps(a, b):
         lines, r = sub_steps(b, a)
         return [f"{a} < {b}, so compute {b} - {a} and negate"] + lines, -r
     da, db = _digits(a), _digits(b)
-    borrow, out, lines = 0, [], []
+    borrow, out, lines = 0, [], [f"digits from the right: {_spaced(da)} and {_spaced(db)}"]
     for i in range(len(da)):
         x, y = da[i] - borrow, (db[i] if i < len(db) else 0)
         borrow = int(x < y)
         d = x + 10 * borrow - y
         lines.append(f"{x + 10 * borrow} - {y} = {d}" + (", borrow 1" if borrow else ""))
         out.append(d)
+    lines.append(f"written from the right: {_spaced(out)}")
     return lines, int("".join(map(str, out[::-1])))
 
 
