@@ -11,7 +11,10 @@ CORPUS = [
     "12 + 35 = 47. Check: 47 - 35 = 12.",
     "Reach 24 from 3, 8 and 1: 3 * 8 = 24, then 24 * 1 = 24.",
     "A model that thinks before it answers.",
-] * 20 + [f"{a} + {b} = {a + b}, so the answer is {a + b}." for a in range(0, 300, 7) for b in range(3, 200, 11)]
+] * 20 + [f"{a} + {b} = {a + b}, so the answer is {a + b}." for a in range(0, 300, 7) for b in range(3, 200, 11)] + [
+    " ".join("".join(random.Random(i * 31 + j).choices("etaoinshrdlu", k=3 + j % 5)) for j in range(12))
+    for i in range(300)
+]
 
 
 @pytest.fixture(scope="session")

@@ -162,8 +162,8 @@ def test_cli_init_and_info(tmp_path, capsys, tokenizer):
 def test_cli_tokenizer(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"line {i} of text"}) for i in range(50)))
-    assert cli(["tokenizer", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
-    assert len(nanoseek.Tokenizer.load(tmp_path / "tok")) == 300
+    assert cli(["tokenizer", "--input", str(corpus), "--vocab-size", "270", "--out", str(tmp_path / "tok")]) == 0
+    assert len(nanoseek.Tokenizer.load(tmp_path / "tok")) == 270
     corpus.write_text('{"txt": "wrong field"}\n')
     with pytest.raises(SystemExit, match=r"c.jsonl:1: expected a JSON object"):
         cli(["tokenizer", "--input", str(corpus), "--out", str(tmp_path / "tok2")])
