@@ -33,7 +33,9 @@ def main():
     model = DeepSeekV3(config_for_size(2, vocab_size=448)).init_weights(0)
     url, server = start(create_app(Engine(model, tok, max_batch=8, max_len=128), "fuzz", api_key="fuzz-key",
                                    max_body_bytes=64_000))
-    cmd = ["st", "run", f"{url}/openapi.json", "-H", "Authorization: Bearer fuzz-key", "--checks", CHECKS,
+    st = os.path.join(os.path.dirname(sys.executable), "st")
+    cmd = [st if os.path.exists(st) else "st", "run", f"{url}/openapi.json", "-H", "Authorization: Bearer fuzz-key",
+           "--checks", CHECKS,
            "--max-examples", str(args.max_examples), "--seed", str(args.seed), "--no-color",
            "--request-timeout", "60", "--suppress-health-check", "all"]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -100,7 +100,11 @@ def _same_type(value, default):
 # ----------------------------------------------------------------------------- stages
 
 
-def run(recipe, force=(), stop_after=None, log=print):
+def _say(line):
+    print(line, flush=True)
+
+
+def run(recipe, force=(), stop_after=None, log=_say):
     """Run the recipe's stages in order; a stage whose output is complete is skipped unless named in force."""
     out = recipe["run"]["out"]
     os.makedirs(out, exist_ok=True)
