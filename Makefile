@@ -33,4 +33,4 @@ clean:
 reliability: setup
 	NANOSEEK_FAULTS=7 $(PY) -m pytest tests/test_reliability.py tests/test_checkpoint.py -q
 	$(PY) benchmarks/load_test.py --clients 64 --requests 2 --max-tokens 32
-	$(PY) benchmarks/fuzz_api.py --max-examples 50
+	$(PY) benchmarks/fuzz_api.py --max-examples 25

@@ -40,6 +40,7 @@ def start(app):
 
 async def one_request(client, url, i, max_tokens):
     body = {"model": "load", "stream": True, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
+            "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"What is {i} + {i % 7}?"}]}
     t0, first, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -52,7 +53,8 @@ async def one_request(client, url, i, max_tokens):
             delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
             if first is None and (delta.get("content") or delta.get("reasoning_content")):
                 first = time.perf_counter() - t0
-            tokens += 1
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
     return first if first is not None else time.perf_counter() - t0, tokens
 
 
@@ -111,7 +113,7 @@ def main():
     if ok:
         p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
         print(f"time to first token: p50 {1000 * statistics.median(ttft):.0f} ms, p99 {1000 * p99:.0f} ms")
-        print(f"throughput: {tokens / seconds:.0f} streamed tokens/s over {seconds:.1f} s")
+        print(f"throughput: {tokens / seconds:.0f} generated tokens/s over {seconds:.1f} s ({tokens} tokens)")
     for e in errors[:5]:
         print("error:", e)
     asyncio.run(disconnects(url, args.clients, 10_000))

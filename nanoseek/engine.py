@@ -250,6 +250,7 @@ class Engine:
                 sorted_logits, order = scaled.sort(descending=True)
                 cumulative = sorted_logits.softmax(-1).cumsum(-1)
                 drop = cumulative - sorted_logits.softmax(-1) >= sp.top_p  # keep the smallest set reaching top_p
+                drop[0] = False  # and always the most likely token, however small top_p is
                 scaled = scaled.masked_fill(drop.scatter(0, order, drop), float("-inf"))
             probs = scaled.softmax(-1).cpu()
             token = int(torch.multinomial(probs, 1, generator=s.generator))

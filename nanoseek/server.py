@@ -60,7 +60,9 @@ class ErrorResponse(BaseModel):
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
     (400, "invalid JSON, or a prompt and max_tokens over the context"), (401, "missing or wrong API key"),
     (404, "unknown model"), (413, "request body too large"), (422, "invalid fields"),
-    (429, "every engine slot is taken"))}
+    (429, "every engine slot is taken"), (500, "generation failed; the server goes on serving"))}
+STREAMABLE = {200: {"description": "a completion, or server-sent events of chunks when stream is true",
+                    "content": {"application/json": {}, "text/event-stream": {}}}, **ERRORS}
 
 
 class StreamOptions(BaseModel):
@@ -245,7 +247,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     async def page():
         return HTMLResponse(resources.files("nanoseek.web").joinpath("index.html").read_text())
 
-    @app.post("/v1/chat/completions", responses=ERRORS)
+    @app.post("/v1/chat/completions", responses=STREAMABLE)
     async def chat(req: ChatRequest, request: Request):
         _check_model(req.model, model_name)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -254,7 +256,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         params = _params(req, max_tokens, len(prompt), context)
         return await _serve(request, worker, [prompt] * req.n, params, req, chat=True)
 
-    @app.post("/v1/completions", responses=ERRORS)
+    @app.post("/v1/completions", responses=STREAMABLE)
     async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model, model_name)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt

@@ -94,6 +94,7 @@ def test_seeded_sampling_is_reproducible(peaky):
     assert sample(3, top_k=5) == sample(3, top_k=5)
     greedy = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0))[0].tokens
     assert sample(4, top_k=1)[:len(greedy)] == greedy and sample(5, top_p=1e-6)[:len(greedy)] == greedy
+    assert sample(6, top_p=5e-324)[:len(greedy)] == greedy  # rounds to 0 in float32: still the top token
 
 
 def test_stops(peaky):
