@@ -24,7 +24,10 @@ test: setup
 	$(PY) -m pytest tests
 
 bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m nanoseek bench train --peer transformers --size 6
+	$(PY) -m nanoseek bench decode --peer transformers --size 6
+	@echo "bench grpo needs an SFT checkpoint: nanoseek bench grpo --ckpt runs/cpu/sft/final (after make run)"
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,6 +10,7 @@ rewards are all equal and draws more problems in their place.
 import math
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -230,8 +231,6 @@ class GRPO:
         checkpoint.save(path, self.model, self.tokenizer, meta, trainer_state=state)
         steps = [p for s, p in checkpoints_in(o.out) if os.path.basename(p) != "final"]
         for old in steps[: max(0, len(steps) - o.keep)]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
 
     def run(self):
