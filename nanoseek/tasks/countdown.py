@@ -105,7 +105,7 @@ class Countdown(GeneratedTask):
     def solve(self, problem):
         numbers, target = problem.data["numbers"], problem.data["target"]
         trace = [f"Target {target} from {numbers}."]
-        expr = search(numbers, target, trace, limit=8)
+        expr = search(numbers, target, trace, limit=12)
         if expr is None:  # the trace got long: search again without writing it down
             expr = search(numbers, target, [], limit=100_000)
             trace.append("...")
