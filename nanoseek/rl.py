@@ -10,7 +10,6 @@ rewards are all equal and draws more problems in their place.
 import math
 import os
 import random
-import shutil
 import signal
 import time
 
@@ -25,8 +24,8 @@ from nanoseek.train import (
     _append,
     _truncate_metrics,
     all_reduce,
-    checkpoints_in,
     optimizer_tensors,
+    prune_checkpoints,
     read_metrics,
     restore_optimizer,
     resume_point,
@@ -229,9 +228,7 @@ class GRPO:
                 "options": {k: getattr(o, k) for k in DEFAULTS}, "trainer": {"task": o.task}}
         state = {"optimizer.safetensors": optimizer_tensors(self.opt, self.model)}
         checkpoint.save(path, self.model, self.tokenizer, meta, trainer_state=state)
-        steps = [p for s, p in checkpoints_in(o.out) if os.path.basename(p) != "final"]
-        for old in steps[: max(0, len(steps) - o.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(o.out, o.keep)
 
     def run(self):
         o = self.o

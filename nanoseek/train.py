@@ -126,6 +126,13 @@ def checkpoints_in(out):
     return [(s, p) for s, _, p in sorted(found)]
 
 
+def prune_checkpoints(out, keep):
+    """Remove all but the newest `keep` step checkpoints in out (final/ is never removed)."""
+    steps = [p for _, p in checkpoints_in(out) if os.path.basename(p) != "final"]
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def resume_point(out, say=print):
     """The newest checkpoint in out that loads whole: (path, model, tokenizer, meta, trainer tensors).
 
@@ -192,7 +199,7 @@ class Trainer:
                 f"{o.data} holds {manifest['kind']} data but {mode} trains on {want} data; "
                 + ("make chat data from JSONL with a \"messages\" field" if want == "chat" else "use `nanoseek sft`")
             )
-        self.start_step, self.state = 0, None
+        self.start_step, self.tokens_seen = 0, 0
         point = resume_point(o.out) if o.resume else None
         source = point[0] if point else o.init
         if source:
@@ -242,7 +249,7 @@ class Trainer:
         self.loader.restore(meta["trainer"]["loader"])
         restore_optimizer(self.opt, self.model, states["optimizer.safetensors"])
         torch.set_rng_state(states["rng.safetensors"]["torch"])
-        self.tokens_seen, self.resumed_from = meta.get("tokens_seen", 0), path
+        self.tokens_seen = meta.get("tokens_seen", 0)
         if self.main:
             print(f"resuming from {path} at step {self.start_step}")
 
@@ -278,9 +285,7 @@ class Trainer:
             "rng.safetensors": {"torch": torch.get_rng_state()},
         }
         checkpoint.save(path, self.model, self.tokenizer, meta, trainer_state=state, state_dict=model_state)
-        steps = [p for s, p in checkpoints_in(o.out) if os.path.basename(p) != "final"]
-        for old in steps[: max(0, len(steps) - o.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(o.out, o.keep)
 
     def evaluate(self):
         """Held-out loss (nats/token) and bits per byte over the first eval_windows sequences."""
@@ -323,8 +328,6 @@ class Trainer:
         metrics_file = os.path.join(o.out, "metrics.jsonl")
         if self.main:
             _truncate_metrics(metrics_file, self.start_step)
-        if not hasattr(self, "tokens_seen"):
-            self.tokens_seen = 0
         moes = self.model.moe_layers()
         peak = _peak_flops(self.device, self.dtype)
         bar = tqdm(total=o.steps, initial=self.start_step, disable=not (self.main and o.progress),
