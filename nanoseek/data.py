@@ -232,74 +232,125 @@ def load_manifest(data_dir, tokenizer: Tokenizer | None = None, verify=False):
 
 
 class Loader:
-    """Fixed windows of seq_len + 1 tokens, visited in a seeded order that is reshuffled every epoch.
+    """Rows of seq_len tokens in a seeded order that is reshuffled every epoch.
 
-    A step's global batch is the next `global_batch` windows of that order; rank r of `world` takes
-    rows r::world. The position is one integer (windows consumed), so resume is exact.
+    rows="documents": a row holds whole documents back to back, padded at its end; a document longer than a
+    row is cut into row-sized pieces. Each token carries its piece's number in the row (-1 on padding), so
+    attention and positions stay inside a document, as at inference. rows="windows": fixed windows of the
+    token stream, documents attending across their boundaries (plain windows for long free text).
+
+    A step's global batch is the next `global_batch` rows of that order; rank r of `world` takes rows
+    r::world. The position is one integer (rows consumed), so resume is exact.
     """
 
-    def __init__(self, data_dir, split, seq_len, global_batch, seed=0, rank=0, world=1, tokenizer=None):
+    def __init__(self, data_dir, split, seq_len, global_batch, seed=0, rank=0, world=1, tokenizer=None,
+                 rows="documents", shuffle=True):
         manifest = load_manifest(data_dir, tokenizer)
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} must divide evenly over {world} ranks")
-        self.kind, self.seq_len, self.global_batch = manifest["kind"], seq_len, global_batch
-        self.seed, self.rank, self.world = seed, rank, world
-        self.tokens, self.masks, self.windows = [], [], []  # per shard; windows: (shard, start)
+        if rows not in ("documents", "windows"):
+            raise ValueError(f"rows must be 'documents' or 'windows', not {rows!r}")
+        self.kind, self.seq_len, self.global_batch, self.rows = manifest["kind"], seq_len, global_batch, rows
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        own = Tokenizer.load(data_dir)  # the tokenizer the shards were made with
+        self.pad_id = own.pad_id
+        self.tokens, self.masks, pieces = [], [], []  # pieces: (shard, start, inputs) of up to seq_len inputs
         for i, shard in enumerate(manifest["splits"][split]):
             path = os.path.join(data_dir, shard["file"])
-            self.tokens.append(np.memmap(path, dtype=manifest["dtype"], mode="r"))
+            tokens = np.memmap(path, dtype=manifest["dtype"], mode="r")
+            self.tokens.append(tokens)
             if self.kind == "chat":
                 self.masks.append(np.memmap(path.replace(".bin", ".mask.bin"), dtype=np.uint8, mode="r"))
-            n = (shard["tokens"] - 1) // seq_len
-            self.windows += [(i, j * seq_len) for j in range(n)]
-        if not self.windows:
+            pieces.append(self._pieces(i, tokens, own.bos_id))
+        self.pieces = np.concatenate(pieces) if pieces else np.zeros((0, 3), dtype=np.int64)
+        if not len(self.pieces):
             raise DataError(
-                f"{data_dir}: the {split} split has fewer than {seq_len + 1} tokens; add data or shorten --seq"
+                f"{data_dir}: the {split} split has no {'document' if rows == 'documents' else 'window'} "
+                f"of {seq_len + 1 if rows == 'windows' else 2}+ tokens; add data or shorten --seq"
             )
         self.position = 0
-        self._order_epoch, self._order = None, None
+        self._epochs = []  # rows of each epoch packed so far: lists of piece indices
+
+    def _pieces(self, shard, tokens, bos_id):
+        """(shard, start, n): inputs tokens[start:start + n], targets one token later, never past a document."""
+        L = self.seq_len
+        if self.rows == "windows":
+            starts = np.arange((len(tokens) - 1) // L, dtype=np.int64) * L
+            return np.stack([np.full_like(starts, shard), starts, np.full_like(starts, L)], 1)
+        doc_starts = np.flatnonzero(np.asarray(tokens) == bos_id)
+        doc_ends = np.append(doc_starts[1:], len(tokens))
+        out = []
+        for s, e in zip(doc_starts.tolist(), doc_ends.tolist()):
+            for p in range(s, e - 1, L):  # a document of n tokens has n - 1 (input, target) pairs
+                out.append((shard, p, min(L, e - 1 - p)))
+        return np.asarray(out, dtype=np.int64).reshape(-1, 3)
 
     def __len__(self):
-        return len(self.windows)
+        return len(self._epoch(0))
 
-    def _window_order(self, epoch):
-        if self._order_epoch != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order, self._order_epoch = torch.randperm(len(self.windows), generator=g), epoch
-        return self._order
+    def _epoch(self, epoch):
+        """The rows of an epoch: pieces in a seeded order, each row filled until the next piece does not fit."""
+        while len(self._epochs) <= epoch:
+            e = len(self._epochs)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            order = torch.randperm(len(self.pieces), generator=g).tolist() if self.shuffle else range(len(self.pieces))
+            rows, row, used = [], [], 0
+            for i in order:
+                n = int(self.pieces[i, 2])
+                if row and (self.rows == "windows" or used + n > self.seq_len):
+                    rows.append(row)
+                    row, used = [], 0
+                row.append(i)
+                used += n
+            rows.append(row)
+            self._epochs.append(rows)
+        return self._epochs[epoch]
 
-    def window(self, k):
-        """Window k of the endless shuffled sequence -> (input ids, targets) of seq_len tokens each."""
-        epoch, idx = divmod(k, len(self.windows))
-        shard, start = self.windows[int(self._window_order(epoch)[idx])]
-        chunk = torch.from_numpy(self.tokens[shard][start : start + self.seq_len + 1].astype(np.int64))
-        x, y = chunk[:-1], chunk[1:].clone()
-        if self.kind == "chat":
-            mask = torch.from_numpy(self.masks[shard][start + 1 : start + self.seq_len + 1].astype(np.bool_))
-            y[~mask] = -100
-        return x, y
+    def row(self, k):
+        """Row k of the endless sequence -> (inputs, targets, piece number per token), seq_len tokens each."""
+        epoch = 0
+        while k >= len(self._epoch(epoch)):
+            k -= len(self._epoch(epoch))
+            epoch += 1
+        x = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
+        y = torch.full((self.seq_len,), -100, dtype=torch.long)
+        doc = torch.full((self.seq_len,), -1, dtype=torch.long)
+        at = 0
+        for number, i in enumerate(self._epoch(epoch)[k]):
+            shard, start, n = (int(v) for v in self.pieces[i])
+            chunk = torch.from_numpy(self.tokens[shard][start : start + n + 1].astype(np.int64))
+            x[at : at + n], y[at : at + n], doc[at : at + n] = chunk[:-1], chunk[1:], number
+            if self.kind == "chat":
+                mask = torch.from_numpy(self.masks[shard][start + 1 : start + n + 1].astype(np.bool_))
+                y[at : at + n][~mask] = -100
+            at += n
+        return x, y, doc
 
     def next_batch(self):
-        """This rank's rows of the next global batch: (B / world, seq_len) inputs and targets."""
+        """This rank's rows of the next global batch: inputs, targets and piece numbers, (B / world, seq_len)
+        each; the piece numbers are None for plain windows."""
         ks = range(self.position + self.rank, self.position + self.global_batch, self.world)
         self.position += self.global_batch
-        xs, ys = zip(*(self.window(k) for k in ks))
-        return torch.stack(xs), torch.stack(ys)
+        xs, ys, docs = zip(*(self.row(k) for k in ks))
+        return torch.stack(xs), torch.stack(ys), torch.stack(docs) if self.rows == "documents" else None
 
     def state(self):
-        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len, "windows": len(self.windows)}
+        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len, "rows": self.rows,
+                "pieces": len(self.pieces)}
 
     def restore(self, state):
-        if state["windows"] != len(self.windows) or state["seq_len"] != self.seq_len:
-            raise DataError("the data changed since this checkpoint was written; resume needs the same data and --seq")
+        same = (state.get("pieces"), state["seq_len"], state.get("rows")) == (len(self.pieces), self.seq_len, self.rows)
+        if not same:
+            raise DataError("the data changed since this checkpoint was written; resume needs the same data, "
+                            "--seq and --rows")
         self.position, self.seed = state["position"], state["seed"]
+        self._epochs = []
 
 
-def sequential_batches(data_dir, split, seq_len, batch, max_windows=None, tokenizer=None):
-    """The split's windows in stored order, for held-out evaluation."""
-    loader = Loader(data_dir, split, seq_len, 1, tokenizer=tokenizer)
-    loader._order_epoch, loader._order = 0, torch.arange(len(loader))
-    n = len(loader) if max_windows is None else min(max_windows, len(loader))
+def sequential_batches(data_dir, split, seq_len, batch, max_rows=None, tokenizer=None, rows="documents"):
+    """The split's rows in stored order, for held-out evaluation: (inputs, targets, piece numbers) batches."""
+    loader = Loader(data_dir, split, seq_len, 1, tokenizer=tokenizer, rows=rows, shuffle=False)
+    n = len(loader) if max_rows is None else min(max_rows, len(loader))
     for i in range(0, n, batch):
-        xs, ys = zip(*(loader.window(k) for k in range(i, min(i + batch, n))))
-        yield torch.stack(xs), torch.stack(ys)
+        xs, ys, docs = zip(*(loader.row(k) for k in range(i, min(i + batch, n))))
+        yield torch.stack(xs), torch.stack(ys), torch.stack(docs) if rows == "documents" else None

@@ -402,9 +402,11 @@ class DeepSeekV3(nn.Module):
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def _positions(self, input_ids, attention_mask, position_ids):
+    def _positions(self, input_ids, attention_mask, position_ids, document_ids=None):
         B, T = input_ids.shape
         limit = self.config.max_position_embeddings
+        if document_ids is not None:
+            position_ids = positions_in_documents(document_ids)
         if T > limit or (position_ids is not None and T and int(position_ids.max()) >= limit):
             raise ValueError(
                 f"sequence of {T} tokens reaches past the model's context of "
@@ -412,11 +414,12 @@ class DeepSeekV3(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        return self.rope_cos[position_ids], self.rope_sin[position_ids], _mask(attention_mask, T)
+        mask = _mask(attention_mask, T) if document_ids is None else document_mask(document_ids)
+        return self.rope_cos[position_ids], self.rope_sin[position_ids], mask
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, document_ids=None):
         """Final-norm hidden states (B, T, D) and the rope/mask context the MTP modules reuse."""
-        cos, sin, mask = self._positions(input_ids, attention_mask, position_ids)
+        cos, sin, mask = self._positions(input_ids, attention_mask, position_ids, document_ids)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask)
@@ -434,13 +437,16 @@ class DeepSeekV3(nn.Module):
             x = layer(x, cos, sin, None, cache)
         return self.model.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, targets=None, mtp_weight=0.0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, targets=None, mtp_weight=0.0,
+                document_ids=None):
         """input_ids (B, T) -> logits (B, T, vocab); attention_mask (B, T) marks real tokens with 1.
 
+        document_ids (B, T) packs several documents in a row: a token attends only to earlier tokens of its
+        own document and positions restart at each document (see data.Loader).
         With targets (B, T), where targets[t] is the token after input_ids[t] and -100 is ignored, returns
         (loss, main loss, per-depth MTP losses) instead: loss = main + mtp_weight * mean of the MTP losses.
         """
-        h, ctx = self.hidden_states(input_ids, attention_mask, position_ids)
+        h, ctx = self.hidden_states(input_ids, attention_mask, position_ids, document_ids)
         if targets is None:
             return self.lm_head(h)
         main = F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -448,9 +454,10 @@ class DeepSeekV3(nn.Module):
         if mtp_weight > 0:
             for k, hk in enumerate(self.mtp_hidden_states(h, input_ids, ctx), start=1):
                 logits = self.lm_head(hk)  # (B, T - k, V): position t predicts targets[t + k]
-                mtp_losses.append(
-                    F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100)
-                )
+                later = targets[:, k:]
+                if document_ids is not None:  # never predict across into the next document
+                    later = later.masked_fill(document_ids[:, :-k] != document_ids[:, k:], -100)
+                mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), later.flatten(), ignore_index=-100))
         total = main + mtp_weight * sum(mtp_losses) / len(mtp_losses) if mtp_losses else main
         return total, main, mtp_losses
 
@@ -475,6 +482,22 @@ def _mask(attention_mask, T):
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     mask = causal & attention_mask.bool()[:, None, None, :]
     return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+def positions_in_documents(document_ids):
+    """(B, T) positions counted from the start of each token's document (a change of id starts one)."""
+    B, T = document_ids.shape
+    index = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def document_mask(document_ids):
+    """Boolean (B, 1, T, T) mask: causal, and only within a token's own document."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
 
 
 # ----------------------------------------------------------------------------- accounting

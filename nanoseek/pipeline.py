@@ -38,6 +38,7 @@ SECTIONS = {  # section -> key -> (default, meaning)
     "eval": {
         "tasks": (["addition", "countdown"], "tasks to evaluate every stage on"),
         "n": (500, "held-out problems per task"),
+        "difficulties": ({}, "per task, the difficulties to evaluate (empty: those of [data])"),
         "k": (1, "samples per problem for pass@k (1: greedy pass@1 only)"),
         "max_new_tokens": (256, "longest completion"),
         "stages": (["pretrain", "sft", "rl"], "stages whose checkpoints are evaluated"),
@@ -224,7 +225,7 @@ def stage_eval(recipe, paths, device):
     ckpts = [os.path.join(paths[s], "final") for s in e["stages"]]
     results = {}
     for spec in e["tasks"]:
-        difficulty = recipe["data"]["difficulties"].get(spec) or None
+        difficulty = e["difficulties"].get(spec) or recipe["data"]["difficulties"].get(spec) or None
         part = evaluate(ckpts, [spec], n=e["n"], k=e["k"], max_new_tokens=e["max_new_tokens"],
                         seed=recipe["run"]["seed"], device=device or "cpu", difficulty=difficulty)
         for ckpt, by_task in part.items():

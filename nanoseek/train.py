@@ -35,6 +35,8 @@ OPTIONS = {  # every option of pretrain and sft: (default, meaning)
     "batch": (16, "sequences per optimizer step, over all ranks and micro-steps"),
     "grad_accum": (1, "micro-steps per optimizer step"),
     "seq": (256, "tokens per sequence"),
+    "rows": ("documents", "documents: rows of whole documents, each attending to itself only; "
+                          "windows: plain windows of the token stream (long free text)"),
     "lr": (3e-3, "peak learning rate"),
     "min_lr_ratio": (0.1, "final learning rate as a fraction of the peak"),
     "warmup": (20, "linear warmup steps"),
@@ -227,7 +229,8 @@ class Trainer:
             lr=o.lr, betas=(o.beta1, o.beta2), fused=True,
         )
         micro = o.batch // o.grad_accum
-        self.loader = Loader(o.data, "train", o.seq, micro, seed=o.seed, rank=self.rank, world=self.world)
+        self.loader = Loader(o.data, "train", o.seq, micro, seed=o.seed, rank=self.rank, world=self.world,
+                             rows=o.rows)
         if point:
             self._restore(point[0], point[3], point[4])
         self.stop_signal = None
@@ -293,9 +296,9 @@ class Trainer:
         self.model.eval()
         nats, tokens, nbytes = 0.0, 0, 0
         with torch.no_grad(), self._autocast():
-            for x, y in sequential_batches(o.data, "val", o.seq, 8, o.eval_windows):
-                x, y = x.to(self.device), y.to(self.device)
-                _, main, _ = self.model(x, targets=y)
+            for x, y, docs in sequential_batches(o.data, "val", o.seq, 8, o.eval_windows, rows=o.rows):
+                x, y, docs = x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
+                _, main, _ = self.model(x, targets=y, document_ids=docs)
                 n = int((y != -100).sum())
                 nats += float(main) * n
                 tokens += n
@@ -341,13 +344,13 @@ class Trainer:
             sums = torch.zeros(2 + len(self.model.mtp))  # loss, main loss, MTP loss per depth
             loads = torch.zeros(len(moes), moes[0].n_experts if moes else 0, device=self.device)
             for micro in range(o.grad_accum):
-                x, y = self.loader.next_batch()
-                x, y = x.to(self.device), y.to(self.device)
+                x, y, docs = self.loader.next_batch()
+                x, y, docs = x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
                 for m in moes:
                     m.expert_load = None  # MoE layers this forward does not reach (MTP off) stay None
                 sync = micro == o.grad_accum - 1 or self.world == 1 or o.fsdp
                 with (nullcontext() if sync else self.net.no_sync()), self._autocast():
-                    loss, main, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight)
+                    loss, main, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs)
                     if o.balance_alpha > 0:
                         loss = loss + o.balance_alpha * sum(sequence_balance_loss(m, x.shape[0]) for m in moes)
                     (loss / o.grad_accum).backward()

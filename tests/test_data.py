@@ -48,12 +48,50 @@ def test_chat_mask_covers_assistant_tokens_only(chat_data, tokenizer):
     learned = tokenizer.decode(tokens[mask == 1].tolist())
     assert "What is" not in learned and "<think>" in learned and "<｜end▁of▁sentence｜>" in learned
     assert tokenizer.assistant_id not in tokens[mask == 1] and tokenizer.user_id not in tokens[mask == 1]
-    loader = Loader(chat_data, "train", 64, 4, seed=0)
+    loader = Loader(chat_data, "train", 64, 4, seed=0, rows="windows")
     for k in range(8):  # a target is learned exactly where the mask marks the assistant
-        x, y = loader.window(k)
-        _, start = loader.windows[int(loader._window_order(0)[k])]
+        x, y, _ = loader.row(k)
+        _, start, _ = loader.pieces[loader._epoch(0)[k][0]]
         assert torch.equal(x, torch.from_numpy(tokens[start : start + 64].astype(np.int64)))
         assert ((y != -100).numpy() == (mask[start + 1 : start + 65] == 1)).all()
+
+
+def _documents(tokens, bos_id):
+    starts = np.flatnonzero(tokens == bos_id).tolist() + [len(tokens)]
+    return [tuple(tokens[s:e].tolist()) for s, e in zip(starts, starts[1:])]
+
+
+def test_document_rows_hold_whole_conversations(chat_data, tokenizer):
+    """Every row is whole conversations from BOS to EOS, never cut; an epoch holds each conversation once."""
+    shard = load_manifest(chat_data)["splits"]["train"][0]
+    tokens = np.fromfile(f"{chat_data}/{shard['file']}", dtype=np.uint16)
+    mask = np.fromfile(f"{chat_data}/{shard['file'].replace('.bin', '.mask.bin')}", dtype=np.uint8)
+    conversations = _documents(tokens, tokenizer.bos_id)
+    loader = Loader(chat_data, "train", 64, 4, seed=0)
+    seen = []
+    for k in range(len(loader)):
+        x, y, doc = loader.row(k)
+        real = int((doc >= 0).sum())
+        assert (doc[real:] == -1).all() and (doc[1:real] - doc[: real - 1] >= 0).all()  # padding only at the end
+        for d in range(int(doc.max()) + 1):
+            inputs, targets = x[doc == d], y[doc == d]
+            whole = tuple(inputs.tolist()) + (tokenizer.eos_id,)
+            assert inputs[0] == tokenizer.bos_id and whole in conversations  # starts at BOS, ends at EOS
+            at = int(np.flatnonzero(tokens == inputs[0].item())[conversations.index(whole)])
+            learned = mask[at + 1 : at + len(whole)] == 1
+            assert ((targets != -100).numpy() == learned).all()
+            seen.append(whole)
+        assert (y[doc == -1] == -100).all() and (x[doc == -1] == tokenizer.pad_id).all()
+    assert sorted(seen) == sorted(conversations)
+
+
+def test_long_documents_are_cut_into_rows(text_data, tokenizer):
+    loader = Loader(text_data, "train", 8, 4, seed=0)
+    assert (loader.pieces[:, 2] <= 8).all()
+    shard = load_manifest(text_data)["splits"]["train"][0]
+    tokens = np.fromfile(f"{text_data}/{shard['file']}", dtype=np.uint16)
+    n_docs = len(_documents(tokens, tokenizer.bos_id))
+    assert loader.pieces[:, 2].sum() == len(tokens) - n_docs  # every (input, target) pair inside a document, once
 
 
 def test_loader_order_is_seeded_and_resumable(text_data):
@@ -75,13 +113,15 @@ def test_ranks_split_the_global_batch(text_data):
     assert torch.equal(torch.stack([parts[0], parts[1]], 1).reshape(8, 32), whole)
 
 
-def test_epochs_reshuffle_and_cover_every_window(text_data):
+def test_epochs_reshuffle_and_cover_every_row(text_data):
     loader = Loader(text_data, "train", 32, 1, seed=0)
-    n = len(loader)
-    first = [loader.window(k)[0] for k in range(n)]
-    second = [loader.window(k)[0] for k in range(n, 2 * n)]
-    key = lambda ws: sorted(tuple(w.tolist()) for w in ws)
-    assert key(first) == key(second) and any(not torch.equal(a, b) for a, b in zip(first, second))
+    epochs = [loader._epoch(e) for e in range(2)]
+    for rows in epochs:  # each epoch packs every piece exactly once, in at most seq_len tokens a row
+        assert sorted(i for row in rows for i in row) == list(range(len(loader.pieces)))
+        assert all(loader.pieces[row, 2].sum() <= 32 for row in rows)
+    assert epochs[0] != epochs[1]
+    n = len(epochs[0])
+    assert torch.equal(loader.row(n)[0], Loader(text_data, "train", 32, 1, seed=0).row(n)[0])  # 2nd epoch's first
 
 
 def test_bad_inputs_name_the_file_and_line(tmp_path, tokenizer):

@@ -147,3 +147,33 @@ def test_size_dial_spans_test_to_1b():
     assert kv_bytes_per_token(cfg, 2) == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
     with pytest.raises(ValueError, match="--size"):
         config_for_size(0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_row_equals_each_document_alone(seed):
+    """Documents packed in one row (block-diagonal attention, positions restarting) give each document's own
+    logits, and the packed loss is the loss of the documents run one by one."""
+    cfg = random_config(seed)
+    cfg.num_nextn_predict_layers = 1
+    torch.manual_seed(seed)
+    model = DeepSeekV3(cfg).init_weights(seed).eval()
+    randomize_router_bias(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (7, 12, 5)]
+    row = torch.cat(docs + [torch.zeros(4, dtype=torch.long)])[None]  # 4 tokens of padding at the end
+    ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)] + [torch.full((4,), -1)])[None]
+    with torch.no_grad():
+        packed = model(row, document_ids=ids)[0]
+        alone = [model(d[None])[0] for d in docs]
+    at = 0
+    for d, logits in zip(docs, alone):
+        assert rel_err(packed[at : at + len(d)], logits) < 1e-5
+        at += len(d)
+    targets = torch.cat([torch.cat([d[1:], torch.tensor([-100])]) for d in docs] + [torch.full((4,), -100)])[None]
+    with torch.no_grad():
+        _, _, (mtp_packed,) = model(row, targets=targets, document_ids=ids, mtp_weight=1.0)
+        total, count = 0.0, 0
+        for d in docs:  # MTP depth 1 predicts token t + 2 from inside the same document only
+            _, _, (mtp,) = model(d[None], targets=torch.cat([d[1:], torch.tensor([-100])])[None], mtp_weight=1.0)
+            total, count = total + float(mtp) * (len(d) - 2), count + len(d) - 2
+    assert abs(float(mtp_packed) - total / count) < 1e-5

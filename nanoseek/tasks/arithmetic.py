@@ -12,22 +12,16 @@ def _spaced(digits):
 
 
 def add_steps(a, b):
-    """Column addition, right to left, with carries: the digits listed from the right first."""
+    """Column addition from the right, one line a column: "x+y+carry=two-digit sum". Every line has the same
+    shape, and the answer is the last carry then each line's last digit, read from the bottom up."""
     da, db = _digits(a), _digits(b)
-    carry, out, lines = 0, [], [f"digits from the right: {_spaced(da)} and {_spaced(db)}"]
+    carry, lines = 0, []
     for i in range(max(len(da), len(db))):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
         s = x + y + carry
-        lines.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}, write {s % 10}"
-                     + (f", carry {s // 10}" if s >= 10 else ""))
-        out.append(s % 10)
+        lines.append(f"{x}+{y}+{carry}={s:02d}")
         carry = s // 10
-    if carry:
-        lines.append(f"carry {carry} at the front")
-        out.append(carry)
-    lines.append(f"written from the right: {_spaced(out)}")
-    result = int("".join(map(str, out[::-1])))
-    return lines, result
+    return lines, a + b
 
 
 def sub_steps(a, b):
@@ -79,7 +73,7 @@ class Arithmetic(GeneratedTask):
     def solve(self, problem):
         a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
         lines, result = OPS[op](a, b)
-        return f"{a} {op} {b}:\n" + "\n".join(lines) + f"\nSo {a} {op} {b} = {result}.", str(result)
+        return "\n".join(lines), str(result)
 
     def score(self, problem, completion):
         return score_integer(problem, completion)

@@ -11,6 +11,7 @@ from fractions import Fraction
 
 from nanoseek.tasks import GeneratedTask, Problem, Reward, parse_completion
 
+TRIES_WRITTEN = 20  # combinations a worked solution writes down before it jumps to the answer
 OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
@@ -45,7 +46,10 @@ def evaluate_expression(text):
 
 
 def search(numbers, target, trace, limit=200):
-    """Depth-first search over pairs; returns an expression reaching target or None. Appends to trace."""
+    """Depth-first search over pairs; returns an expression reaching target or None.
+
+    Appends one line per combination tried to trace, "a+b=v" on the values, indented by depth: a line that
+    comes back to a shallower indent has given up on the branch above it."""
     items = [(Fraction(n), str(n)) for n in numbers]
     budget = [limit]
 
@@ -72,12 +76,10 @@ def search(numbers, target, trace, limit=200):
                     budget[0] -= 1
                     if budget[0] <= 0:
                         return None
-                    expr = f"({ea} {op} {eb})"
-                    trace.append("  " * depth + f"try {ea} {op} {eb} = {v}")
-                    found = dfs(rest + [(v, expr)], depth + 1)
+                    trace.append(" " * depth + f"{a}{op}{b}={v}")
+                    found = dfs(rest + [(v, f"({ea}{op}{eb})")], depth + 1)
                     if found:
                         return found
-                    trace.append("  " * depth + "dead end")
         return None
 
     found = dfs(items, 0)
@@ -104,12 +106,11 @@ class Countdown(GeneratedTask):
 
     def solve(self, problem):
         numbers, target = problem.data["numbers"], problem.data["target"]
-        trace = [f"Target {target} from {numbers}."]
-        expr = search(numbers, target, trace, limit=12)
+        trace = []
+        expr = search(numbers, target, trace, limit=TRIES_WRITTEN)
         if expr is None:  # the trace got long: search again without writing it down
             expr = search(numbers, target, [], limit=100_000)
             trace.append("...")
-        trace.append(f"found: {expr} = {target}")
         return "\n".join(trace), expr
 
     def score(self, problem, completion):
