@@ -189,7 +189,14 @@ def cmd_chat(args):
 
 
 def cmd_run(args):
-    from nanoseek.pipeline import main_run
+    from nanoseek.pipeline import builtin_recipes, main_run
+
+    if args.list:
+        recipes = builtin_recipes()
+        width = max(map(len, recipes), default=0)
+        for name, purpose in recipes.items():
+            print(f"{name:<{width}}  {purpose}")
+        return
 
     overrides = {}
     for item in args.set or []:
@@ -206,7 +213,10 @@ def cmd_run(args):
 
 
 def build_parser():
+    from nanoseek import __version__
+
     p = argparse.ArgumentParser(prog="nanoseek", description="Train your own DeepSeek-style reasoning model.")
+    p.add_argument("--version", action="version", version=f"nanoseek {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with the chat format")
@@ -249,7 +259,8 @@ def build_parser():
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("run", help="every stage of a recipe: data, tokenizer, pretrain, sft, rl, eval, report")
-    s.add_argument("--recipe", default="cpu", help="a recipe name (recipes/NAME.toml) or a .toml file")
+    s.add_argument("--recipe", default="cpu", help="a built-in recipe's name (see --list) or a .toml file")
+    s.add_argument("--list", action="store_true", help="list the built-in recipes and what each is for")
     s.add_argument("--force", nargs="*", help="stages to redo (or 'all'), even if their output is complete")
     s.add_argument("--set", nargs="*", help="override recipe values: section.key=value (JSON values)")
     s.add_argument("--stop-after", help="stop after this stage")

@@ -2,8 +2,9 @@
 
     task data -> tokenizer -> pretrain -> sft -> rl -> eval (every stage) -> report.md
 
-A recipe is a TOML file (recipes/*.toml). [pretrain] and [sft] take the options of `nanoseek pretrain`,
-[rl] those of `nanoseek rl`; [run], [data] and [eval] are described in SECTIONS below.
+A recipe is a TOML file: a built-in one (nanoseek/recipes/NAME.toml, shipped in the package) or your own.
+[pretrain] and [sft] take the options of `nanoseek pretrain`, [rl] those of `nanoseek rl`; [run], [data] and
+[eval] are described in SECTIONS below.
 """
 
 import json
@@ -11,6 +12,8 @@ import os
 import shutil
 import sys
 import time
+from importlib import resources
+from pathlib import Path
 
 try:
     import tomllib
@@ -47,22 +50,32 @@ SECTIONS = {  # section -> key -> (default, meaning)
     "sft": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
     "rl": {k: v for k, v in rl_module.OPTIONS.items() if k not in ("out", "init", "resume")},
 }
-RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+RECIPES = resources.files("nanoseek") / "recipes"  # the built-in recipes, read as package data
 
 
 class RecipeError(ValueError):
     pass
 
 
+def builtin_recipes():
+    """{name: purpose} of the built-in recipes; a purpose is the first sentence of the file's first comment line."""
+    recipes = {}
+    for file in sorted(RECIPES.iterdir(), key=lambda f: f.name) if RECIPES.is_dir() else ():
+        if file.name.endswith(".toml"):
+            name, first = file.name[:-5], file.read_text(encoding="utf-8").partition("\n")[0]
+            recipes[name] = first.lstrip("# ").removeprefix(f"{name}:").split(". ")[0].strip().rstrip(".:")
+    return recipes
+
+
 def load_recipe(name_or_path, overrides=None):
     """A recipe as {section: {key: value}} with every default filled in; unknown keys and wrong types are errors."""
-    path = name_or_path if name_or_path.endswith(".toml") else os.path.join(RECIPES_DIR, f"{name_or_path}.toml")
-    if not os.path.exists(path):
-        known = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".toml")) if os.path.isdir(
-            RECIPES_DIR) else []
-        raise RecipeError(f"recipe {name_or_path!r} not found ({path}); built-in recipes: {known}")
+    file = Path(name_or_path) if name_or_path.endswith(".toml") else RECIPES / f"{name_or_path}.toml"
+    path = str(file)
+    if not file.is_file():
+        raise RecipeError(f"recipe {name_or_path!r} not found ({path}); built-in recipes: {list(builtin_recipes())}"
+                          " (`nanoseek run --list` says what each is for)")
     try:
-        with open(path, "rb") as f:
+        with file.open("rb") as f:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None

@@ -12,7 +12,7 @@ from transformers.utils import logging as hf_logging
 
 import nanoseek
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.pipeline import RecipeError, load_recipe, run
+from nanoseek.pipeline import RecipeError, builtin_recipes, load_recipe, run
 from nanoseek.tasks import get_task
 
 hf_logging.set_verbosity_error()
@@ -73,7 +73,15 @@ def test_recipe_errors_list_what_is_valid(tmp_path):
     bad.write_text("[pretrain\n")
     with pytest.raises(RecipeError, match="not valid TOML"):
         load_recipe(str(bad))
-    with pytest.raises(RecipeError, match=r"built-in recipes: \[.*'cpu'.*'smoke'"):
+    with pytest.raises(RecipeError, match=r"built-in recipes: \[.*'cpu'.*'smoke'.*run --list"):
         load_recipe("nope")
     recipe = load_recipe("smoke", {"pretrain.steps": 3})
     assert recipe["pretrain"]["steps"] == 3 and recipe["sft"]["steps"] == 20 and recipe["rl"]["mu"] == 1
+
+
+def test_builtin_recipes_load_and_say_what_they_are_for():
+    recipes = builtin_recipes()
+    assert {"cpu", "smoke", "gpu-small", "gpu-large"} <= set(recipes) and all(recipes.values())
+    assert recipes["smoke"] == "every stage in seconds on 2 CPU cores"
+    for name in recipes:
+        assert os.path.basename(load_recipe(name)["path"]) == f"{name}.toml"
