@@ -34,7 +34,8 @@ from nanoseek.train import (
 
 OPTIONS = {  # every option of rl: (default, meaning)
     "init": (None, "checkpoint to start from (an SFT model)"),
-    "task": ("countdown", "built-in task, problems.jsonl, or file.py:ClassName"),
+    "task": ("countdown", "built-in task, problems.jsonl, or file.py:ClassName; several, comma-separated, "
+                          "take turns (a skill already learned stays in practice)"),
     "checker": ("exact", "answer checker for a JSONL task: exact, numeric or math"),
     "difficulty": (0, "problem difficulty (0: the task's whole range)"),
     "out": (None, "output directory"),
@@ -126,7 +127,7 @@ class GRPO:
             raise ValueError("--init (an SFT checkpoint) and --out are required")
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
-        self.task = get_task(o.task, o.checker)
+        self.tasks = [get_task(spec.strip(), o.checker) for spec in o.task.split(",")]
         point = resume_point(o.out) if o.resume else None
         source = point[0] if point else o.init
         self.model, self.tokenizer = point[1:3] if point else checkpoint.load(source)
@@ -160,16 +161,17 @@ class GRPO:
         difficulty = o.difficulty or None
         while len(kept) < per_rank and draws <= (o.max_draws if o.dynamic_sampling else 0):
             rng = random.Random(hash((o.seed, step, draws, self.rank)) & 0xFFFFFFFF)
-            problems = [self.task.sample(rng, "train", difficulty) for _ in range(per_rank)]
+            tasks = [self.tasks[(self.rank * per_rank + i) % len(self.tasks)] for i in range(per_rank)]
+            problems = [task.sample(rng, "train", difficulty) for task in tasks]
             prompts = [self.tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in problems]
             params = [SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature,
                                      seed=(o.seed * 7919 + step * 104729 + draws * 1299709 + self.rank * 15485863
                                            + i) & 0x7FFFFFFF)
                       for i in range(per_rank * o.group)]
             seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
-            for i, problem in enumerate(problems):
+            for i, (task, problem) in enumerate(zip(tasks, problems)):
                 group = seqs[i * o.group : (i + 1) * o.group]
-                rewards = [self.task.score(problem, s.text) for s in group]
+                rewards = [task.score(problem, s.text) for s in group]
                 total = [o.accuracy_weight * r.accuracy + o.format_weight * r.format
                          - (o.overlong_penalty if s.finish_reason == "length" else 0.0)
                          for r, s in zip(rewards, group)]

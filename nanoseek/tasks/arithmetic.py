@@ -12,14 +12,16 @@ def _spaced(digits):
 
 
 def add_steps(a, b):
-    """Column addition from the right, one line a column: "x+y+carry=two-digit sum". Every line has the same
-    shape, and the answer is the last carry then each line's last digit, read from the bottom up."""
+    """Column addition from the right, one line a column: "x+y+carry=two-digit sum" and the answer's digits
+    so far. Each line copies the previous line's digits behind its new one, and the answer is the last
+    carry (when not 0) and the last line's digits: no step looks further back than the line before."""
     da, db = _digits(a), _digits(b)
-    carry, lines = 0, []
+    carry, written, lines = 0, "", []
     for i in range(max(len(da), len(db))):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
         s = x + y + carry
-        lines.append(f"{x}+{y}+{carry}={s:02d}")
+        written = str(s % 10) + written
+        lines.append(f"{x}+{y}+{carry}={s:02d} {written}")
         carry = s // 10
     return lines, a + b
 

@@ -1,8 +1,9 @@
 """Countdown: reach a target from 3-5 numbers, each used at most once, with + - * /.
 
-The worked solution is a depth-first search trace: which pairs it combines, dead ends, and the path that
-reaches the target. Answers are arithmetic expressions, parsed with `ast` into a tree of numbers and the
-four operators only, and computed with exact fractions: nothing is ever evaluated as code.
+The worked solution tries each number as the last one used: what the other two must make for it, then
+those two combined with + - *, until a result is the target or one of the values needed. Answers are
+arithmetic expressions, parsed with `ast` into a tree of numbers and the four operators only, and computed
+with exact fractions: nothing is ever evaluated as code.
 """
 
 import ast
@@ -11,7 +12,6 @@ from fractions import Fraction
 
 from nanoseek.tasks import GeneratedTask, Problem, Reward, parse_completion
 
-TRIES_WRITTEN = 20  # combinations a worked solution writes down before it jumps to the answer
 OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
@@ -45,15 +45,12 @@ def evaluate_expression(text):
     return walk(tree), used
 
 
-def search(numbers, target, trace, limit=200):
-    """Depth-first search over pairs; returns an expression reaching target or None.
-
-    Appends one line per combination tried to trace, "a+b=v" on the values, indented by depth: a line that
-    comes back to a shallower indent has given up on the branch above it."""
+def search(numbers, target, limit=100_000):
+    """Depth-first search over pairs and all four operators; an expression reaching target, or None."""
     items = [(Fraction(n), str(n)) for n in numbers]
     budget = [limit]
 
-    def dfs(items, depth):
+    def dfs(items):
         for v, e in items:
             if v == target:
                 return e
@@ -61,29 +58,66 @@ def search(numbers, target, trace, limit=200):
             return None
         for i in range(len(items)):
             for j in range(len(items)):
-                if i == j:
-                    continue
                 (a, ea), (b, eb) = items[i], items[j]
+                if i == j or (b == 0 and i > j):
+                    continue
                 rest = [items[k] for k in range(len(items)) if k not in (i, j)]
                 for op in "+-*/":
-                    if op in "+*" and i > j:
-                        continue  # commutative: try each pair once
-                    if op == "/" and (b == 0 or (a / b).denominator != 1):
-                        continue  # whole-number steps only
-                    if op == "-" and a < b:
+                    if (op in "+*" and i > j) or (op == "/" and b == 0):
                         continue
-                    v = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
                     budget[0] -= 1
-                    if budget[0] <= 0:
-                        return None
-                    trace.append(" " * depth + f"{a}{op}{b}={v}")
-                    found = dfs(rest + [(v, f"({ea}{op}{eb})")], depth + 1)
+                    v = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+                    found = dfs(rest + [(v, f"({ea}{op}{eb})")])
                     if found:
                         return found
         return None
 
-    found = dfs(items, 0)
+    found = dfs(items)
     return found[1:-1] if found and found.startswith("(") and found.endswith(")") else found
+
+
+def last_steps(target, c):
+    """The ways c can be the last number used: (what the other numbers must make, the answer with it as x)."""
+    ways = []
+    if target > c:
+        ways.append((target - c, f"x+{c}"))
+    ways.append((target + c, f"x-{c}"))
+    if c > target:
+        ways.append((c - target, f"{c}-x"))
+    if c > 1 and target % c == 0:
+        ways.append((target // c, f"x*{c}"))
+    return ways
+
+
+def ones_first(n):
+    """A number the trace computes, written from its ones digit up behind a "~" (~52 is 25): each digit then
+    depends only on the digits of the operands at that place and on the digit before it."""
+    return "~" + str(n)[::-1]
+
+
+def worked_solution(numbers, target):
+    """(trace, answer): for each number c in turn, what the other two must make for c to come last, then
+    the other two combined with + - *, until a result is the target or one of those values.
+
+        21: ~73+21, ~97-21        (37 + 21 or 79 - 21 make 58)
+        13+24=~73                 -> (13+24)+21
+    """
+    if target in numbers:
+        return f"{target} is given", str(target)
+    lines = []
+    for k, c in enumerate(numbers):
+        a, b = [n for i, n in enumerate(numbers) if i != k][:2]
+        ways = last_steps(target, c)
+        lines.append(f"{c}: " + ", ".join(form.replace("x", ones_first(v)) for v, form in ways))
+        big, small = max(a, b), min(a, b)
+        for expr, value in ((f"{a}+{b}", a + b), (f"{big}-{small}", big - small), (f"{a}*{b}", a * b)):
+            lines.append(f"{expr}={ones_first(value)}")
+            if value == target:
+                return "\n".join(lines), expr
+            for v, form in ways:
+                if value == v:
+                    return "\n".join(lines), form.replace("x", f"({expr})")
+    return "\n".join(lines + ["..."]), search(numbers, target)
 
 
 class Countdown(GeneratedTask):
@@ -105,13 +139,7 @@ class Countdown(GeneratedTask):
                 return Problem(q, str(target), difficulty, {"numbers": numbers, "target": target})
 
     def solve(self, problem):
-        numbers, target = problem.data["numbers"], problem.data["target"]
-        trace = []
-        expr = search(numbers, target, trace, limit=TRIES_WRITTEN)
-        if expr is None:  # the trace got long: search again without writing it down
-            expr = search(numbers, target, [], limit=100_000)
-            trace.append("...")
-        return "\n".join(trace), expr
+        return worked_solution(problem.data["numbers"], problem.data["target"])
 
     def score(self, problem, completion):
         _, answer, ok = parse_completion(completion)
