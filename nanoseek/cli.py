@@ -262,7 +262,7 @@ def build_parser():
     s.add_argument("--recipe", default="cpu", help="a built-in recipe's name (see --list) or a .toml file")
     s.add_argument("--list", action="store_true", help="list the built-in recipes and what each is for")
     s.add_argument("--force", nargs="*", help="stages to redo (or 'all'), even if their output is complete")
-    s.add_argument("--set", nargs="*", help="override recipe values: section.key=value (JSON values)")
+    s.add_argument("--set", nargs="+", action="extend", help="override recipe values: section.key=value (JSON values)")
     s.add_argument("--stop-after", help="stop after this stage")
     s.set_defaults(func=cmd_run)
 

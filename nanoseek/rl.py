@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from nanoseek import checkpoint
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.tasks import get_task
+from nanoseek.tasks import as_chat, get_task
 from nanoseek.train import (
     _append,
     _truncate_metrics,
@@ -43,6 +43,9 @@ OPTIONS = {  # every option of rl: (default, meaning)
     "prompts": (8, "problems per step, over all ranks"),
     "group": (8, "G: completions per problem"),
     "max_new_tokens": (256, "longest completion"),
+    "replay": ("", "tasks whose worked solutions keep training beside GRPO, comma-separated (empty: none), "
+                   "so that a skill learned in SFT is not lost"),
+    "replay_rows": (16, "worked solutions per step for --replay"),
     "temperature": (1.0, "sampling temperature of the rollouts"),
     "lr": (1e-4, "AdamW learning rate"),
     "weight_decay": (0.0, "AdamW weight decay"),
@@ -128,6 +131,7 @@ class GRPO:
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
         self.tasks = [get_task(spec.strip(), o.checker) for spec in o.task.split(",")]
+        self.replay_tasks = [get_task(spec.strip(), o.checker) for spec in o.replay.split(",") if spec.strip()]
         point = resume_point(o.out) if o.resume else None
         source = point[0] if point else o.init
         self.model, self.tokenizer = point[1:3] if point else checkpoint.load(source)
@@ -183,8 +187,25 @@ class GRPO:
             draws += 1
         return kept, seen
 
-    def update(self, kept):
-        """mu passes of the clipped objective over this step's rollouts; returns statistics."""
+    def replay_loss(self, step):
+        """Next-token loss on the assistant tokens of fresh worked solutions of the replay tasks."""
+        o = self.o
+        rng = random.Random(hash((o.seed, step, self.rank, -1)) & 0xFFFFFFFF)
+        rows = []
+        for i in range(o.replay_rows):
+            task = self.replay_tasks[i % len(self.replay_tasks)]
+            problem = task.sample(rng, "train", o.difficulty or None)
+            rows.append(self.tokenizer.render_chat(as_chat(problem, *task.solve(problem))))
+        width = max(len(ids) for ids, _ in rows)
+        x = torch.full((len(rows), width), self.tokenizer.pad_id)
+        y = torch.full((len(rows), width), -100)
+        for i, (ids, mask) in enumerate(rows):
+            x[i, : len(ids)] = torch.tensor(ids)
+            y[i, : len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+        return self.net(x.to(self.device), targets=y.to(self.device))[1]
+
+    def update(self, kept, step):
+        """mu passes of the clipped objective over this step's rollouts (plus the replay loss); statistics."""
         o = self.o
         if not kept:
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
@@ -213,6 +234,10 @@ class GRPO:
             if old_logp is None:
                 old_logp = logp.detach()
             loss, stats = grpo_loss(logp, old_logp, adv, target_mask, o.eps_low, o.eps_high, o.beta, ref_logp)
+            if self.replay_tasks:
+                replay = self.replay_loss(step)
+                stats["replay_loss"] = float(replay.detach())
+                loss = loss + replay
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))
             if math.isfinite(float(grad_norm)):
@@ -247,7 +272,7 @@ class GRPO:
             for step in range(self.start_step, o.steps):
                 t0 = time.perf_counter()
                 kept, seen = self.rollouts(step)
-                stats = self.update(kept)
+                stats = self.update(kept, step)
                 rewards = [r for _, _, rs, _ in kept for r in rs]
                 totals = [t for _, _, _, ts in kept for t in ts]
                 lengths = [len(s.tokens) for _, g, _, _ in kept for s in g]

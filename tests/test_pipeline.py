@@ -85,3 +85,11 @@ def test_builtin_recipes_load_and_say_what_they_are_for():
     assert recipes["smoke"] == "every stage in seconds on 2 CPU cores"
     for name in recipes:
         assert os.path.basename(load_recipe(name)["path"]) == f"{name}.toml"
+
+
+def test_every_set_option_reaches_the_recipe():
+    from nanoseek.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--recipe", "smoke", "--set", "run.seed=1", "--set", "run.out=x",
+                                      "pretrain.steps=3"])
+    assert args.set == ["run.seed=1", "run.out=x", "pretrain.steps=3"]

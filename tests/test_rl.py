@@ -119,3 +119,17 @@ def test_bad_rl_options(random_policy, tmp_path):
         rl({"init": random_policy, "out": str(tmp_path), "gamma": 1})
     with pytest.raises(ValueError, match="unknown task"):
         rl({"init": random_policy, "out": str(tmp_path), "task": "chess", "device": "cpu"})
+
+
+def test_replay_keeps_training_worked_solutions(random_policy, tmp_path):
+    """--replay adds the next-token loss of fresh worked solutions of another task to every GRPO step: that
+    loss is logged and falls as the policy learns them, while the rollouts stay on the GRPO task."""
+    task_file = tmp_path / "digits.py"
+    task_file.write_text(DIGITS_TASK)
+    rl({"init": random_policy, "task": f"{task_file}:Digits", "replay": "addition", "replay_rows": 8,
+        "difficulty": 1, "out": str(tmp_path / "rl"), "steps": 8, "prompts": 2, "group": 4, "max_new_tokens": 4,
+        "lr": 1e-2, "dynamic_sampling": False, "progress": False, "device": "cpu", "ckpt_every": 0})
+    rows = read_metrics(tmp_path / "rl" / "metrics.jsonl")
+    losses = [r["replay_loss"] for r in rows]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(r["response_length"] <= 4 for r in rows)

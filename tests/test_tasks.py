@@ -88,7 +88,7 @@ def test_jsonl_task_and_checkers(tmp_path):
 
 def test_addition_trace_needs_only_the_line_before():
     """Each column line carries the answer's digits so far: the new digit, then the previous line's digits;
-    the answer is the last carry and the last line's digits."""
+    a last carry is a column of its own, and the answer is the last line's digits."""
     add = get_task("addition")
     rng = random.Random(7)
     for _ in range(200):
@@ -96,7 +96,7 @@ def test_addition_trace_needs_only_the_line_before():
         reasoning, answer = add.solve(p)
         a, b = sorted([p.data["a"], p.data["b"]], reverse=True)
         lines, previous = reasoning.split("\n"), ""
-        assert len(lines) == len(str(a))  # one line per column of the longer number
+        assert len(lines) == len(str(a + b))  # one line per column of the sum
         for line in lines:
             column, written = line.split(" ")
             x, y, carry_sum = column.split("+")
@@ -104,7 +104,7 @@ def test_addition_trace_needs_only_the_line_before():
             assert int(x) + int(y) + int(carry) == int(total) and len(total) == 2
             assert written == total[1] + previous
             previous = written
-        assert answer == (total[0] if total[0] != "0" else "") + previous == str(a + b)
+        assert answer == previous == str(a + b) and total[0] == "0"
 
 
 def test_countdown_trace_of_three_numbers_always_reaches_the_answer():

@@ -13,12 +13,14 @@ def _spaced(digits):
 
 def add_steps(a, b):
     """Column addition from the right, one line a column: "x+y+carry=two-digit sum" and the answer's digits
-    so far. Each line copies the previous line's digits behind its new one, and the answer is the last
-    carry (when not 0) and the last line's digits: no step looks further back than the line before."""
+    so far. Each line copies the previous line's digits behind its new one; a last carry gets a column of
+    its own (0+0+1), so the last line's digits are the answer: no step looks further back than one line."""
     da, db = _digits(a), _digits(b)
     carry, written, lines = 0, "", []
-    for i in range(max(len(da), len(db))):
+    for i in range(max(len(da), len(db)) + 1):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        if i >= max(len(da), len(db)) and not carry:
+            break
         s = x + y + carry
         written = str(s % 10) + written
         lines.append(f"{x}+{y}+{carry}={s:02d} {written}")
