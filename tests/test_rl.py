@@ -64,6 +64,8 @@ def test_grpo_loss_by_hand():
 
 
 def test_pass_at_k_and_wilson():
+    for n in (1, 7, 200, 500):  # the interval holds the estimate itself, also at 0 and n successes
+        assert all(wilson(k, n)[0] <= k / n <= wilson(k, n)[1] for k in range(n + 1))
     assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
     assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
     lo, hi = wilson(50, 100)
