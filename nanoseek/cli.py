@@ -157,7 +157,7 @@ def cmd_eval(args):
     from nanoseek.evaluate import evaluate, markdown_table
 
     results = evaluate(args.ckpt, args.task, n=args.n, k=args.k, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed, out=args.out, device=args.device or "cpu", checker=args.checker,
+                       seed=args.seed, out=args.out, device=args.device, checker=args.checker,
                        difficulty=args.difficulty or None)
     print(markdown_table(results, args.k))
     if args.out:
@@ -185,7 +185,7 @@ def cmd_serve(args):
 def cmd_chat(args):
     from nanoseek.chat import chat
 
-    chat(args.ckpt, temperature=args.temperature, max_tokens=args.max_tokens, device=args.device or "cpu")
+    chat(args.ckpt, temperature=args.temperature, max_tokens=args.max_tokens, device=args.device)
 
 
 def cmd_run(args):

@@ -33,9 +33,6 @@ class Policy:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def describe(self):
-        return f"{self.device}, {str(self.dtype).removeprefix('torch.')}"
-
 
 def policy(device=None, dtype=None) -> Policy:
     """The device and compute dtype of this process: given ones win, else CUDA when available and
