@@ -198,6 +198,9 @@ class Trainer:
             torch.manual_seed(o.seed)
             model = DeepSeekV3(cfg).init_weights(o.seed)
         self.model = model.to(self.device).train()
+        if o.mtp_weight == 0:  # no loss reaches the MTP modules, and DDP wants a gradient for every weight it holds
+            for p in self.model.mtp.parameters():
+                p.requires_grad_(False)
         self.meta_in = checkpoint.load_meta(source) if source else {}
         self.params = param_counts(self.model)
         self.flops = flops_per_token(self.model.config, self.params[1], o.seq)

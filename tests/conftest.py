@@ -178,7 +178,7 @@ def endless_server(tokenizer):
     stop()
 
 
-def torchrun(args, timeout=300, module=True):
+def torchrun(args, timeout=900, module=True):
     """`torchrun --nproc_per_node 2` of nanoseek (or of a script) on gloo ranks; its stdout and stderr, after
     asserting it succeeded. Past the timeout every process of the launch is killed and the test fails."""
     with socket.socket() as s:

@@ -112,17 +112,17 @@ def test_sigterm_writes_a_checkpoint_and_exits(text_data, tmp_path):
     assert step >= 3 and step == len(read_metrics(metrics))
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_gloo_ranks_match_one_process(text_data, tmp_path, sharding):
-    run(text_data, tmp_path / "one", steps=6, batch=8, mtp_weight=0.3)
+@pytest.mark.parametrize("sharding, mtp_weight", [("ddp", 0.3), ("fsdp", 0.3), ("ddp", 0.0)])
+def test_two_gloo_ranks_match_one_process(text_data, tmp_path, sharding, mtp_weight):
+    run(text_data, tmp_path / "one", steps=6, batch=8, mtp_weight=mtp_weight)
     two = tmp_path / "two"
     if sharding == "fsdp":  # stop half way and resume, so sharded checkpoints are exercised too
-        out = torchrun(cli_args(text_data, two, 3, batch=8, mtp_weight=0.3, fsdp=True))
+        out = torchrun(cli_args(text_data, two, 3, batch=8, mtp_weight=mtp_weight, fsdp=True))
         assert out.count("pretrain finished") == 1  # only rank 0 speaks
-        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=0.3, fsdp=True, resume=True))
+        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=mtp_weight, fsdp=True, resume=True))
         nanoseek.load(two / "final")
-    else:
-        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=0.3))
+    else:  # mtp_weight 0: the MTP weights get no gradient, which DDP must be told
+        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=mtp_weight))
     one, two = losses(tmp_path / "one"), losses(two)
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
