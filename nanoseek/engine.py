@@ -321,10 +321,9 @@ def sample_tokens(logits, params, generators):
     a draw after temperature, top-k and top-p, by the exponential race (argmax of p / E with E ~ Exp(1)
     is a draw from p). A seeded row takes its noise from its own CPU generator: the same draws alone,
     in any batch and on any device."""
-    B, V = logits.shape
-    greedy = torch.tensor([sp.temperature < 1e-4 for sp in params], device=logits.device)
     if all(sp.temperature < 1e-4 for sp in params):
         return logits.argmax(-1)
+    greedy = torch.tensor([sp.temperature < 1e-4 for sp in params], device=logits.device)
     temperature = torch.tensor([max(sp.temperature, 1e-4) for sp in params], device=logits.device)
     scaled = logits / temperature[:, None]
     if any(sp.top_k or sp.top_p < 1.0 for sp in params):
@@ -332,7 +331,7 @@ def sample_tokens(logits, params, generators):
     noise = torch.empty_like(scaled).exponential_()
     seeded = [i for i, g in enumerate(generators) if g is not None]
     if seeded:
-        draws = torch.stack([torch.empty(V).exponential_(generator=generators[i]) for i in seeded])
+        draws = torch.stack([torch.empty(logits.shape[1]).exponential_(generator=generators[i]) for i in seeded])
         noise[seeded] = draws.to(logits.device, non_blocking=True)
     drawn = (scaled.softmax(-1) / noise).argmax(-1)
     return torch.where(greedy, logits.argmax(-1), drawn)
