@@ -83,7 +83,7 @@ def test_two_ranks_run_the_smoke_recipe_with_one_tokenizer_data_and_report(tmp_p
     script.write_text(COUNTING_RUN)
     monkeypatch.setenv("STAGE_CALLS", str(calls))
     log = torchrun([str(script), "run", "--recipe", "smoke", "--set", f"run.out={out}", "run.device=cpu",
-                    "run.dtype=bfloat16"], module=False)
+                    "run.dtype=bfloat16"], timeout=1800, module=False)
     stages = ["tokenizer", "data", "pretrain", "sft", "rl", "eval", "report"]
     assert json.loads((tmp_path / "calls.0").read_text()) == stages
     assert json.loads((tmp_path / "calls.1").read_text()) == ["pretrain", "sft", "rl"]
