@@ -80,9 +80,16 @@ def test_resume_after_sigkill_gives_the_same_losses(text_data, tmp_path):
 def test_sigkill_during_checkpoint_writes_never_damages_checkpoints(text_data, tmp_path):
     out = tmp_path / "run"
     rng = random.Random(0)
+    newest = lambda: max((step for step, _ in checkpoints_in(str(out))), default=0)  # noqa: E731
     for attempt in range(4):
+        before, deadline = newest(), time.time() + 300
         proc = cli(*cli_args(text_data, out, 200, ckpt_every=1, keep=3, eval_every=0, resume=True))
-        time.sleep(4 + rng.random() * 2)  # checkpointing every step: most kills land inside a write
+        while newest() <= before:  # until this run has saved a checkpoint of its own, however slow the machine
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"attempt {attempt}: no checkpoint in 300 s: {proc.communicate(timeout=60)[0]}")
+            time.sleep(0.05)
+        time.sleep(rng.random() * 2)  # checkpointing every step: most kills land inside a write
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         found = checkpoints_in(str(out))
