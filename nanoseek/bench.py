@@ -7,6 +7,7 @@ import time
 import torch
 
 from nanoseek import checkpoint
+from nanoseek.device import policy
 from nanoseek.model import DeepSeekV3, config_for_size, flops_per_token, param_counts
 
 
@@ -61,8 +62,8 @@ def bench_train(size=6, batch=8, seq=256, steps=10, warmup=3, seed=0, device=Non
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    compute = policy(device)
+    device, dtype = compute.device, compute.dtype
     cfg = config_for_size(size)
     cfg.num_nextn_predict_layers = 0  # transformers has no MTP training path: compare the same work
     torch.manual_seed(seed)
@@ -74,12 +75,11 @@ def bench_train(size=6, batch=8, seq=256, steps=10, warmup=3, seed=0, device=Non
     theirs.to(device).train()
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
     x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
-    autocast = torch.autocast(device_type="cuda", dtype=dtype, enabled=dtype != torch.float32)
 
     opt_ours, opt_theirs = _adamw(ours.parameters()), _adamw(theirs.parameters())
 
     def step_ours():
-        with autocast:
+        with compute.autocast():
             loss = ours(x, targets=y)[0]
         loss.backward()
         opt_ours.step()
@@ -87,7 +87,7 @@ def bench_train(size=6, batch=8, seq=256, steps=10, warmup=3, seed=0, device=Non
         return loss.detach()
 
     def step_theirs():
-        with autocast:
+        with compute.autocast():
             loss = theirs(input_ids=x, labels=x).loss  # it shifts labels itself: position t learns x[t + 1]
         loss.backward()
         opt_theirs.step()
@@ -144,9 +144,8 @@ def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=1
     from nanoseek.engine import Engine, SamplingParams
 
     _quiet_transformers()
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    compute = policy(device)
+    device, dtype = compute.device, compute.dtype  # decoding casts the weights: no float32 master copy to keep
     with tempfile.TemporaryDirectory() as tmp:
         if ckpt is None:
             ours = DeepSeekV3(config_for_size(size)).init_weights(seed)

@@ -3,6 +3,7 @@
 import sys
 
 from nanoseek.checkpoint import load
+from nanoseek.device import policy
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.server import END_THINK
 
@@ -10,8 +11,9 @@ DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /reset (new conversation), /temp X, /max N, /quit"
 
 
-def chat(path, temperature=0.7, max_tokens=512, device="cpu", stdin=sys.stdin, out=sys.stdout):
-    model, tokenizer = load(path, device)
+def chat(path, temperature=0.7, max_tokens=512, device=None, stdin=sys.stdin, out=sys.stdout):
+    compute = policy(device)
+    model, tokenizer = load(path, compute.device)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; chat needs a checkpoint made by nanoseek")
     engine = Engine(model, tokenizer, max_batch=1)
@@ -57,16 +59,17 @@ def chat(path, temperature=0.7, max_tokens=512, device="cpu", stdin=sys.stdin, o
         params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature)
         out.write(f"\n{dim}thinking: ")
         answering, full = False, ""
-        for event in engine.stream(prompt, params):
-            full += event.text
-            piece = event.text
-            if not answering and END_THINK in full:
-                before, after = piece.split(END_THINK, 1) if END_THINK in piece else (piece, "")
-                out.write(before + f"{reset}\n\nnanoseek> " + after.lstrip("\n"))
-                answering = True
-            else:
-                out.write(piece)
-            out.flush()
+        with compute.autocast():  # autocast is per thread: the engine computes in this loop
+            for event in engine.stream(prompt, params):
+                full += event.text
+                piece = event.text
+                if not answering and END_THINK in full:
+                    before, after = piece.split(END_THINK, 1) if END_THINK in piece else (piece, "")
+                    out.write(before + f"{reset}\n\nnanoseek> " + after.lstrip("\n"))
+                    answering = True
+                else:
+                    out.write(piece)
+                out.flush()
         if not answering:
             out.write(reset)
         answer = full.split(END_THINK, 1)[1].lstrip("\n") if END_THINK in full else ""

@@ -157,8 +157,8 @@ def cmd_eval(args):
     from nanoseek.evaluate import evaluate, markdown_table
 
     results = evaluate(args.ckpt, args.task, n=args.n, k=args.k, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed, out=args.out, device=args.device or "cpu", checker=args.checker,
-                       difficulty=args.difficulty or None)
+                       seed=args.seed, out=args.out, device=args.device, checker=args.checker,
+                       difficulty=args.difficulty or None, dtype=args.dtype)
     print(markdown_table(results, args.k))
     if args.out:
         print(f"written to {args.out}/eval.json, eval.md, eval.png")
@@ -185,7 +185,7 @@ def cmd_serve(args):
 def cmd_chat(args):
     from nanoseek.chat import chat
 
-    chat(args.ckpt, temperature=args.temperature, max_tokens=args.max_tokens, device=args.device or "cpu")
+    chat(args.ckpt, temperature=args.temperature, max_tokens=args.max_tokens, device=args.device)
 
 
 def cmd_run(args):
@@ -255,7 +255,8 @@ def build_parser():
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("run", help="every stage of a recipe: data, tokenizer, pretrain, sft, rl, eval, report")

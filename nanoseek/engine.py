@@ -68,18 +68,30 @@ class Event:
 
 
 class LatentCache:
-    """Per layer: (slots, max_len, kv_lora_rank) latents and (slots, max_len, rope) keys."""
+    """Per layer: (slots, length, kv_lora_rank) latents and (slots, length, rope) keys. The length grows in
+    blocks to what the longest sequence held needs (prompt + new tokens), up to max_len, never more."""
+
+    GROW = 128  # positions added at a time
 
     def __init__(self, n_layers, slots, max_len, latent_dim, rope_dim, dtype, device):
-        self.latent = torch.zeros(n_layers, slots, max_len, latent_dim, dtype=dtype, device=device)
-        self.rope = torch.zeros(n_layers, slots, max_len, rope_dim, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.latent = torch.zeros(n_layers, slots, 0, latent_dim, dtype=dtype, device=device)
+        self.rope = torch.zeros(n_layers, slots, 0, rope_dim, dtype=dtype, device=device)
+
+    def reserve(self, length):
+        """Room for positions 0 .. length - 1 in every slot."""
+        have = self.latent.shape[2]
+        if length > have:
+            more = min(self.max_len, -(-length // self.GROW) * self.GROW) - have
+            self.latent = F.pad(self.latent, (0, 0, 0, more))
+            self.rope = F.pad(self.rope, (0, 0, 0, more))
 
     def views(self, rows, starts):
         """Per-layer writers for a forward over `rows` (slot ids) whose chunks start at `starts`."""
         return [_LayerView(self, i, rows, starts) for i in range(self.latent.shape[0])]
 
     def bytes_per_token(self):
-        return (self.latent[:, 0, 0].numel() + self.rope[:, 0, 0].numel()) * self.latent.element_size()
+        return self.latent.shape[0] * (self.latent.shape[-1] + self.rope.shape[-1]) * self.latent.element_size()
 
 
 class _LayerView:
@@ -89,10 +101,11 @@ class _LayerView:
     def write(self, latent, k_pe):
         T = latent.shape[1]
         pos = self.starts[:, None] + torch.arange(T, device=latent.device)  # (B, T)
+        L = int(pos.max()) + 1
+        self.cache.reserve(L)
         lat, rope = self.cache.latent[self.layer], self.cache.rope[self.layer]
         lat[self.rows[:, None], pos] = latent.to(lat.dtype)
         rope[self.rows[:, None], pos] = k_pe.to(rope.dtype)
-        L = int(pos.max()) + 1
         mask = torch.arange(L, device=latent.device) <= pos[..., None]  # (B, T, L): causal over the cache
         return lat[self.rows, :L], rope[self.rows, :L], mask
 
@@ -167,7 +180,7 @@ class Engine:
     def step(self) -> list[Event]:
         """Sample the next token of every running sequence, then one forward for those that go on."""
         seqs = list(self.running.values())
-        events = [self._emit(s, [self._sample(s)]) for s in seqs]
+        events = [self._emit(s, [token]) for s, token in zip(seqs, self._sample(seqs))]
         go_on = [s for s in seqs if s.finish_reason is None]
         if not go_on:
             return events
@@ -199,13 +212,14 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1], d] for s, d in zip(seqs, drafts)], device=self.device)
         h = self._forward(ids, self._rows(seqs), self._starts(seqs))  # (B, 2, D)
         logits = self.model.lm_head(h).float()
+        agrees = (logits[:, 0].argmax(-1) == torch.tensor(drafts, device=self.device)).tolist()
         events = []
-        for i, (s, draft) in enumerate(zip(seqs, drafts)):
+        for i, (s, agree) in enumerate(zip(seqs, agrees)):
             self.drafted += 1
             s.next_logits, s.mtp_states = logits[i, 0], [h[i, 0]]
-            if int(logits[i, 0].argmax()) == draft and self._room(s) > 1:
+            if agree and self._room(s) > 1:
                 self.accepted += 1
-                events.append(self._emit(s, [self._sample(s)]))  # greedy: the sample is the draft
+                events.append(self._emit(s, self._sample([s])))  # greedy: the sample is the draft
                 s.next_logits, s.mtp_states = logits[i, 1], [h[i, 0], h[i, 1]]
         return events
 
@@ -237,27 +251,19 @@ class Engine:
         _, normed = module(h, emb, cos, sin, None, self.mtp_cache.views(rows, starts)[0])
         return normed
 
-    def _sample(self, s: Sequence) -> int:
-        logits, sp = s.next_logits, s.params
-        if sp.temperature < 1e-4:  # below this, sampling is greedy in all but overflow
-            token = int(logits.argmax())
-        else:
-            scaled = logits / sp.temperature
-            if sp.top_k:
-                kth = scaled.topk(min(sp.top_k, scaled.numel())).values[-1]
-                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-            if sp.top_p < 1.0:
-                sorted_logits, order = scaled.sort(descending=True)
-                cumulative = sorted_logits.softmax(-1).cumsum(-1)
-                drop = cumulative - sorted_logits.softmax(-1) >= sp.top_p  # keep the smallest set reaching top_p
-                drop[0] = False  # and always the most likely token, however small top_p is
-                scaled = scaled.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-            probs = scaled.softmax(-1).cpu()
-            token = int(torch.multinomial(probs, 1, generator=s.generator))
-        s.tokens.append(token)
-        if sp.logprobs:
-            s.logprobs.append(float(F.log_softmax(logits, -1)[token]))
-        return token
+    def _sample(self, seqs: list[Sequence]) -> list[int]:
+        """The next token of every sequence, drawn together with one host sync (two with logprobs)."""
+        logits = torch.stack([s.next_logits for s in seqs])
+        tokens = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        picked = tokens.tolist()
+        wants = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        if wants:
+            logprobs = F.log_softmax(logits[wants], -1).gather(1, tokens[wants, None]).squeeze(1).tolist()
+            for i, lp in zip(wants, logprobs):
+                seqs[i].logprobs.append(lp)
+        for s, token in zip(seqs, picked):
+            s.tokens.append(token)
+        return picked
 
     def _emit(self, s: Sequence, new_tokens: list[int]) -> Event:
         """Update the text, apply stop conditions, and return what is new for the client."""
@@ -308,6 +314,43 @@ class Engine:
             for e in self.step():
                 if e.seq is seq:
                     yield e
+
+
+def sample_tokens(logits, params, generators):
+    """Next tokens (B,) from logits (B, V) on the device: the most likely where temperature < 1e-4, else
+    a draw after temperature, top-k and top-p, by the exponential race (argmax of p / E with E ~ Exp(1)
+    is a draw from p). A seeded row takes its noise from its own CPU generator: the same draws alone,
+    in any batch and on any device."""
+    if all(sp.temperature < 1e-4 for sp in params):
+        return logits.argmax(-1)
+    greedy = torch.tensor([sp.temperature < 1e-4 for sp in params], device=logits.device)
+    temperature = torch.tensor([max(sp.temperature, 1e-4) for sp in params], device=logits.device)
+    scaled = logits / temperature[:, None]
+    if any(sp.top_k or sp.top_p < 1.0 for sp in params):
+        scaled = _top_k_top_p(scaled, params)
+    noise = torch.empty_like(scaled).exponential_()
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if seeded:
+        draws = torch.stack([torch.empty(logits.shape[1]).exponential_(generator=generators[i]) for i in seeded])
+        noise[seeded] = draws.to(logits.device, non_blocking=True)
+    drawn = (scaled.softmax(-1) / noise).argmax(-1)
+    return torch.where(greedy, logits.argmax(-1), drawn)
+
+
+def _top_k_top_p(scaled, params):
+    """scaled (B, V) with -inf outside each row's top_k (0: all) and then its nucleus of mass top_p; the most
+    likely token always stays."""
+    V = scaled.shape[1]
+    top_k = torch.tensor([min(sp.top_k or V, V) for sp in params], device=scaled.device)
+    top_p = torch.tensor([sp.top_p for sp in params], device=scaled.device, dtype=scaled.dtype)
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    kth = sorted_logits.gather(1, top_k[:, None] - 1)
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]  # keep the smallest set
+    drop[:, 0] = False  # reaching top_p, and always the most likely token, however small top_p is
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return scaled.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
 def _safe_prefix(text, stops):

@@ -11,6 +11,7 @@ import random
 from math import comb
 
 from nanoseek.checkpoint import load
+from nanoseek.device import policy
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.tasks import get_task
 
@@ -74,12 +75,13 @@ def summarize(rows, k):
     return out
 
 
-def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=None, device="cpu", checker="exact",
-             difficulty=None):
+def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=None, device=None, checker="exact",
+             difficulty=None, dtype=None):
     """Evaluate each checkpoint on each task's held-out problems; write eval.json/.md/.png to out."""
+    compute = policy(device, dtype)
     results = {}
     for ckpt in checkpoints:
-        model, tokenizer = load(ckpt, device)
+        model, tokenizer = load(ckpt, compute.device)
         if tokenizer is None:
             raise ValueError(f"{ckpt} has no tokenizer; evaluate checkpoints made by nanoseek")
         engine = Engine(model, tokenizer, max_batch=32)
@@ -87,7 +89,8 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
         for spec in tasks:
             task = get_task(spec, checker)
             problems = test_problems(task, n, seed, difficulty)
-            rows = evaluate_model(model, tokenizer, task, problems, k, max_new_tokens, seed=seed, engine=engine)
+            with compute.autocast():
+                rows = evaluate_model(model, tokenizer, task, problems, k, max_new_tokens, seed=seed, engine=engine)
             by_difficulty = {}
             for d in sorted({r["difficulty"] for r in rows}):
                 by_difficulty[str(d)] = summarize([r for r in rows if r["difficulty"] == d], k)

@@ -250,7 +250,8 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x):  # x: (N, D) -> weights (N, k), experts (N, k), scores (N, E)
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # float32 routing, in training and inference alike
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)
@@ -267,10 +268,16 @@ class Gate(nn.Module):
 
 @torch.compiler.disable  # runs eagerly under torch.compile: the traced kernel accepts bf16 only
 def grouped_mm(x, w, offsets, counts):
-    """x (N, in) sorted by group, w (G, in, out): row block g of x times w[g]."""
+    """x (N, in) sorted by group, w (G, in, out), both of one dtype: row block g of x times w[g]."""
     if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
         return F.grouped_mm(x, w, offs=offsets)
     return torch.cat([xg @ w[g] for g, xg in enumerate(x.split(counts.tolist()))])
+
+
+def compute_dtype(x):
+    """The dtype matmuls on x run in: autocast's when it is on (F.grouped_mm ignores autocast), else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 class MoE(nn.Module):
@@ -293,10 +300,11 @@ class MoE(nn.Module):
         order = experts.flatten().argsort(stable=True)  # (N * k): assignments grouped by expert
         token = order // experts.shape[1]
         offsets = self.expert_load.cumsum(0).to(torch.int32)
-        h = grouped_mm(x[token], self.gate_up, offsets, self.expert_load)
+        dtype = compute_dtype(x)  # both operands of each grouped matmul in it, as torchtitan does
+        h = grouped_mm(x[token].to(dtype), self.gate_up.to(dtype), offsets, self.expert_load)
         gate, up = h.split(self.inter, dim=-1)
-        h = grouped_mm(F.silu(gate) * up, self.down, offsets, self.expert_load)
-        h = h * weights.flatten()[order].unsqueeze(1).to(h.dtype)
+        h = grouped_mm(F.silu(gate) * up, self.down.to(dtype), offsets, self.expert_load)
+        h = h.to(x.dtype) * weights.flatten()[order].unsqueeze(1).to(x.dtype)  # weighted and summed in x's dtype
         y = torch.zeros_like(x).index_add_(0, token, h)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 
@@ -20,14 +21,18 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+import torch.distributed as dist
+
 from nanoseek import rl as rl_module
 from nanoseek import train as train_module
+from nanoseek.device import barrier, from_rank0, policy, start_ranks
 
 SECTIONS = {  # section -> key -> (default, meaning)
     "run": {
         "out": ("runs/default", "directory every stage writes into"),
         "seed": (0, "seed for data, initialisation and sampling"),
         "device": ("", "cpu or cuda (empty: cuda when available)"),
+        "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
     },
     "data": {
         "tasks": (["addition", "countdown"], "tasks whose worked solutions make the training data"),
@@ -51,6 +56,8 @@ SECTIONS = {  # section -> key -> (default, meaning)
     "rl": {k: v for k, v in rl_module.OPTIONS.items() if k not in ("out", "init", "resume")},
 }
 RECIPES = resources.files("nanoseek") / "recipes"  # the built-in recipes, read as package data
+RANK0_STAGES = ("tokenizer", "data", "eval", "report")  # under torchrun: rank 0 runs these, the others wait
+RANK0_STAGE_TIMEOUT = timedelta(hours=6)  # how long a rank waits at a collective (a large eval is slow)
 
 
 class RecipeError(ValueError):
@@ -119,7 +126,21 @@ def _say(line):
 
 
 def run(recipe, force=(), stop_after=None, log=_say):
-    """Run the recipe's stages in order; a stage whose output is complete is skipped unless named in force."""
+    """Run the recipe's stages in order; a stage whose output is complete is skipped unless named in force.
+
+    Under torchrun every rank trains; rank 0 alone makes the tokenizer and data, evaluates and reports,
+    while the others wait, and rank 0 decides what is complete."""
+    device = recipe["run"]["device"] or None
+    joined = dist.is_initialized()
+    rank, _ = start_ranks(policy(device, recipe["run"]["dtype"]).device, timeout=RANK0_STAGE_TIMEOUT)
+    try:
+        return _run_stages(recipe, force, stop_after, log if rank == 0 else lambda line: None, rank == 0)
+    finally:
+        if dist.is_initialized() and not joined:
+            dist.destroy_process_group()
+
+
+def _run_stages(recipe, force, stop_after, log, main):
     out = recipe["run"]["out"]
     os.makedirs(out, exist_ok=True)
     timings_file = os.path.join(out, "stages.json")
@@ -140,17 +161,19 @@ def run(recipe, force=(), stop_after=None, log=_say):
     # the tokenizer is trained on the task text, so it runs between making the text and tokenizing it
     order = ["tokenizer", "data", "pretrain", "sft", "rl", "eval", "report"]
     for stage in order:
-        if stage in force or "all" in force:
+        if main and (stage in force or "all" in force):
             _clear(stage, paths)
-        if done[stage]():
+        if from_rank0(done[stage]()):
             log(f"[{stage}] complete, skipped (--force {stage} redoes it)")
         else:
             log(f"[{stage}] running")
             t0 = time.time()
-            info = STAGE_FUNCS[stage](recipe, paths, device) or {}
-            timings[stage] = {"seconds": round(time.time() - t0, 1), **info}
-            _write_json(timings_file, timings)
-            log(f"[{stage}] done in {timings[stage]['seconds']:.0f} s")
+            info = STAGE_FUNCS[stage](recipe, paths, device) if main or stage not in RANK0_STAGES else {}
+            barrier()
+            if main:
+                timings[stage] = {"seconds": round(time.time() - t0, 1), **(info or {})}
+                _write_json(timings_file, timings)
+            log(f"[{stage}] done in {time.time() - t0:.0f} s")
         if stop_after == stage:
             break
     return paths
@@ -208,7 +231,7 @@ def stage_data(recipe, paths, device):
 
 def _train(recipe, paths, device, stage, data, init):
     opts = {**recipe[stage], "data": data, "out": paths[stage], "init": init, "resume": True,
-            "seed": recipe["run"]["seed"], "device": device}
+            "seed": recipe["run"]["seed"], "device": device, "dtype": recipe["run"]["dtype"]}
     last = train_module.train(opts, "pretrain" if stage == "pretrain" else "sft")
     meta = json.load(open(os.path.join(paths[stage], "final", "nanoseek.json")))
     return {"tokens": meta["tokens_seen"], "steps": meta["step"], "loss": last.get("main_loss"),
@@ -226,7 +249,7 @@ def stage_sft(recipe, paths, device):
 
 def stage_rl(recipe, paths, device):
     opts = {**recipe["rl"], "init": os.path.join(paths["sft"], "final"), "out": paths["rl"], "resume": True,
-            "seed": recipe["run"]["seed"], "device": device}
+            "seed": recipe["run"]["seed"], "device": device, "dtype": recipe["run"]["dtype"]}
     last = rl_module.rl(opts)
     return {"steps": last["step"], "reward": last["reward"], "accuracy": last["accuracy"]}
 
@@ -240,7 +263,7 @@ def stage_eval(recipe, paths, device):
     for spec in e["tasks"]:
         difficulty = e["difficulties"].get(spec) or recipe["data"]["difficulties"].get(spec) or None
         part = evaluate(ckpts, [spec], n=e["n"], k=e["k"], max_new_tokens=e["max_new_tokens"],
-                        seed=recipe["run"]["seed"], device=device or "cpu", difficulty=difficulty)
+                        seed=recipe["run"]["seed"], device=device, dtype=recipe["run"]["dtype"], difficulty=difficulty)
         for ckpt, by_task in part.items():
             results.setdefault(ckpt, {}).update(by_task)
     tmp = paths["eval"] + ".tmp"
@@ -279,6 +302,8 @@ def main_run(recipe_name, force=(), overrides=None, stop_after=None):
     recipe = load_recipe(recipe_name, overrides)
     t0 = time.time()
     paths = run(recipe, force=force, stop_after=stop_after)
+    if os.environ.get("RANK", "0") != "0":
+        return paths
     final = os.path.join(paths["rl"], "final")
     print(f"\nfinished in {time.time() - t0:.0f} s; report: {os.path.join(recipe['run']['out'], 'report.md')}")
     print(f"chat with it:   nanoseek chat {final}")

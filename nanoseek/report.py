@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from nanoseek.device import policy, world_size
+
 
 def _load(path, default=None):
     return json.load(open(path)) if os.path.exists(path) else default
@@ -25,9 +27,11 @@ def write_report(recipe, paths):
     timings = _load(os.path.join(out, "stages.json"), {})
     results = _load(os.path.join(paths["eval"], "eval.json"), {})
     lines = [f"# nanoseek report: {os.path.basename(recipe['path'])}", ""]
-    device = recipe["run"]["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    compute = policy(recipe["run"]["device"] or None, recipe["run"]["dtype"])
+    ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
     lines.append(f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with {os.cpu_count()} cores, "
-                 f"torch {torch.__version__}, device {device}.")
+                 f"torch {torch.__version__}, device {compute.device}{ranks}, compute dtype "
+                 f"{str(compute.dtype).removeprefix('torch.')}.")
     lines.append("")
 
     # stages

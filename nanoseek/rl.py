@@ -18,18 +18,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoseek import checkpoint
+from nanoseek.device import all_reduce, any_rank, barrier, policy, start_ranks
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.tasks import as_chat, get_task
 from nanoseek.train import (
     _append,
     _truncate_metrics,
-    all_reduce,
     optimizer_tensors,
     prune_checkpoints,
     read_metrics,
     restore_optimizer,
     resume_point,
-    setup_distributed,
 )
 
 OPTIONS = {  # every option of rl: (default, meaning)
@@ -65,6 +64,7 @@ OPTIONS = {  # every option of rl: (default, meaning)
     "seed": (0, "seed for problems and sampling"),
     "resume": (False, "continue from the newest checkpoint in --out"),
     "device": (None, "cpu or cuda (default: cuda when available)"),
+    "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
     "progress": (True, "show a progress bar"),
 }
 DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
@@ -123,8 +123,9 @@ def token_logprobs(model, ids, completion_mask):
 class GRPO:
     def __init__(self, o):
         self.o = o
-        device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.rank, self.world, self.device = setup_distributed(device)
+        self.compute = policy(o.device, o.dtype)
+        self.device = self.compute.device
+        self.rank, self.world = start_ranks(self.device)
         self.main = self.rank == 0
         if not o.init or not o.out:
             raise ValueError("--init (an SFT checkpoint) and --out are required")
@@ -143,6 +144,8 @@ class GRPO:
             self.ref = checkpoint.load(o.init, self.device)[0].eval()
             for p in self.ref.parameters():
                 p.requires_grad_(False)
+        for p in self.model.mtp.parameters():  # GRPO trains the main model only; DDP wants a gradient for
+            p.requires_grad_(False)  # every weight it holds
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model)
@@ -172,7 +175,8 @@ class GRPO:
                                      seed=(o.seed * 7919 + step * 104729 + draws * 1299709 + self.rank * 15485863
                                            + i) & 0x7FFFFFFF)
                       for i in range(per_rank * o.group)]
-            seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
+            with self.compute.autocast():
+                seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
             for i, (task, problem) in enumerate(zip(tasks, problems)):
                 group = seqs[i * o.group : (i + 1) * o.group]
                 rewards = [task.score(problem, s.text) for s in group]
@@ -205,37 +209,28 @@ class GRPO:
         return self.net(x.to(self.device), targets=y.to(self.device))[1]
 
     def update(self, kept, step):
-        """mu passes of the clipped objective over this step's rollouts (plus the replay loss); statistics."""
+        """mu passes of the clipped objective over this step's rollouts (plus the replay loss); statistics.
+
+        Ranks agree first: when no rank kept a group, none trains; otherwise every rank runs the same
+        passes, one that kept none on an empty batch (zero loss and gradient), so DDP's all-reduce finds it."""
         o = self.o
-        if not kept:
+        if not any_rank(bool(kept)):
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-        rows, adv = [], []
-        rewards = torch.tensor([total for _, _, _, total in kept])
-        advantages = group_advantages(rewards, o.advantage)
-        for (prompt, group, _, _), a in zip(kept, advantages):
-            for s, ai in zip(group, a):
-                rows.append((prompt, s.tokens))
-                adv.append(float(ai))
-        width = max(len(p) + len(t) for p, t in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width)
-        for i, (p, t) in enumerate(rows):
-            ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-            mask[i, len(p) : len(p) + len(t)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        adv = torch.tensor(adv, device=self.device)
+        ids, mask, adv = self._batch(kept)
         target_mask = mask[:, 1:]
-        with torch.no_grad():  # with one pass the policy that sampled is the one updated: no extra forward
+        with torch.no_grad(), self.compute.autocast():  # with one pass the policy that sampled is the one updated
             old_logp = token_logprobs(self.model, ids, mask)[0] if o.mu > 1 else None
             ref_logp = token_logprobs(self.ref, ids, mask)[0] if self.ref is not None else None
         self.model.train()
         for _ in range(o.mu):
-            logp, entropy = token_logprobs(self.net, ids, mask)
+            with self.compute.autocast():
+                logp, entropy = token_logprobs(self.net, ids, mask)
             if old_logp is None:
                 old_logp = logp.detach()
             loss, stats = grpo_loss(logp, old_logp, adv, target_mask, o.eps_low, o.eps_high, o.beta, ref_logp)
             if self.replay_tasks:
-                replay = self.replay_loss(step)
+                with self.compute.autocast():
+                    replay = self.replay_loss(step)
                 stats["replay_loss"] = float(replay.detach())
                 loss = loss + replay
             loss.backward()
@@ -245,6 +240,25 @@ class GRPO:
             self.opt.zero_grad(set_to_none=True)
         self.model.eval()
         return {"loss": float(loss.detach()), "entropy": entropy, "grad_norm": float(grad_norm), **stats}
+
+    def _batch(self, kept):
+        """Token ids (N, T), completion mask (N, T) and advantages (N,) of the kept groups on the device;
+        one row with nothing to learn (mask and advantage 0) when this rank kept none."""
+        rows, adv = [([self.tokenizer.bos_id] * 2, [])], [0.0]
+        if kept:
+            rows, adv = [], []
+            advantages = group_advantages(torch.tensor([total for _, _, _, total in kept]), self.o.advantage)
+            for (prompt, group, _, _), a in zip(kept, advantages):
+                for s, ai in zip(group, a):
+                    rows.append((prompt, s.tokens))
+                    adv.append(float(ai))
+        width = max(len(p) + len(t) for p, t in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width)
+        for i, (p, t) in enumerate(rows):
+            ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+            mask[i, len(p) : len(p) + len(t)] = 1
+        return ids.to(self.device), mask.to(self.device), torch.tensor(adv, device=self.device)
 
     def save(self, step, final=False, metrics=None):
         if not self.main:
@@ -289,9 +303,10 @@ class GRPO:
                     _append(metrics_file, last)
                     bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}", refresh=False)
                     bar.update(1)
-                stop = float(all_reduce(torch.tensor([float(self.stop_signal is not None)]))) > 0
+                stop = any_rank(self.stop_signal is not None)
                 if done or (o.ckpt_every and (step + 1) % o.ckpt_every == 0) or stop:
                     self.save(step + 1, final=done, metrics=last)
+                    barrier()
                 if stop and not done:
                     if self.main:
                         print(f"interrupted: checkpoint written at step {step + 1} in {o.out}; rerun with --resume")
@@ -337,10 +352,11 @@ def rl(options: dict):
     if unknown:
         raise ValueError(f"unknown rl options {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
     o = type("Options", (), {**DEFAULTS, **options})()
+    joined = torch.distributed.is_initialized()  # `nanoseek run` keeps one process group over its stages
     trainer = GRPO(o)
     try:
         return trainer.run()
     finally:
-        if torch.distributed.is_initialized():
+        if torch.distributed.is_initialized() and not joined:
             torch.distributed.destroy_process_group()
 

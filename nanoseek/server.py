@@ -444,8 +444,9 @@ def serve(path, host="127.0.0.1", port=8000, api_key=None, max_batch=16, model_n
     import uvicorn
 
     from nanoseek.checkpoint import load
+    from nanoseek.device import policy
 
-    model, tokenizer = load(path, device or "cpu")
+    model, tokenizer = load(path, policy(device).device)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; serve a checkpoint made by nanoseek")
     engine = Engine(model, tokenizer, max_batch=max_batch)

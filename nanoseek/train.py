@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from nanoseek import checkpoint
 from nanoseek.data import DataError, Loader, load_manifest, sequential_batches
+from nanoseek.device import all_reduce, any_rank, barrier, policy, start_ranks
 from nanoseek.model import DeepSeekV3, config_for_size, flops_per_token, param_counts, round_up, sequence_balance_loss
 from nanoseek.tokenizer import Tokenizer
 
@@ -59,6 +60,7 @@ OPTIONS = {  # every option of pretrain and sft: (default, meaning)
     "compile": (False, "torch.compile the model"),
     "fsdp": (False, "shard with FSDP2 instead of replicating with DDP (under torchrun)"),
     "device": (None, "cpu or cuda (default: cuda when available)"),
+    "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
     "progress": (True, "show a progress bar"),
 }
 DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
@@ -82,28 +84,6 @@ def lr_at(step, o):
         return o.lr - (o.lr - floor) * (step - decay_start + 1) / max(1, o.steps - decay_start)
     progress = (step - o.warmup) / max(1, o.steps - o.warmup)
     return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-def setup_distributed(device):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
-
-
-def all_reduce(t, op=None):
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -185,10 +165,10 @@ def restore_optimizer(opt, model, tensors):
 class Trainer:
     def __init__(self, o, mode):
         self.o, self.mode = o, mode
-        device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.rank, self.world, self.device = setup_distributed(device)
+        self.compute = policy(o.device, o.dtype)
+        self.device, self.dtype = self.compute.device, self.compute.dtype
+        self.rank, self.world = start_ranks(self.device)
         self.main = self.rank == 0
-        self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         if o.batch % (o.grad_accum * self.world):
             raise ValueError(f"--batch {o.batch} must divide by --grad-accum {o.grad_accum} x {self.world} ranks")
         if not o.data or not o.out:
@@ -218,6 +198,9 @@ class Trainer:
             torch.manual_seed(o.seed)
             model = DeepSeekV3(cfg).init_weights(o.seed)
         self.model = model.to(self.device).train()
+        if o.mtp_weight == 0:  # no loss reaches the MTP modules, and DDP wants a gradient for every weight it holds
+            for p in self.model.mtp.parameters():
+                p.requires_grad_(False)
         self.meta_in = checkpoint.load_meta(source) if source else {}
         self.params = param_counts(self.model)
         self.flops = flops_per_token(self.model.config, self.params[1], o.seq)
@@ -295,7 +278,7 @@ class Trainer:
         o = self.o
         self.model.eval()
         nats, tokens, nbytes = 0.0, 0, 0
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.compute.autocast():
             for x, y, docs in sequential_batches(o.data, "val", o.seq, 8, o.eval_windows, rows=o.rows):
                 x, y, docs = x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
                 _, main, _ = self.model(x, targets=y, document_ids=docs)
@@ -307,11 +290,6 @@ class Trainer:
         if not tokens:
             return {}
         return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, nbytes)}
-
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.dtype)
 
     def _handle_signal(self, signum, frame):
         self.stop_signal = signum
@@ -341,7 +319,7 @@ class Trainer:
             lr = lr_at(step, o)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            sums = torch.zeros(2 + len(self.model.mtp))  # loss, main loss, MTP loss per depth
+            sums = torch.zeros(2 + len(self.model.mtp), device=self.device)  # loss, main loss, MTP loss per depth
             loads = torch.zeros(len(moes), moes[0].n_experts if moes else 0, device=self.device)
             for micro in range(o.grad_accum):
                 x, y, docs = self.loader.next_batch()
@@ -349,12 +327,12 @@ class Trainer:
                 for m in moes:
                     m.expert_load = None  # MoE layers this forward does not reach (MTP off) stay None
                 sync = micro == o.grad_accum - 1 or self.world == 1 or o.fsdp
-                with (nullcontext() if sync else self.net.no_sync()), self._autocast():
+                with (nullcontext() if sync else self.net.no_sync()), self.compute.autocast():
                     loss, main, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs)
                     if o.balance_alpha > 0:
                         loss = loss + o.balance_alpha * sum(sequence_balance_loss(m, x.shape[0]) for m in moes)
                     (loss / o.grad_accum).backward()
-                sums[: 2 + len(mtp)] += torch.stack([loss, main, *mtp]).detach().float().cpu() / o.grad_accum
+                sums[: 2 + len(mtp)] += torch.stack([loss, main, *mtp]).detach().float() / o.grad_accum
                 for i, m in enumerate(moes):
                     if m.expert_load is not None:
                         loads[i] += m.expert_load
@@ -399,10 +377,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                                 mfu=f"{100 * last['mfu']:.1f}%", refresh=False)
                 bar.update(1)
-            stop = float(all_reduce(torch.tensor([float(self.stop_signal is not None)]))) > 0  # any rank
+            stop = any_rank(self.stop_signal is not None)
             if done or (o.ckpt_every and (step + 1) % o.ckpt_every == 0) or stop:
                 self.save(step + 1, final=done, metrics=last)
-                _barrier()
+                barrier()
             if stop and not done:
                 bar.close()
                 if self.main:
@@ -418,11 +396,6 @@ def _full(t):
     from torch.distributed.tensor import DTensor
 
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _peak_flops(device, dtype):
@@ -496,9 +469,10 @@ def train(options: dict, mode: str):
     o = type("Options", (), {**DEFAULTS, **options})()
     if o.schedule not in ("cosine", "wsd"):
         raise ValueError(f"--schedule must be cosine or wsd, not {o.schedule!r}")
+    joined = dist.is_initialized()  # `nanoseek run` keeps one process group over its stages
     trainer = Trainer(o, mode)
     try:
         return trainer.run()
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not joined:
             dist.destroy_process_group()

@@ -1,4 +1,9 @@
+import os
 import random
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -171,3 +176,28 @@ def endless_server(tokenizer):
     url, stop = start_server(app)
     yield url
     stop()
+
+
+def torchrun(args, timeout=900, module=True):
+    """`torchrun --nproc_per_node 2` of nanoseek (or of a script) on gloo ranks; its stdout and stderr, after
+    asserting it succeeded. Past the timeout every process of the launch is killed and the test fails."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(port), *(["-m", "nanoseek"] if module else []), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the launcher stops its ranks (each in a session of its own): SIGTERM,
+        try:  # then SIGKILL after 30 s
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s:\n{out[-5000:]}")
+    assert proc.returncode == 0, out[-10000:]
+    return out

@@ -8,7 +8,7 @@ from transformers.utils import logging as hf_logging
 
 import nanoseek
 from nanoseek import checkpoint
-from nanoseek.engine import Engine, EngineFull, SamplingParams
+from nanoseek.engine import Engine, EngineFull, SamplingParams, sample_tokens
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.train import train
 
@@ -158,6 +158,49 @@ def test_kv_cache_holds_only_the_latent(peaky):
     cfg = model.config
     engine = Engine(model, tok)
     assert engine.cache.bytes_per_token() == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+def test_cache_grows_to_what_the_sequences_need(peaky):
+    model, tok, _ = peaky
+    engine = Engine(model, tok, max_batch=4)
+    engine.stop_ids = set()
+    assert engine.max_len == model.config.max_position_embeddings and engine.cache.latent.shape[2] == 0
+    engine.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0))
+    assert engine.cache.latent.shape[2] == engine.cache.rope.shape[2] == 128  # longest: 11 + 20 tokens
+    long = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=140, temperature=0))[0]
+    assert len(long.tokens) == 140 and engine.cache.latent.shape[2] == 256  # 5 + 140, in blocks of 128
+    short = Engine(model, tok, max_batch=1, max_len=40, speculative=False)
+    short.generate([PROMPTS[0]], SamplingParams(max_tokens=100, temperature=0))
+    assert short.cache.latent.shape[2] == 40  # never past max_len
+
+
+def test_sampling_a_batch_equals_sampling_each_alone(peaky):
+    """Rows with different settings sampled together: each gets what it gets alone (the seeded ones)."""
+    model, tok, _ = peaky
+    params = [SamplingParams(max_tokens=25, temperature=1.5, seed=1), SamplingParams(max_tokens=25, temperature=0),
+              SamplingParams(max_tokens=25, temperature=0.7, top_k=5, seed=2),
+              SamplingParams(max_tokens=25, temperature=1.2, top_p=0.5, seed=3, logprobs=True)]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
+    together = Engine(model, tok, max_batch=4).generate(prompts, params)
+    alone = [Engine(model, tok, max_batch=1).generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    assert [s.tokens for s in together] == [s.tokens for s in alone]
+    assert together[3].logprobs == pytest.approx(alone[3].logprobs, abs=1e-5) and len(together[3].logprobs) == 25
+
+
+def test_sample_tokens_draws_from_the_filtered_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 40_000
+    cases = [(SamplingParams(temperature=1.0), torch.softmax(logits, -1)),
+             (SamplingParams(temperature=2.0, top_k=3), torch.softmax(logits[:3] / 2, -1)),
+             (SamplingParams(temperature=1.0, top_p=0.7), torch.softmax(logits[:2], -1))]  # p = .56, .21, ...
+    for params, expected in cases:
+        tokens = sample_tokens(logits.expand(n, -1), [params] * n, [None] * n)
+        freq = torch.bincount(tokens, minlength=len(logits)).float() / n
+        torch.testing.assert_close(freq[: len(expected)], expected, atol=0.01, rtol=0)
+        assert freq[len(expected):].sum() == 0
+    greedy = sample_tokens(logits.expand(3, -1), [SamplingParams(temperature=0)] * 3, [None] * 3)
+    assert greedy.tolist() == [0, 0, 0]
 
 
 def test_bad_requests(peaky):

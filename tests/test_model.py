@@ -92,6 +92,36 @@ def test_grouped_experts_equal_naive_loop():
     assert int(moe.expert_load.sum()) == 23 * cfg.num_experts_per_tok
 
 
+def moe_pass(moe, x, autocast):
+    """Output, routing and gradients of one forward and backward, under bfloat16 autocast or not."""
+    moe.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = moe(x)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y.float() * probe).sum().backward()
+    grads = {name: p.grad for name, p in moe.named_parameters()}
+    return y.detach().float(), moe.router_choice, moe.router_scores, x.grad.float(), grads
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "per-expert loop"])
+@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
+def test_moe_under_bf16_autocast_matches_float32(kernel, activations, monkeypatch):
+    """CUDA's dtypes on the CPU: float32 weights, bfloat16 autocast, float32 or bfloat16 activations.
+    Output and gradients agree with float32 to bfloat16 precision; routing is float32 and identical."""
+    if kernel == "per-expert loop":  # what CUDA runs for float32 inputs and where F.grouped_mm is missing
+        monkeypatch.delattr(torch.nn.functional, "grouped_mm")
+    cfg = config_for_size(2)
+    moe = DeepSeekV3(cfg).init_weights(0).moe_layers()[0]
+    x = torch.randn(96, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(activations)
+    y16, choice16, scores16, dx16, grads16 = moe_pass(moe, x, autocast=True)
+    y32, choice32, scores32, dx32, grads32 = moe_pass(moe, x.float(), autocast=False)
+    assert scores16.dtype == torch.float32 and torch.equal(scores16, scores32) and torch.equal(choice16, choice32)
+    assert rel_err(y16, y32) < 2e-2 and rel_err(dx16, dx32) < 2e-2
+    for name, g in grads32.items():
+        assert grads16[name].dtype == torch.float32 and rel_err(grads16[name], g) < 2e-2, name
+
+
 def test_router_bias_changes_selection_not_weights():
     cfg = config_for_size(2)
     model = DeepSeekV3(cfg).init_weights(0)

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import torchrun
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -16,6 +17,22 @@ from nanoseek.pipeline import RecipeError, builtin_recipes, load_recipe, run
 from nanoseek.tasks import get_task
 
 hf_logging.set_verbosity_error()
+
+COUNTING_RUN = """
+import json, os, sys
+from nanoseek import cli, pipeline
+
+calls = []
+for name, stage in list(pipeline.STAGE_FUNCS.items()):
+    def counted(*args, name=name, stage=stage):
+        calls.append(name)
+        return stage(*args)
+    pipeline.STAGE_FUNCS[name] = counted
+code = cli.main(sys.argv[1:])
+with open(os.environ["STAGE_CALLS"] + "." + os.environ["RANK"], "w") as f:
+    json.dump(calls, f)
+sys.exit(code)
+"""
 
 
 def test_smoke_recipe_end_to_end(tmp_path):
@@ -57,6 +74,30 @@ def test_smoke_recipe_end_to_end(tmp_path):
     logs.clear()
     run(recipe, force=["rl"], log=logs.append)
     assert "[rl] running" in logs and "[sft] complete, skipped (--force sft redoes it)" in logs
+
+
+def test_two_ranks_run_the_smoke_recipe_with_one_tokenizer_data_and_report(tmp_path, monkeypatch):
+    """`nanoseek run` under torchrun on 2 gloo ranks, in bfloat16 autocast as on CUDA: rank 0 alone makes the
+    tokenizer and data, evaluates and reports; both ranks train; each stage starts after the one before."""
+    script, calls, out = tmp_path / "counting_run.py", tmp_path / "calls", tmp_path / "run"
+    script.write_text(COUNTING_RUN)
+    monkeypatch.setenv("STAGE_CALLS", str(calls))
+    log = torchrun([str(script), "run", "--recipe", "smoke", "--set", f"run.out={out}", "run.device=cpu",
+                    "run.dtype=bfloat16"], timeout=1800, module=False)
+    stages = ["tokenizer", "data", "pretrain", "sft", "rl", "eval", "report"]
+    assert json.loads((tmp_path / "calls.0").read_text()) == stages
+    assert json.loads((tmp_path / "calls.1").read_text()) == ["pretrain", "sft", "rl"]
+    assert all(log.count(f"[{s}] running") == 1 for s in stages) and log.count("finished in") == 1
+    made = [out / "tokenizer" / "tokenizer.json", out / "data" / "text" / "manifest.json",
+            out / "data" / "chat" / "manifest.json", out / "pretrain" / "final", out / "sft" / "final",
+            out / "rl" / "final", out / "eval" / "eval.json", out / "report.md"]
+    times = [p.stat().st_mtime for p in made]
+    assert times == sorted(times), dict(zip(made, times))
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*/*.tmp"))
+    assert "device cpu x 2 ranks, compute dtype bfloat16" in (out / "report.md").read_text()
+    timings = json.loads((out / "stages.json").read_text())
+    assert timings["pretrain"]["tokens"] == 30 * 8 * 128  # the global batch, whatever the ranks
+    nanoseek.load(out / "rl" / "final")
 
 
 def test_recipe_errors_list_what_is_valid(tmp_path):

@@ -53,22 +53,24 @@ def test_random_kills_resume_onto_the_same_trajectory(stage, text_data, chat_dat
     steps, key = (80, "loss") if stage != "rl" else (16, "reward")
     straight = tmp_path / "straight"
     assert subprocess.run(command(stage, data, straight, steps, init, "addition"), env=ENV,
-                          capture_output=True).returncode == 0
+                          capture_output=True, timeout=600).returncode == 0
     out, rng, kills = tmp_path / "killed", random.Random(stage), 0
     for _ in range(KILLS):
         proc = subprocess.Popen(command(stage, data, out, steps, init, "addition"), env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         metrics = out / "metrics.jsonl"
         lines = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        deadline = time.time() + 300
         while proc.poll() is None and (len(metrics.read_text().splitlines()) if metrics.exists() else 0) <= lines:
+            assert time.time() < deadline, "no step in 300 s"
             time.sleep(0.02)  # wait until this run has made a step of its own
         time.sleep(rng.random() * 0.5)  # then a random moment of training or checkpoint writing
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
-        proc.wait()
+        proc.wait(timeout=60)
     result = subprocess.run(command(stage, data, out, steps, init, "addition"), env=ENV, capture_output=True,
-                            text=True)
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert kills == KILLS  # every kill landed while training (or saving) was under way
     assert trajectory(out, key) == trajectory(straight, key)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import torchrun
 
 from nanoseek import checkpoint
 from nanoseek.evaluate import evaluate, pass_at_k, wilson
@@ -29,6 +30,28 @@ class Digits:
     def score(self, problem, completion):
         share = sum(c.isdigit() for c in completion) / max(1, len(completion))
         return Reward(share, 1.0, "share of digits")
+'''
+
+RANK_TASK = '''
+import os
+
+from nanoseek.tasks import Problem, Reward
+
+class RankTask:
+    """Rank 0 scores the share of digits, which varies; other ranks score every completion alike, so
+    dynamic sampling keeps none of their groups."""
+    name = "rank"
+
+    def sample(self, rng, split, difficulty=None):
+        return Problem(f"Count {rng.randint(0, 9)}", "0")
+
+    def solve(self, problem):
+        return "count", "0"
+
+    def score(self, problem, completion):
+        if os.environ["RANK"] != "0":
+            return Reward(0.0, 0.0, "the same for every completion")
+        return Reward(sum(c.isdigit() for c in completion) / max(1, len(completion)), 1.0, "share of digits")
 '''
 
 
@@ -135,3 +158,17 @@ def test_replay_keeps_training_worked_solutions(random_policy, tmp_path):
     losses = [r["replay_loss"] for r in rows]
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(r["response_length"] <= 4 for r in rows)
+
+
+def test_grpo_step_where_one_rank_keeps_no_group_finishes(random_policy, tmp_path):
+    """Two gloo ranks under DDP; rank 1 drops every group, rank 0 keeps some: both still train each step."""
+    (tmp_path / "rank_task.py").write_text(RANK_TASK)
+    out = tmp_path / "rl"
+    torchrun(["rl", "--init", random_policy, "--task", f"{tmp_path / 'rank_task.py'}:RankTask", "--out", str(out),
+              "--steps", "2", "--prompts", "4", "--group", "4", "--max-new-tokens", "6", "--max-draws", "1",
+              "--ckpt-every", "0", "--device", "cpu", "--no-progress"])
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0 < r["groups_kept"] <= 2 for r in rows)  # rank 0 kept some, rank 1 none
+    assert all(r["grad_norm"] > 0 for r in rows)
+    assert (out / "final" / "model.safetensors").exists()

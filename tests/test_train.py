@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import TINY
+from conftest import TINY, torchrun
 
 import nanoseek
 from nanoseek.data import DataError
@@ -60,30 +60,38 @@ def test_schedules():
 
 def test_resume_after_sigkill_gives_the_same_losses(text_data, tmp_path):
     straight = tmp_path / "straight"  # every run in a subprocess with one thread: same arithmetic order
-    assert cli(*cli_args(text_data, straight, 12, ckpt_every=0, eval_every=0)).wait() == 0
+    assert cli(*cli_args(text_data, straight, 12, ckpt_every=0, eval_every=0)).wait(timeout=300) == 0
     killed = tmp_path / "killed"
     proc = cli(*cli_args(text_data, killed, 12, ckpt_every=3, eval_every=0))
     metrics = killed / "metrics.jsonl"
-    while proc.poll() is None:  # kill it hard once it is past half way
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:  # kill it hard once it is past half way
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
-    proc.wait()
+    proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read()
     assert 3 <= checkpoints_in(str(killed))[-1][0] < 12
-    assert cli(*cli_args(text_data, killed, 12, ckpt_every=3, eval_every=0, resume=True)).wait() == 0
+    assert cli(*cli_args(text_data, killed, 12, ckpt_every=3, eval_every=0, resume=True)).wait(timeout=300) == 0
     assert losses(killed) == losses(straight)  # exact, step by step
 
 
 def test_sigkill_during_checkpoint_writes_never_damages_checkpoints(text_data, tmp_path):
     out = tmp_path / "run"
     rng = random.Random(0)
+    newest = lambda: max((step for step, _ in checkpoints_in(str(out))), default=0)  # noqa: E731
     for attempt in range(4):
+        before, deadline = newest(), time.time() + 300
         proc = cli(*cli_args(text_data, out, 200, ckpt_every=1, keep=3, eval_every=0, resume=True))
-        time.sleep(4 + rng.random() * 2)  # checkpointing every step: most kills land inside a write
+        while newest() <= before:  # until this run has saved a checkpoint of its own, however slow the machine
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"attempt {attempt}: no checkpoint in 300 s: {proc.communicate(timeout=60)[0]}")
+            time.sleep(0.05)
+        time.sleep(rng.random() * 2)  # checkpointing every step: most kills land inside a write
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.wait(timeout=60)
         found = checkpoints_in(str(out))
         assert found, f"attempt {attempt}: no checkpoint survived"
         for _, path in found:
@@ -98,7 +106,11 @@ def test_sigkill_during_checkpoint_writes_never_damages_checkpoints(text_data, t
 def test_sigterm_writes_a_checkpoint_and_exits(text_data, tmp_path):
     proc = cli(*cli_args(text_data, tmp_path, 10_000, ckpt_every=0, eval_every=0))
     metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"training ended or stalled before step 3: {proc.communicate(timeout=60)[0]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
@@ -107,26 +119,17 @@ def test_sigterm_writes_a_checkpoint_and_exits(text_data, tmp_path):
     assert step >= 3 and step == len(read_metrics(metrics))
 
 
-def torchrun(args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29500 + os.getpid() % 1000), "-m", "nanoseek", *args],
-                            env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_gloo_ranks_match_one_process(text_data, tmp_path, sharding):
-    run(text_data, tmp_path / "one", steps=6, batch=8, mtp_weight=0.3)
+@pytest.mark.parametrize("sharding, mtp_weight", [("ddp", 0.3), ("fsdp", 0.3), ("ddp", 0.0)])
+def test_two_gloo_ranks_match_one_process(text_data, tmp_path, sharding, mtp_weight):
+    run(text_data, tmp_path / "one", steps=6, batch=8, mtp_weight=mtp_weight)
     two = tmp_path / "two"
     if sharding == "fsdp":  # stop half way and resume, so sharded checkpoints are exercised too
-        out = torchrun(cli_args(text_data, two, 3, batch=8, mtp_weight=0.3, fsdp=True))
+        out = torchrun(cli_args(text_data, two, 3, batch=8, mtp_weight=mtp_weight, fsdp=True))
         assert out.count("pretrain finished") == 1  # only rank 0 speaks
-        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=0.3, fsdp=True, resume=True))
+        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=mtp_weight, fsdp=True, resume=True))
         nanoseek.load(two / "final")
-    else:
-        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=0.3))
+    else:  # mtp_weight 0: the MTP weights get no gradient, which DDP must be told
+        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=mtp_weight))
     one, two = losses(tmp_path / "one"), losses(two)
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
