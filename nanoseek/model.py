@@ -462,9 +462,7 @@ class DeepSeekV3(nn.Module):
         if mtp_weight > 0:
             for k, hk in enumerate(self.mtp_hidden_states(h, input_ids, ctx), start=1):
                 logits = self.lm_head(hk)  # (B, T - k, V): position t predicts targets[t + k]
-                later = targets[:, k:]
-                if document_ids is not None:  # never predict across into the next document
-                    later = later.masked_fill(document_ids[:, :-k] != document_ids[:, k:], -100)
+                later = mtp_targets(targets, document_ids, k)
                 mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), later.flatten(), ignore_index=-100))
         total = main + mtp_weight * sum(mtp_losses) / len(mtp_losses) if mtp_losses else main
         return total, main, mtp_losses
@@ -490,6 +488,21 @@ def _mask(attention_mask, T):
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     mask = causal & attention_mask.bool()[:, None, None, :]
     return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+def mtp_targets(targets, document_ids, k):
+    """Targets of MTP depth k, (B, T - k): position t predicts targets[t + k], never in another document."""
+    later = targets[:, k:]
+    if document_ids is not None:
+        later = later.masked_fill(document_ids[:, :-k] != document_ids[:, k:], -100)
+    return later
+
+
+def target_counts(targets, document_ids, depths):
+    """How many targets each loss averages over: the main loss, then MTP depths 1..depths."""
+    counts = [(targets != -100).sum()]
+    counts += [(mtp_targets(targets, document_ids, k) != -100).sum() for k in range(1, depths + 1)]
+    return torch.stack(counts).float()
 
 
 def positions_in_documents(document_ids):

@@ -24,7 +24,15 @@ from tqdm import tqdm
 from nanoseek import checkpoint
 from nanoseek.data import DataError, Loader, load_manifest, sequential_batches
 from nanoseek.device import all_reduce, any_rank, barrier, policy, start_ranks
-from nanoseek.model import DeepSeekV3, config_for_size, flops_per_token, param_counts, round_up, sequence_balance_loss
+from nanoseek.model import (
+    DeepSeekV3,
+    config_for_size,
+    flops_per_token,
+    param_counts,
+    round_up,
+    sequence_balance_loss,
+    target_counts,
+)
 from nanoseek.tokenizer import Tokenizer
 
 OPTIONS = {  # every option of pretrain and sft: (default, meaning)
@@ -280,7 +288,7 @@ class Trainer:
         nats, tokens, nbytes = 0.0, 0, 0
         with torch.no_grad(), self.compute.autocast():
             for x, y, docs in sequential_batches(o.data, "val", o.seq, 8, o.eval_windows, rows=o.rows):
-                x, y, docs = x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
+                x, y, docs = self._to_device(x, y, docs)
                 _, main, _ = self.model(x, targets=y, document_ids=docs)
                 n = int((y != -100).sum())
                 nats += float(main) * n
@@ -290,6 +298,9 @@ class Trainer:
         if not tokens:
             return {}
         return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, nbytes)}
+
+    def _to_device(self, x, y, docs):
+        return x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
 
     def _handle_signal(self, signum, frame):
         self.stop_signal = signum
@@ -321,22 +332,28 @@ class Trainer:
                 group["lr"] = lr
             sums = torch.zeros(2 + len(self.model.mtp), device=self.device)  # loss, main loss, MTP loss per depth
             loads = torch.zeros(len(moes), moes[0].n_experts if moes else 0, device=self.device)
-            for micro in range(o.grad_accum):
-                x, y, docs = self.loader.next_batch()
-                x, y, docs = x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
+            batches = [self._to_device(*self.loader.next_batch()) for _ in range(o.grad_accum)]
+            depths = len(self.model.mtp) if o.mtp_weight > 0 else 0
+            counts = [target_counts(y, docs, depths) for _, y, docs in batches]
+            total = all_reduce(sum(counts)).clamp(min=1)  # targets of each loss over every rank and micro-step
+            for micro, (x, y, docs) in enumerate(batches):
                 for m in moes:
                     m.expert_load = None  # MoE layers this forward does not reach (MTP off) stay None
                 sync = micro == o.grad_accum - 1 or self.world == 1 or o.fsdp
+                share = counts[micro] / total  # this micro-batch's part of each loss's mean over the global batch
                 with (nullcontext() if sync else self.net.no_sync()), self.compute.autocast():
-                    loss, main, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs)
+                    _, main, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs)
+                    parts = torch.stack([main, *mtp]) * share
+                    loss = parts[0] + (o.mtp_weight * parts[1:].mean() if mtp else 0.0)
                     if o.balance_alpha > 0:
-                        loss = loss + o.balance_alpha * sum(sequence_balance_loss(m, x.shape[0]) for m in moes)
-                    (loss / o.grad_accum).backward()
-                sums[: 2 + len(mtp)] += torch.stack([loss, main, *mtp]).detach().float() / o.grad_accum
+                        balance = sum(sequence_balance_loss(m, x.shape[0]) for m in moes)
+                        loss = loss + o.balance_alpha * balance / (o.grad_accum * self.world)
+                    (loss * self.world).backward()  # ranks average their gradients: each gives its share of the sum
+                sums[: 1 + len(parts)] += torch.cat([loss[None], parts]).detach().float()
                 for i, m in enumerate(moes):
                     if m.expert_load is not None:
                         loads[i] += m.expert_load
-            sums = all_reduce(sums) / self.world
+            sums = all_reduce(sums)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))
             finite = math.isfinite(float(sums[0])) and math.isfinite(float(grad_norm))
             if not finite:

@@ -144,7 +144,7 @@ def test_logprobs_match_a_full_forward(peaky):
 
 def test_mtp_speculative_decoding_is_exact_and_accepts(trained):
     model, tok = trained
-    prompts = [tok.encode("12 + 34 ="), tok.encode("7 + 5"), tok.encode("99 + 1 = 100.")]
+    prompts = [[tok.bos_id] + tok.encode(t) for t in ("12 + 34 =", "7 + 5", "99 + 1 = 100.")]  # as trained
     params = SamplingParams(max_tokens=24, temperature=0)
     plain = Engine(model, tok, speculative=False).generate(prompts, params)
     fast = Engine(model, tok, speculative=True)
