@@ -173,14 +173,31 @@ def test_bad_requests(peaky):
 
 
 def test_chunked_prefill_gives_the_same_tokens(trained):
+    """Prompts prefilled in forwards of at most prefill_tokens tokens decode exactly as in one forward."""
     model, tok = trained
-    prompts = [tok.encode("12 + 34 = 46. 7 + 5 = 12. 99 + 1 ="), tok.encode("7 + 5"), tok.encode("3")]
+    long = [tok.encode("12 + 34 = 46. 7 + 5 = 12. 99 + 1 ="), tok.encode("7 + 5"), tok.encode("3")]
+    short = [[5, 6], [7], [8, 9]]  # two prompts per forward
     params = SamplingParams(max_tokens=16, temperature=0)
-    for speculative in (False, True):
-        whole = Engine(model, tok, speculative=speculative).generate(prompts, params)
-        chunked = Engine(model, tok, speculative=speculative)
-        chunked.prefill_tokens = 5  # 1 prompt of 5 positions, or 2 of 2, per forward
-        assert [s.tokens for s in chunked.generate(prompts, params)] == [s.tokens for s in whole]
+    for prompts in (long, short):
+        for speculative in (False, True):
+            whole = Engine(model, tok, speculative=speculative).generate(prompts, params)
+            chunked = Engine(model, tok, speculative=speculative)
+            chunked.prefill_tokens = 5
+            sizes = []
+            chunked._forward = recording(chunked._forward, sizes)
+            seqs = chunked.add(prompts, params)
+            del chunked._forward
+            assert max(sizes) <= 5 and len(sizes) >= (3 if prompts is long else 2)
+            while not chunked.idle:
+                chunked.step()
+            assert [s.tokens for s in seqs] == [s.tokens for s in whole]
+
+
+def recording(forward, sizes):
+    def record(ids, *a):
+        sizes.append(ids.numel())
+        return forward(ids, *a)
+    return record
 
 
 class Injected(RuntimeError):
