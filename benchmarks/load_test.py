@@ -1,9 +1,12 @@
 """Load test of `nanoseek serve` on loopback: many concurrent streaming clients, bounded requests.
 
     python benchmarks/load_test.py [--ckpt DIR] [--clients 64] [--requests 2] [--max-tokens 32]
+    python benchmarks/load_test.py --prefill 16 [--size 6]
 
 Prints requests served, errors, p50/p99 time to first token, total tokens/s, and then shows that
-clients which disconnect mid-stream free their slots (the queue drains to zero).
+clients which disconnect mid-stream free their slots (the queue drains to zero). With --prefill N, one
+request of N prompts that each fill the context instead: its time, the process's peak memory and the
+slowest /health answer while it is prefilled, in one forward and in chunks (Linux: reads /proc).
 """
 
 import argparse
@@ -23,7 +26,7 @@ import uvicorn
 from nanoseek import checkpoint
 from nanoseek.engine import Engine
 from nanoseek.model import DeepSeekV3, config_for_size
-from nanoseek.server import create_app
+from nanoseek.server import create_app, uvicorn_config
 from nanoseek.tokenizer import train_tokenizer
 
 
@@ -31,11 +34,69 @@ def start(app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    config = uvicorn_config(app, "127.0.0.1", port)  # the limits `nanoseek serve` runs with
+    config.log_level = "error"
+    server = uvicorn.Server(config)
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
     return f"http://127.0.0.1:{port}", server
+
+
+def reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts again from the current size
+
+
+def rss_mib(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+class HealthProbe(threading.Thread):
+    """Asks /health every 50 ms until stopped; `worst` is its slowest answer in seconds."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.url, self.worst, self.done = url, 0.0, threading.Event()
+
+    def run(self):
+        with httpx.Client(timeout=120) as http:
+            while True:
+                t0 = time.perf_counter()
+                http.get(self.url + "/health")
+                self.worst = max(self.worst, time.perf_counter() - t0)
+                if self.done.wait(0.05):
+                    return
+
+    def stop(self):
+        self.done.set()
+        self.join(130)
+        return self.worst
+
+
+def prefill(n, size):
+    """One request of n prompts that each fill the context but one token, prefilled whole and in chunks."""
+    tok = train_tokenizer([f"{a} + {b} = {a + b}" for a in range(200) for b in range(50)], 512)
+    model = DeepSeekV3(config_for_size(size, vocab_size=512)).init_weights(0)
+    engine = Engine(model, tok, max_batch=n)
+    url, server = start(create_app(engine, "load"))
+    prompt = "12 + 34 = 46. " * engine.max_len
+    while len(tok.encode(prompt)) > engine.max_len - 2:  # with BOS and one new token: the whole context
+        prompt = prompt[: -max(1, (len(tok.encode(prompt)) - engine.max_len + 2) // 2)]
+    body = {"model": "load", "prompt": [prompt] * n, "max_tokens": 1, "temperature": 0}
+    print(f"prefill: {n} prompts x {len(tok.encode(prompt)) + 1} tokens, size {size}, {os.cpu_count()} CPU cores")
+    for label, tokens in (("one forward", 10**9), (f"chunks of {Engine.prefill_tokens} tokens", Engine.prefill_tokens)):
+        engine.prefill_tokens = tokens
+        reset_peak_rss()
+        before, probe, t0 = rss_mib("VmRSS"), HealthProbe(url), time.perf_counter()
+        probe.start()
+        r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+        seconds, worst = time.perf_counter() - t0, probe.stop()
+        print(f"  {label}: HTTP {r.status_code} in {seconds:.1f} s, peak memory +{rss_mib('VmHWM') - before:.0f} MiB "
+              f"over {before:.0f} MiB, slowest /health {1000 * worst:.0f} ms")
+    server.should_exit = True
 
 
 async def one_request(client, url, i, max_tokens):
@@ -93,7 +154,11 @@ def main():
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prefill", type=int, help="measure one request of this many full-context prompts instead")
+    p.add_argument("--size", type=int, default=6, help="--prefill: size of the random model")
     args = p.parse_args()
+    if args.prefill:
+        return prefill(args.prefill, args.size)
     if args.ckpt:
         model, tok = checkpoint.load(args.ckpt)
     else:

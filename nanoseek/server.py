@@ -390,6 +390,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     worker = Worker(engine)
     tokenizer = engine.tokenizer
     context = engine.max_len
+    token_bytes = max(len(tokenizer.decode([i]).encode()) for i in range(len(tokenizer)))  # the most one covers
     app.state.worker = worker
     app.add_middleware(Guard, api_key=api_key, hosts=allowed_hosts(host, api_key), max_body_bytes=max_body_bytes,
                        body_timeout=body_timeout)
@@ -440,6 +441,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     @app.post("/v1/chat/completions", responses=STREAMABLE)
     async def chat(req: ChatRequest, request: Request):
         _check_request(req, model_name)
+        _check_size([m.content + (m.reasoning_content or "") for m in req.messages], context, token_bytes, "messages")
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         prompt, _ = await asyncio.to_thread(tokenizer.render_chat, messages, add_generation_prompt=True)
         params = _params(req, req.max_completion_tokens or req.max_tokens, len(prompt), context, "messages")
@@ -449,6 +451,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     async def completions(req: CompletionRequest, request: Request):
         _check_request(req, model_name)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        for text in texts:
+            _check_size([text], context, token_bytes, "prompt")
         prompts = await asyncio.to_thread(lambda: [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts])
         params = []
         for p in prompts:
@@ -488,6 +492,16 @@ def _check_request(req, served):
         raise APIError(400, f"this server does not support {', '.join(map(repr, unsupported))}; leave "
                             f"{'it' if len(unsupported) == 1 else 'them'} out", param=unsupported[0],
                        code="unsupported_parameter")
+
+
+def _check_size(texts, context, token_bytes, field):
+    """Refuse text too long for the context before tokenizing it (which costs far more memory than the
+    text): a token covers at most `token_bytes` bytes."""
+    size = sum(len(t.encode()) for t in texts)
+    if size > context * token_bytes:
+        raise APIError(400, f"the prompt is {size} bytes, more than the context of {context} tokens can hold "
+                            f"(a token covers at most {token_bytes} bytes); shorten it",
+                       code="context_length_exceeded", param=field)
 
 
 def _params(req, max_tokens, prompt_len, context, field):

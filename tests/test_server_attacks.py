@@ -322,3 +322,12 @@ def test_a_context_error_names_the_prompt(attacked):
     url, _, _ = attacked
     r = post(url, "/v1/completions", {**COMPLETE, "prompt": "1 + 1 " * 3000})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_text_too_long_for_the_context_is_refused_untokenized(attacked, monkeypatch):
+    url, engine, _ = attacked
+    monkeypatch.setattr(engine.tokenizer, "encode", fail_once(engine.tokenizer.encode))  # must not be reached
+    r = post(url, "/v1/completions", {**COMPLETE, "prompt": "12 + 34 = 46. " * 60_000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "bytes" in r.json()["error"]["message"]
+    r = post(url, "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi " * 300_000}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
