@@ -34,9 +34,7 @@ def start(app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn_config(app, "127.0.0.1", port)  # the limits `nanoseek serve` runs with
-    config.log_level = "error"
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port))  # the limits `nanoseek serve` runs with
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
@@ -87,7 +85,7 @@ def prefill(n, size):
         prompt = prompt[: -max(1, (len(tok.encode(prompt)) - engine.max_len + 2) // 2)]
     body = {"model": "load", "prompt": [prompt] * n, "max_tokens": 1, "temperature": 0}
     print(f"prefill: {n} prompts x {len(tok.encode(prompt)) + 1} tokens, size {size}, {os.cpu_count()} CPU cores")
-    for label, tokens in (("one forward", 10**9), (f"chunks of {Engine.prefill_tokens} tokens", Engine.prefill_tokens)):
+    for label, tokens in ((f"chunks of {Engine.prefill_tokens} tokens", Engine.prefill_tokens), ("one forward", 10**9)):
         engine.prefill_tokens = tokens
         reset_peak_rss()
         before, probe, t0 = rss_mib("VmRSS"), HealthProbe(url), time.perf_counter()
