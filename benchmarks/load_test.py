@@ -4,9 +4,9 @@
     python benchmarks/load_test.py --prefill 16 [--size 6]
 
 Prints requests served, errors, p50/p99 time to first token, total tokens/s, and then shows that
-clients which disconnect mid-stream free their slots (the queue drains to zero). With --prefill N, one
-request of N prompts that each fill the context instead: its time, the process's peak memory and the
-slowest /health answer while it is prefilled, in one forward and in chunks (Linux: reads /proc).
+clients which disconnect mid-stream free their slots (the queue drains to zero). With --prefill N, the
+engine alone prefills N prompts that each fill the context, in chunks and in one forward, and prints the
+time and peak memory of each (Linux: reads /proc).
 """
 
 import argparse
@@ -24,7 +24,7 @@ import httpx
 import uvicorn
 
 from nanoseek import checkpoint
-from nanoseek.engine import Engine
+from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.server import create_app, uvicorn_config
 from nanoseek.tokenizer import train_tokenizer
@@ -75,26 +75,19 @@ class HealthProbe(threading.Thread):
 
 
 def prefill(n, size):
-    """One request of n prompts that each fill the context but one token, prefilled whole and in chunks."""
+    """Prefill n prompts that each fill the context, in chunks and in one forward: time and peak memory."""
     tok = train_tokenizer([f"{a} + {b} = {a + b}" for a in range(200) for b in range(50)], 512)
-    model = DeepSeekV3(config_for_size(size, vocab_size=512)).init_weights(0)
-    engine = Engine(model, tok, max_batch=n)
-    url, server = start(create_app(engine, "load"))
-    prompt = "12 + 34 = 46. " * engine.max_len
-    while len(tok.encode(prompt)) > engine.max_len - 2:  # with BOS and one new token: the whole context
-        prompt = prompt[: -max(1, (len(tok.encode(prompt)) - engine.max_len + 2) // 2)]
-    body = {"model": "load", "prompt": [prompt] * n, "max_tokens": 1, "temperature": 0}
-    print(f"prefill: {n} prompts x {len(tok.encode(prompt)) + 1} tokens, size {size}, {os.cpu_count()} CPU cores")
+    engine = Engine(DeepSeekV3(config_for_size(size, vocab_size=512)).init_weights(0), tok, max_batch=n)
+    prompts = [[(7 * i + j) % 500 + 5 for j in range(engine.max_len - 1)] for i in range(n)]
+    print(f"prefill: {n} prompts x {engine.max_len - 1} tokens, size {size}, {os.cpu_count()} CPU cores")
     for label, tokens in ((f"chunks of {Engine.prefill_tokens} tokens", Engine.prefill_tokens), ("one forward", 10**9)):
         engine.prefill_tokens = tokens
         reset_peak_rss()
-        before, probe, t0 = rss_mib("VmRSS"), HealthProbe(url), time.perf_counter()
-        probe.start()
-        r = httpx.post(url + "/v1/completions", json=body, timeout=600)
-        seconds, worst = time.perf_counter() - t0, probe.stop()
-        print(f"  {label}: HTTP {r.status_code} in {seconds:.1f} s, peak memory +{rss_mib('VmHWM') - before:.0f} MiB "
-              f"over {before:.0f} MiB, slowest /health {1000 * worst:.0f} ms")
-    server.should_exit = True
+        before, t0 = rss_mib("VmRSS"), time.perf_counter()
+        for seq in engine.add(prompts, SamplingParams(max_tokens=1)):
+            engine.abort(seq.id)
+        print(f"  {label}: {time.perf_counter() - t0:.1f} s, peak memory +{rss_mib('VmHWM') - before:.0f} MiB "
+              f"over {before:.0f} MiB")
 
 
 async def one_request(client, url, i, max_tokens):
