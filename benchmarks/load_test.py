@@ -1,9 +1,12 @@
 """Load test of `nanoseek serve` on loopback: many concurrent streaming clients, bounded requests.
 
     python benchmarks/load_test.py [--ckpt DIR] [--clients 64] [--requests 2] [--max-tokens 32]
+    python benchmarks/load_test.py --prefill 16 [--size 6]
 
 Prints requests served, errors, p50/p99 time to first token, total tokens/s, and then shows that
-clients which disconnect mid-stream free their slots (the queue drains to zero).
+clients which disconnect mid-stream free their slots (the queue drains to zero). With --prefill N, the
+engine alone prefills N prompts that each fill the context, in chunks and in one forward, and prints the
+time and peak memory of each (Linux: reads /proc).
 """
 
 import argparse
@@ -21,9 +24,9 @@ import httpx
 import uvicorn
 
 from nanoseek import checkpoint
-from nanoseek.engine import Engine
+from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import DeepSeekV3, config_for_size
-from nanoseek.server import create_app
+from nanoseek.server import create_app, uvicorn_config
 from nanoseek.tokenizer import train_tokenizer
 
 
@@ -31,11 +34,60 @@ def start(app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port))  # the limits `nanoseek serve` runs with
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
     return f"http://127.0.0.1:{port}", server
+
+
+def reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts again from the current size
+
+
+def rss_mib(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+class HealthProbe(threading.Thread):
+    """Asks /health every 50 ms until stopped; `worst` is its slowest answer in seconds."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.url, self.worst, self.done = url, 0.0, threading.Event()
+
+    def run(self):
+        with httpx.Client(timeout=120) as http:
+            while True:
+                t0 = time.perf_counter()
+                http.get(self.url + "/health")
+                self.worst = max(self.worst, time.perf_counter() - t0)
+                if self.done.wait(0.05):
+                    return
+
+    def stop(self):
+        self.done.set()
+        self.join(130)
+        return self.worst
+
+
+def prefill(n, size):
+    """Prefill n prompts that each fill the context, in chunks and in one forward: time and peak memory."""
+    tok = train_tokenizer([f"{a} + {b} = {a + b}" for a in range(200) for b in range(50)], 512)
+    engine = Engine(DeepSeekV3(config_for_size(size, vocab_size=512)).init_weights(0), tok, max_batch=n)
+    prompts = [[(7 * i + j) % 500 + 5 for j in range(engine.max_len - 1)] for i in range(n)]
+    print(f"prefill: {n} prompts x {engine.max_len - 1} tokens, size {size}, {os.cpu_count()} CPU cores")
+    for label, tokens in ((f"chunks of {Engine.prefill_tokens} tokens", Engine.prefill_tokens), ("one forward", 10**9)):
+        engine.prefill_tokens = tokens
+        reset_peak_rss()
+        before, t0 = rss_mib("VmRSS"), time.perf_counter()
+        for seq in engine.add(prompts, SamplingParams(max_tokens=1)):
+            engine.abort(seq.id)
+        print(f"  {label}: {time.perf_counter() - t0:.1f} s, peak memory +{rss_mib('VmHWM') - before:.0f} MiB "
+              f"over {before:.0f} MiB")
 
 
 async def one_request(client, url, i, max_tokens):
@@ -93,7 +145,11 @@ def main():
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prefill", type=int, help="measure one request of this many full-context prompts instead")
+    p.add_argument("--size", type=int, default=6, help="--prefill: size of the random model")
     args = p.parse_args()
+    if args.prefill:
+        return prefill(args.prefill, args.size)
     if args.ckpt:
         model, tok = checkpoint.load(args.ckpt)
     else:

@@ -35,6 +35,8 @@ class SamplingParams:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in 0 .. 2**64 - 1 (got {self.seed})")
 
 
 @dataclass
@@ -128,11 +130,14 @@ class Engine:
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
         self.drafted = self.accepted = 0  # speculative decoding counters
 
+    prefill_tokens = 2048  # tokens (prompts x positions) per prefill forward: bounds its activations
+
     # ------------------------------------------------------------------------- joining and leaving
 
     @torch.no_grad()
     def add(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
-        """Prefill prompts into free slots (one batched forward); they decode from the next step on."""
+        """Prefill prompts into free slots; they decode from the next step on. All or nothing: if any part
+        fails, no slot is taken and nothing runs."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(prompts) > len(self.free):
             raise EngineFull(f"{len(self.running)} sequences are running and the engine holds {self.max_batch}")
@@ -143,25 +148,41 @@ class Engine:
             if len(prompt) >= self.max_len:
                 raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_len}, "
                                  "so shorten it to leave room for an answer")
-        seqs = []
-        for prompt, sp in zip(prompts, params):
-            gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
-            seqs.append(Sequence(next(self.ids), list(prompt), sp, self.free.pop(), generator=gen))
+        taken = len(self.free) - len(prompts)
+        slots = self.free[taken:][::-1]  # the slots pop() would give, taken only once the prefill is done
+        seqs = [Sequence(next(self.ids), list(prompt), sp, slot, generator=_generator(sp.seed))
+                for prompt, sp, slot in zip(prompts, params, slots)]
+        rows_per_forward = max(1, self.prefill_tokens // max(len(s.prompt) for s in seqs)) if seqs else 1
+        for i in range(0, len(seqs), rows_per_forward):
+            self._prefill(seqs[i : i + rows_per_forward])
+        del self.free[taken:]
+        for s in seqs:
+            self.running[s.id] = s
+        return seqs
+
+    def _prefill(self, seqs):
+        """Write the prompts into their slots' cache in forwards of at most `prefill_tokens` tokens (rows x
+        positions), so peak memory stays bounded however long the prompts; sets each one's next logits."""
         width = max(len(s.prompt) for s in seqs)
         ids = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in seqs], device=self.device)
-        rows = torch.tensor([s.slot for s in seqs], device=self.device)
-        starts = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        h = self._forward(ids, rows, starts)  # right padding: causal attention never sees the pads
-        last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
-        h_last = h[torch.arange(len(seqs)), last]
+        rows = self._rows(seqs)
+        chunk = max(1, self.prefill_tokens // len(seqs))
+        h_last = [None] * len(seqs)
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            starts = torch.full((len(seqs),), start, dtype=torch.long, device=self.device)
+            h = self._forward(ids[:, start:end], rows, starts)  # right padding: causal attention never sees pads
+            for i, s in enumerate(seqs):
+                if start <= len(s.prompt) - 1 < end:
+                    h_last[i] = h[i, len(s.prompt) - 1 - start].clone()
+            known = min(end, width - 1)  # MTP covers the prompt: position t sees token t + 1
+            if self.speculative and known > start:
+                self._mtp_forward(h[:, : known - start], ids[:, start + 1 : known + 1], rows, starts)
+        h_last = torch.stack(h_last)
         logits = self.model.lm_head(h_last).float()
-        if self.speculative and width > 1:  # the MTP cache covers the prompt: position t sees token t + 1
-            self._mtp_forward(h[:, :-1], ids[:, 1:], rows, starts)
         for i, s in enumerate(seqs):
             s.next_logits = logits[i]
             s.mtp_states = [h_last[i]] if self.speculative else []
-            self.running[s.id] = s
-        return seqs
 
     def abort(self, seq_id):
         """Stop a sequence and free its slot (a client went away)."""
@@ -351,6 +372,10 @@ def _top_k_top_p(scaled, params):
     drop[:, 0] = False  # reaching top_p, and always the most likely token, however small top_p is
     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     return scaled.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def _generator(seed):
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 def _safe_prefix(text, stops):

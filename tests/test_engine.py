@@ -8,6 +8,7 @@ from transformers.utils import logging as hf_logging
 
 import nanoseek
 from nanoseek import checkpoint
+from nanoseek import engine as engine_module
 from nanoseek.engine import Engine, EngineFull, SamplingParams, sample_tokens
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.train import train
@@ -212,3 +213,86 @@ def test_bad_requests(peaky):
         engine.add([[1, 2]], SamplingParams(max_tokens=0))
     with pytest.raises(ValueError, match="temperature"):
         engine.add([[1, 2]], SamplingParams(temperature=-1))
+
+
+def test_chunked_prefill_gives_the_same_tokens(trained):
+    """Prompts prefilled in forwards of at most prefill_tokens tokens decode exactly as in one forward."""
+    model, tok = trained
+    long = [tok.encode("12 + 34 = 46. 7 + 5 = 12. 99 + 1 ="), tok.encode("7 + 5"), tok.encode("3")]
+    short = [[5, 6], [7], [8, 9]]  # two prompts per forward
+    params = SamplingParams(max_tokens=16, temperature=0)
+    for prompts in (long, short):
+        for speculative in (False, True):
+            whole = Engine(model, tok, speculative=speculative).generate(prompts, params)
+            chunked = Engine(model, tok, speculative=speculative)
+            chunked.prefill_tokens = 5
+            sizes = []
+            chunked._forward = recording(chunked._forward, sizes)
+            seqs = chunked.add(prompts, params)
+            del chunked._forward
+            assert max(sizes) <= 5 and len(sizes) >= (3 if prompts is long else 2)
+            while not chunked.idle:
+                chunked.step()
+            assert [s.tokens for s in seqs] == [s.tokens for s in whole]
+
+
+def recording(forward, sizes):
+    def record(ids, *a):
+        sizes.append(ids.numel())
+        return forward(ids, *a)
+    return record
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def fail_on_call(k):
+    """A stand-in that raises on its k-th call and otherwise calls through."""
+    calls = []
+
+    def wrap(real):
+        def fn(*a, **kw):
+            calls.append(1)
+            if len(calls) == k:
+                raise Injected(f"call {k}")
+            return real(*a, **kw)
+        return fn
+    return wrap
+
+
+@pytest.mark.parametrize("point", ["validate", "seed", "forward", "forward2", "mtp", "lm_head"])
+def test_add_is_all_or_nothing(trained, point, monkeypatch):
+    """A failure at any point of admission leaves every slot free and nothing running."""
+    model, tok = trained
+    engine = Engine(model, tok, max_batch=4, speculative=True)
+    engine.prefill_tokens = 6  # two forwards for the prompts below
+    (running,) = engine.add([[5, 6, 7]], GREEDY)
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=i) for i in range(3)]
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    if point == "validate":
+        params[2] = SamplingParams(max_tokens=0)
+    elif point == "seed":  # the third sequence's generator cannot be made
+        monkeypatch.setattr(engine_module, "_generator", fail_on_call(3)(engine_module._generator))
+    elif point in ("forward", "forward2"):
+        monkeypatch.setattr(engine, "_forward", fail_on_call(1 if point == "forward" else 2)(engine._forward))
+    elif point == "mtp":
+        monkeypatch.setattr(engine, "_mtp_forward", fail_on_call(2)(engine._mtp_forward))
+    else:
+        monkeypatch.setattr(model.lm_head, "forward", fail_on_call(1)(model.lm_head.forward))
+    free_before = list(engine.free)
+    with pytest.raises((Injected, ValueError)):
+        engine.add(prompts, params)
+    assert engine.free == free_before and list(engine.running) == [running.id]
+    monkeypatch.undo()
+    assert len(engine.add([[1, 2]] * 3, GREEDY)) == 3  # the full width is still there
+    assert not engine.free
+
+
+def test_seed_range(peaky):
+    model, tok, _ = peaky
+    engine = Engine(model, tok, max_batch=2)
+    with pytest.raises(ValueError, match="seed"):
+        engine.add([[1, 2], [3, 4]], [SamplingParams(seed=2**64 - 1), SamplingParams(seed=2**64)])
+    assert len(engine.free) == 2
+    assert len(engine.add([[1, 2]], SamplingParams(seed=2**64 - 1))) == 1

@@ -176,3 +176,12 @@ def test_web_page_is_served_offline(live_server):
     assert "<title>nanoseek chat</title>" in html and "http" not in html.split("<script>")[1].split("fetch(")[0]
     assert "cdn" not in html.lower() and 'src="http' not in html
     json.dumps(html)  # plain text, nothing binary
+
+
+def test_the_bearer_scheme_is_case_insensitive(live_server):
+    url, _ = live_server
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = httpx.get(url + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"}, timeout=10)
+        assert r.status_code == 200
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}, timeout=10).status_code == 401
+    assert httpx.get(url + "/v1/models", headers={"Authorization": KEY}, timeout=10).status_code == 401
