@@ -102,7 +102,7 @@ def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, beta
     n = mask.sum().clamp(min=1)
     loss = (per_token * mask).sum() / n
     clip_frac = (((clipped < unclipped) & mask.bool()).sum() / n).detach()
-    return loss, {"kl": float((kl * mask).sum() / n), "clip_frac": float(clip_frac)}
+    return loss, {"kl": float((kl * mask).sum().detach() / n), "clip_frac": float(clip_frac)}
 
 
 def token_logprobs(model, ids, completion_mask):
