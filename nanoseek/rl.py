@@ -120,6 +120,11 @@ def token_logprobs(model, ids, completion_mask):
 # ----------------------------------------------------------------------------- the loop
 
 
+def task_list(specs, checker):
+    """The tasks named in a comma-separated list (empty: none)."""
+    return [get_task(spec.strip(), checker) for spec in specs.split(",") if spec.strip()]
+
+
 class GRPO:
     def __init__(self, o):
         self.o = o
@@ -131,8 +136,9 @@ class GRPO:
             raise ValueError("--init (an SFT checkpoint) and --out are required")
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
-        self.tasks = [get_task(spec.strip(), o.checker) for spec in o.task.split(",")]
-        self.replay_tasks = [get_task(spec.strip(), o.checker) for spec in o.replay.split(",") if spec.strip()]
+        self.tasks, self.replay_tasks = task_list(o.task, o.checker), task_list(o.replay, o.checker)
+        if not self.tasks:
+            raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
         point = resume_point(o.out) if o.resume else None
         source = point[0] if point else o.init
         self.model, self.tokenizer = point[1:3] if point else checkpoint.load(source)
