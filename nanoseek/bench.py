@@ -4,6 +4,7 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from nanoseek import checkpoint
@@ -123,97 +124,165 @@ def print_train(r):
 # ----------------------------------------------------------------------------- decode
 
 
-def _hf_kv_bytes_per_token(cache, tokens):
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total / tokens
-
-
 def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=128, seed=0, device=None,
                  peer="transformers"):
-    """Greedy decoding of new_tokens after prompt_len-token prompts, nanoseek's engine vs transformers'
-    generate, on the same checkpoint; with MTP modules, also nanoseek's self-speculative decoding."""
-    if peer != "transformers":
-        raise ValueError(f"unknown peer {peer!r}: the decode benchmark compares with 'transformers'")
-    from transformers import AutoModelForCausalLM
-
+    """Greedy decoding of new_tokens after prompt_len-token prompts, nanoseek's engine (its compiled decode
+    step; with MTP modules, also self-speculative decoding) against a peer on the same checkpoint:
+    transformers' generate, or llama.cpp on the checkpoint exported to GGUF f32."""
+    if peer not in DECODE_PEERS:
+        raise ValueError(f"unknown peer {peer!r}: the decode benchmark compares with {' or '.join(DECODE_PEERS)}")
     from nanoseek.engine import Engine, SamplingParams
 
-    _quiet_transformers()
     compute = policy(device)
     device, dtype = compute.device, compute.dtype  # decoding casts the weights: no float32 master copy to keep
     with tempfile.TemporaryDirectory() as tmp:
         if ckpt is None:
             ours = DeepSeekV3(config_for_size(size)).init_weights(seed)
-            checkpoint.save(tmp, ours, None)
-            ckpt = tmp
+            checkpoint.save(os.path.join(tmp, "ckpt"), ours, None)
+            ckpt = os.path.join(tmp, "ckpt")
         ours, _ = checkpoint.load(ckpt)
-        theirs = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
-    ours = ours.to(device=device, dtype=dtype).eval()
-    cfg = ours.config
-    g = torch.Generator().manual_seed(seed)
-    out = {"device": device, "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len,
-           "new_tokens": new_tokens, "params": param_counts(ours), "threads": torch.get_num_threads(), "runs": []}
-    greedy = SamplingParams(max_tokens=new_tokens, temperature=0)
-    for batch in batches:
-        prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g)
-        row = {"batch": batch}
-        for name, spec in (("nanoseek", False), ("nanoseek_mtp", True)):
-            if spec and not len(ours.mtp):
-                continue
-            engine = Engine(ours, None, max_batch=batch, max_len=prompt_len + new_tokens + 2, speculative=spec)
-            engine.stop_ids = set()  # decode exactly new_tokens
-            engine.generate(prompts[:, :8].tolist(), SamplingParams(max_tokens=4, temperature=0))  # warm-up
-            _sync(device)
-            t = time.perf_counter()
-            seqs = engine.generate(prompts.tolist(), greedy)
-            _sync(device)
-            sec = time.perf_counter() - t
-            row[name] = {"tokens_per_s": batch * new_tokens / sec, "seconds": sec}
-            if spec:
-                row[name]["acceptance"] = engine.acceptance_rate
-            else:
-                row["kv_bytes_per_token_nanoseek"] = engine.cache.bytes_per_token()
-                ours_tokens = [s.tokens for s in seqs]
-        with torch.no_grad():
-            ids = prompts.to(device)
-            kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=new_tokens)
-            theirs.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
-            _sync(device)
-            t = time.perf_counter()
-            result = theirs.generate(ids, max_new_tokens=new_tokens, return_dict_in_generate=True, **kw)
-            _sync(device)
-            sec = time.perf_counter() - t
-        row["transformers"] = {"tokens_per_s": batch * new_tokens / sec, "seconds": sec}
-        row["kv_bytes_per_token_transformers"] = _hf_kv_bytes_per_token(
-            result.past_key_values, batch * (prompt_len + new_tokens - 1))
-        row["same_tokens"] = result.sequences[:, prompt_len:].tolist() == ours_tokens
-        row["speedup"] = row["nanoseek"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
-        out["runs"].append(row)
+        ours = ours.to(device=device, dtype=dtype).eval()
+        theirs = DECODE_PEERS[peer](ckpt, tmp, device, dtype, prompt_len + new_tokens + 8, max(batches))
+        cfg = ours.config
+        g = torch.Generator().manual_seed(seed)
+        out = {"device": device, "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "peer": peer,
+               "new_tokens": new_tokens, "params": param_counts(ours), "threads": torch.get_num_threads(), "runs": []}
+        greedy = SamplingParams(max_tokens=new_tokens, temperature=0)
+        for batch in batches:
+            prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+            row = {"batch": batch}
+            for name, spec in (("nanoseek", False), ("nanoseek_mtp", True)):
+                if spec and not len(ours.mtp):
+                    continue
+                engine = Engine(ours, None, max_batch=batch, max_len=prompt_len + new_tokens + 2, speculative=spec)
+                engine.stop_ids = set()  # decode exactly new_tokens
+                for warm_up in (prompts[:1], prompts):  # compiles the step for one sequence and for more
+                    engine.generate(warm_up, SamplingParams(max_tokens=4, temperature=0))
+                sec, seqs = _timed(lambda: engine.generate(prompts, greedy), device)  # noqa: B023
+                row[name] = {"tokens_per_s": batch * new_tokens / sec, "seconds": sec}
+                if spec:
+                    row[name]["acceptance"] = engine.acceptance_rate
+                else:
+                    ours_tokens = [s.tokens for s in seqs]
+            theirs.generate([p[:8] for p in prompts], 4)  # warm-up
+            sec, peer_tokens = _timed(lambda: theirs.generate(prompts, new_tokens), device)  # noqa: B023
+            row[peer] = {"tokens_per_s": batch * new_tokens / sec, "seconds": sec}
+            row["same_tokens"] = peer_tokens == ours_tokens
+            row["speedup"] = row["nanoseek"]["tokens_per_s"] / row[peer]["tokens_per_s"]
+            out["runs"].append(row)
+        theirs.close()
     return out
+
+
+def _timed(run, device):
+    _sync(device)
+    t = time.perf_counter()
+    result = run()
+    _sync(device)
+    return time.perf_counter() - t, result
+
+
+class TransformersDecoder:
+    """transformers' DeepseekV3ForCausalLM.generate, greedy, a batch of equal-length prompts at once."""
+
+    name = "transformers"
+
+    def __init__(self, ckpt, tmp, device, dtype, max_len, max_batch):
+        from transformers import AutoModelForCausalLM
+
+        _quiet_transformers()
+        self.model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def generate(self, prompts, new_tokens):
+        ids = torch.tensor(prompts, device=self.device)
+        out = self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+    def close(self):
+        pass
+
+
+class LlamaCppDecoder:
+    """llama.cpp (libllama through llama-cpp-python's C API) on the checkpoint exported to GGUF f32 with a
+    float32 KV cache (the same arithmetic as ours), one sequence per prompt, all decoded in one batch per
+    step; greedy is the argmax of its logits."""
+
+    name = "llama.cpp"
+
+    def __init__(self, ckpt, tmp, device, dtype, max_len, max_batch):
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise RuntimeError('the llama.cpp peer needs llama-cpp-python: pip install -e ".[interop]"') from e
+        from nanoseek.export import export_gguf
+
+        path = os.path.join(tmp, "model.gguf")
+        export_gguf(ckpt, path, dtype="f32")
+        self.lib = lib = llama_cpp
+        self.quiet = lib.llama_log_callback(lambda level, text, data: None)  # kept: llama.cpp calls it later
+        lib.llama_log_set(self.quiet, None)
+        lib.llama_backend_init()
+        self.model = lib.llama_model_load_from_file(path.encode(), lib.llama_model_default_params())
+        p = lib.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch = max_len * max_batch, max_len * max_batch, max_len * max_batch
+        p.n_seq_max, p.kv_unified = max_batch, True
+        p.n_threads = p.n_threads_batch = torch.get_num_threads()
+        p.type_k = p.type_v = lib.GGML_TYPE_F32
+        self.ctx = lib.llama_init_from_model(self.model, p)
+        self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        self.batch = lib.llama_batch_init(max_len * max_batch, 0, max_batch)
+
+    def _decode(self, rows):
+        """rows: (sequence, position, token) triples; returns the argmax token after each."""
+        b = self.batch
+        for i, (seq, pos, token) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = token, pos, 1, seq, True
+        b.n_tokens = len(rows)
+        if self.lib.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(len(rows), self.vocab))
+        return logits.argmax(-1).tolist()
+
+    def generate(self, prompts, new_tokens):
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        rows = [(s, pos, t) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
+        picked = self._decode(rows)  # the prefill: keep the token after each prompt's last
+        ends = np.cumsum([len(p) for p in prompts]) - 1
+        out = [[picked[e]] for e in ends]
+        for step in range(1, new_tokens):
+            nxt = self._decode([(s, len(p) + step - 1, o[-1]) for s, (p, o) in enumerate(zip(prompts, out))])
+            for o, t in zip(out, nxt):
+                o.append(t)
+        return out
+
+    def close(self):
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
+
+
+DECODE_PEERS = {"transformers": TransformersDecoder, "llama.cpp": LlamaCppDecoder}
 
 
 def print_decode(r):
     total, active = r["params"]
+    peer = r["peer"]
     print(f"bench decode: {total / 1e6:.1f}M total / {active / 1e6:.1f}M active params, {r['device']} {r['dtype']}, "
           f"{r['threads']} threads, greedy, {r['prompt_len']}-token prompts, {r['new_tokens']} new tokens")
     for row in r["runs"]:
         b = row["batch"]
         print(f"batch {b:>3}:  nanoseek {row['nanoseek']['tokens_per_s']:8.1f} tok/s   "
-              f"transformers {row['transformers']['tokens_per_s']:8.1f} tok/s   same tokens: {row['same_tokens']}")
-        print(f"           KV cache bytes/token: nanoseek {row['kv_bytes_per_token_nanoseek']:,.0f}, "
-              f"transformers {row['kv_bytes_per_token_transformers']:,.0f}")
+              f"{peer} {row[peer]['tokens_per_s']:8.1f} tok/s   same tokens: {row['same_tokens']}")
         if "nanoseek_mtp" in row:
             m = row["nanoseek_mtp"]
             print(f"           with MTP self-speculation: {m['tokens_per_s']:8.1f} tok/s, acceptance "
                   f"{100 * m['acceptance']:.0f}%, {m['tokens_per_s'] / row['nanoseek']['tokens_per_s']:.2f}x "
                   "plain nanoseek")
     for row in r["runs"]:
-        print(f"speedup vs transformers (batch {row['batch']}): {row['speedup']:.2f}")
+        print(f"speedup vs {peer} (batch {row['batch']}): {row['speedup']:.2f}")
 
 
 # ----------------------------------------------------------------------------- GRPO

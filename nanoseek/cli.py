@@ -305,8 +305,8 @@ def build_parser():
     s.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode: batch sizes")
     s.add_argument("--prompt-len", type=int, default=64, help="decode: prompt tokens")
     s.add_argument("--new-tokens", type=int, default=128, help="decode: tokens to generate")
-    s.add_argument("--peer", default=None, choices=["transformers", "trl"],
-                   help="transformers (train, decode) or trl (grpo)")
+    s.add_argument("--peer", default=None, choices=["transformers", "llama.cpp", "trl"],
+                   help="transformers (train, decode), llama.cpp (decode) or trl (grpo)")
     s.add_argument("--size", type=int, default=6, help="size dial (depth)")
     s.add_argument("--batch", type=int, default=8, help="train: sequences per step")
     s.add_argument("--seq", type=int, default=256)

@@ -8,12 +8,15 @@ forward (self-speculative decoding): the output is exactly what plain greedy dec
 """
 
 import itertools
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from nanoseek.model import DeepSeekV3
+
+COMPILE = os.environ.get("NANOSEEK_COMPILE", "1") != "0"  # compile the decode step; NANOSEEK_COMPILE=0: eager
 
 
 class EngineFull(RuntimeError):
@@ -70,50 +73,78 @@ class Event:
 
 
 class LatentCache:
-    """Per layer: (slots, length, kv_lora_rank) latents and (slots, length, rope) keys. The length grows in
-    blocks to what the longest sequence held needs (prompt + new tokens), up to max_len, never more."""
+    """Per layer: (slots, length, kv_lora_rank) latents and (slots, length, rope) keys, one tensor each (a
+    compiled decode step writes them in place). The length grows in blocks to what the longest sequence
+    held needs (prompt + new tokens), up to max_len, never more."""
 
     GROW = 128  # positions added at a time
 
     def __init__(self, n_layers, slots, max_len, latent_dim, rope_dim, dtype, device):
         self.max_len = max_len
-        self.latent = torch.zeros(n_layers, slots, 0, latent_dim, dtype=dtype, device=device)
-        self.rope = torch.zeros(n_layers, slots, 0, rope_dim, dtype=dtype, device=device)
+        self.latent = [torch.zeros(slots, 0, latent_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.rope = [torch.zeros(slots, 0, rope_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+
+    @property
+    def length(self):  # positions each slot has room for
+        return self.latent[0].shape[1]
 
     def reserve(self, length):
         """Room for positions 0 .. length - 1 in every slot."""
-        have = self.latent.shape[2]
-        if length > have:
-            more = min(self.max_len, -(-length // self.GROW) * self.GROW) - have
-            self.latent = F.pad(self.latent, (0, 0, 0, more))
-            self.rope = F.pad(self.rope, (0, 0, 0, more))
+        if length > self.max_len:
+            raise ValueError(f"position {length - 1} is past the engine's context of {self.max_len} tokens")
+        if length > self.length:
+            more = min(self.max_len, -(-length // self.GROW) * self.GROW) - self.length
+            self.latent = [F.pad(t, (0, 0, 0, more)) for t in self.latent]
+            self.rope = [F.pad(t, (0, 0, 0, more)) for t in self.rope]
+            for t in self.latent + self.rope:  # a compiled step takes any length, so growing compiles nothing
+                torch._dynamo.maybe_mark_dynamic(t, 1)
 
     def views(self, rows, starts):
         """Per-layer writers for a forward over `rows` (slot ids) whose chunks start at `starts`."""
-        return [_LayerView(self, i, rows, starts) for i in range(self.latent.shape[0])]
+        return [_LayerView(latent, rope, rows, starts) for latent, rope in zip(self.latent, self.rope)]
 
     def bytes_per_token(self):
-        return self.latent.shape[0] * (self.latent.shape[-1] + self.rope.shape[-1]) * self.latent.element_size()
+        return len(self.latent) * (self.latent[0].shape[-1] + self.rope[0].shape[-1]) * self.latent[0].element_size()
 
 
 class _LayerView:
-    def __init__(self, cache, layer, rows, starts):
-        self.cache, self.layer, self.rows, self.starts = cache, layer, rows, starts
+    """One layer's slice of the cache for a forward over `rows` (slot ids) whose chunks start at `starts`;
+    the engine reserves room first, so a write needs no host sync and keeps every shape fixed."""
+
+    def __init__(self, latent, rope, rows, starts):
+        self.latent, self.rope, self.rows, self.starts = latent, rope, rows, starts
 
     def write(self, latent, k_pe):
-        T = latent.shape[1]
-        pos = self.starts[:, None] + torch.arange(T, device=latent.device)  # (B, T)
-        L = int(pos.max()) + 1
-        self.cache.reserve(L)
-        lat, rope = self.cache.latent[self.layer], self.cache.rope[self.layer]
-        lat[self.rows[:, None], pos] = latent.to(lat.dtype)
-        rope[self.rows[:, None], pos] = k_pe.to(rope.dtype)
+        pos = self.starts[:, None] + torch.arange(latent.shape[1], device=latent.device)  # (B, T)
+        self.latent.index_put_((self.rows[:, None], pos), latent.to(self.latent.dtype))
+        self.rope.index_put_((self.rows[:, None], pos), k_pe.to(self.rope.dtype))
+        L = self.latent.shape[1]
         mask = torch.arange(L, device=latent.device) <= pos[..., None]  # (B, T, L): causal over the cache
-        return lat[self.rows, :L], rope[self.rows, :L], mask
+        return self.latent[self.rows], self.rope[self.rows], mask
+
+
+def decode_forward(model, ids, starts, rows, latent, rope):
+    """Hidden states (B, T, D) of ids (B, T) at positions starts (B,) + t, reading and writing the slots
+    `rows` of the per-layer caches: latent, a list of (slots, L, C), and rope, a list of (slots, L, R)."""
+    positions = starts[:, None] + torch.arange(ids.shape[1], device=ids.device)
+    views = [_LayerView(lat, k_pe, rows, starts) for lat, k_pe in zip(latent, rope)]
+    return model.forward_cached(ids, positions, views)
+
+
+def decode_step(model, ids, starts, rows, latent, rope):
+    """decode_forward, then the output head: hidden states (B, T, D) and float logits (B, T, V)."""
+    h = decode_forward(model, ids, starts, rows, latent, rope)
+    return h, model.lm_head(h).float()
+
+
+def compile_options(device):
+    """torch.compile arguments for the decode step (batch and cache length are marked dynamic where the
+    engine makes them): on a CPU the generated C++ calls its kernels directly, no Python between them."""
+    return {"options": {"cpp_wrapper": device.type == "cpu"}}
 
 
 class Engine:
-    def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=True):
+    def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=False, compile=None):
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -129,6 +160,8 @@ class Engine:
         self.ids = itertools.count()
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
         self.drafted = self.accepted = 0  # speculative decoding counters
+        compile = COMPILE if compile is None else compile
+        self.decode_step = torch.compile(decode_step, **compile_options(self.device)) if compile else decode_step
 
     prefill_tokens = 2048  # tokens (prompts x positions) per prefill forward: bounds its activations
 
@@ -170,7 +203,7 @@ class Engine:
         h_last = [None] * len(seqs)
         for start in range(0, width, chunk):
             end = min(start + chunk, width)
-            starts = torch.full((len(seqs),), start, dtype=torch.long, device=self.device)
+            starts = [start] * len(seqs)
             h = self._forward(ids[:, start:end], rows, starts)  # right padding: causal attention never sees pads
             for i, s in enumerate(seqs):
                 if start <= len(s.prompt) - 1 < end:
@@ -208,8 +241,8 @@ class Engine:
         if self.speculative and all(s.params.temperature < 1e-4 for s in go_on):
             return _merge(events + self._draft_and_verify(go_on))
         ids = torch.tensor([[s.tokens[-1]] for s in go_on], device=self.device)
-        h = self._forward(ids, self._rows(go_on), self._starts(go_on))[:, 0]
-        logits = self.model.lm_head(h).float()
+        h, logits = self._forward(ids, self._rows(go_on), self._starts(go_on), self.decode_step)
+        h, logits = h[:, 0], logits[:, 0]
         for i, s in enumerate(go_on):
             s.next_logits = logits[i]
             if self.speculative:
@@ -226,13 +259,12 @@ class Engine:
         h_prev = torch.stack([torch.stack(s.mtp_states + s.mtp_states[-1:] * p) for s, p in zip(seqs, pad)])
         next_ids = [s.tokens[-n:] + s.tokens[-1:] * p for s, n, p in zip(seqs, pending, pad)]
         next_ids = torch.tensor(next_ids, device=self.device)
-        starts = torch.tensor([s.length - n for s, n in zip(seqs, pending)], device=self.device)
+        starts = [s.length - n for s, n in zip(seqs, pending)]
         h_mtp = self._mtp_forward(h_prev, next_ids, self._rows(seqs), starts)
         last = torch.tensor(pending, device=self.device) - 1
         drafts = self.model.lm_head(h_mtp[torch.arange(len(seqs)), last]).argmax(-1).tolist()
         ids = torch.tensor([[s.tokens[-1], d] for s, d in zip(seqs, drafts)], device=self.device)
-        h = self._forward(ids, self._rows(seqs), self._starts(seqs))  # (B, 2, D)
-        logits = self.model.lm_head(h).float()
+        h, logits = self._forward(ids, self._rows(seqs), self._starts(seqs), self.decode_step)  # (B, 2, D), (B, 2, V)
         agrees = (logits[:, 0].argmax(-1) == torch.tensor(drafts, device=self.device)).tolist()
         events = []
         for i, (s, agree) in enumerate(zip(seqs, agrees)):
@@ -257,15 +289,22 @@ class Engine:
         return torch.tensor([s.slot for s in seqs], device=self.device)
 
     def _starts(self, seqs):
-        return torch.tensor([s.length for s in seqs], device=self.device)
+        return [s.length for s in seqs]
 
-    def _forward(self, ids, rows, starts):
-        positions = starts[:, None] + torch.arange(ids.shape[1], device=self.device)
-        return self.model.forward_cached(ids, positions, self.cache.views(rows, starts))
+    def _forward(self, ids, rows, starts, run=decode_forward):
+        """run(model, ids, starts, rows, caches) over ids (B, T) written at positions starts[b] + t of the
+        rows' slots: decode_forward's hidden states (prefill), or decode_step's with logits (T <= 2)."""
+        self.cache.reserve(max(starts) + ids.shape[1])
+        starts = torch.tensor(starts, device=self.device)
+        for t in (ids, starts, rows):  # and any batch size: one graph for 1 sequence, one for more
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return run(self.model, ids, starts, rows, self.cache.latent, self.cache.rope)
 
     def _mtp_forward(self, h, next_ids, rows, starts):
         """MTP module over (B, T) positions: main hidden states h and the embeddings of the tokens after them."""
         module = self.model.mtp[0]
+        self.mtp_cache.reserve(max(starts) + h.shape[1])
+        starts = torch.tensor(starts, device=self.device)
         positions = starts[:, None] + torch.arange(h.shape[1], device=self.device)
         cos, sin = self.model.rope_cos[positions], self.model.rope_sin[positions]
         emb = self.model.model.embed_tokens(next_ids)

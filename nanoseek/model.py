@@ -295,6 +295,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, experts, scores = self.gate(x)
+        if not self.training and experts.numel() <= self.gathered_below:
+            return self.gathered_experts(x, weights, experts).view(shape)
         self.expert_load = torch.bincount(experts.flatten(), minlength=self.n_experts)
         self.router_scores, self.router_choice = scores, experts  # for the sequence-wise balance loss
         order = experts.flatten().argsort(stable=True)  # (N * k): assignments grouped by expert
@@ -309,6 +311,24 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
+
+    gathered_below = 65  # inference with at most this many (token, expert) picks (decoding): gathered_experts
+
+    def gathered_experts(self, x, weights, experts):
+        """Each token (N, D) through the weights of its own k experts, gathered: no sort, no host sync and
+        fixed shapes, so a compiled decode step stays one graph. It copies N k experts' weights, which for
+        a few tokens costs less than sorting and dispatching them."""
+        picks = experts.flatten()  # (N k)
+        dtype = compute_dtype(x)
+        x_rows = x.to(dtype).repeat_interleave(experts.shape[1], dim=0)  # (N k, D)
+        h = torch.bmm(x_rows[:, None], self.gate_up[picks].to(dtype))[:, 0]  # (N k, 2 inter)
+        gate, up = h.split(self.inter, dim=-1)
+        h = (F.silu(gate) * up) * weights.flatten()[:, None].to(dtype)
+        y = torch.bmm(h[:, None], self.down[picks].to(dtype))[:, 0].to(x.dtype)  # (N k, D)
+        y = y.view(*experts.shape, -1).sum(1)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
 
 
 def sequence_balance_loss(moe: MoE, batch: int) -> torch.Tensor:
@@ -436,9 +456,6 @@ class DeepSeekV3(nn.Module):
     def forward_cached(self, input_ids, position_ids, caches):
         """Final-norm hidden states (B, T, D) of a chunk of tokens at position_ids (B, T), reading and
         extending the per-layer latent caches (see Attention.forward_absorbed)."""
-        if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(position_ids.max())} is past the model's context of "
-                             f"{self.config.max_position_embeddings} tokens")
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         x = self.model.embed_tokens(input_ids)
         for layer, cache in zip(self.model.layers, caches):

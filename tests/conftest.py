@@ -11,6 +11,8 @@ import torch
 from nanoseek.model import Config
 from nanoseek.tokenizer import train_tokenizer
 
+os.environ.setdefault("NANOSEEK_COMPILE", "0")  # engines decode eagerly in tests (and their subprocesses) unless a test asks
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "12 + 35 = 47. Check: 47 - 35 = 12.",

@@ -165,14 +165,14 @@ def test_cache_grows_to_what_the_sequences_need(peaky):
     model, tok, _ = peaky
     engine = Engine(model, tok, max_batch=4)
     engine.stop_ids = set()
-    assert engine.max_len == model.config.max_position_embeddings and engine.cache.latent.shape[2] == 0
+    assert engine.max_len == model.config.max_position_embeddings and engine.cache.length == 0
     engine.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0))
-    assert engine.cache.latent.shape[2] == engine.cache.rope.shape[2] == 128  # longest: 11 + 20 tokens
+    assert engine.cache.length == engine.cache.rope[0].shape[1] == 128  # longest: 11 + 20 tokens
     long = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=140, temperature=0))[0]
-    assert len(long.tokens) == 140 and engine.cache.latent.shape[2] == 256  # 5 + 140, in blocks of 128
+    assert len(long.tokens) == 140 and engine.cache.length == 256  # 5 + 140, in blocks of 128
     short = Engine(model, tok, max_batch=1, max_len=40, speculative=False)
     short.generate([PROMPTS[0]], SamplingParams(max_tokens=100, temperature=0))
-    assert short.cache.latent.shape[2] == 40  # never past max_len
+    assert short.cache.length == 40  # never past max_len
 
 
 def test_sampling_a_batch_equals_sampling_each_alone(peaky):
@@ -296,3 +296,21 @@ def test_seed_range(peaky):
         engine.add([[1, 2], [3, 4]], [SamplingParams(seed=2**64 - 1), SamplingParams(seed=2**64)])
     assert len(engine.free) == 2
     assert len(engine.add([[1, 2]], SamplingParams(seed=2**64 - 1))) == 1
+
+
+def test_compiled_decode_step_gives_the_same_tokens(peaky):
+    """The compiled decode step (one graph while batch and cache length vary) decodes as the eager one:
+    greedy tokens equal transformers' batched and alone, seeded draws equal eager's, and nothing in the
+    step falls back to Python (no graph break)."""
+    model, tok, path = peaky
+    expected = reference(path, PROMPTS, 64)
+    torch._dynamo.utils.counters.clear()
+    engine = Engine(model, tok, max_batch=4, speculative=False, compile=True)
+    engine.stop_ids = set()
+    assert [s.tokens for s in engine.generate(PROMPTS, GREEDY)] == expected
+    assert [engine.generate([p], GREEDY)[0].tokens for p in PROMPTS] == expected
+    assert not torch._dynamo.utils.counters["graph_break"]
+    seeded = SamplingParams(max_tokens=30, temperature=1.5, seed=1, top_k=5)
+    eager = Engine(model, tok, speculative=False, compile=False)
+    eager.stop_ids = set()
+    assert [s.tokens for s in engine.generate(PROMPTS, seeded)] == [s.tokens for s in eager.generate(PROMPTS, seeded)]
