@@ -312,7 +312,7 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         return y.view(shape)
 
-    gathered_below = 65  # inference with at most this many (token, expert) picks (decoding): gathered_experts
+    gathered_below = 129  # inference with at most this many (token, expert) picks (decoding): gathered_experts
 
     def gathered_experts(self, x, weights, experts):
         """Each token (N, D) through the weights of its own k experts, gathered: no sort, no host sync and
