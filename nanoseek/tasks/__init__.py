@@ -19,7 +19,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-END_THINK = "</think>"
+from nanoseek.tokenizer import split_thinking
+
+NOT_WELL_FORMED = "no reasoning, then </think>, then an answer"
 
 
 @dataclass
@@ -83,15 +85,11 @@ class GeneratedTask:
 
 
 def parse_completion(completion: str):
-    """(reasoning, answer, well_formed): well formed means one </think> with reasoning before and an answer after."""
-    if completion.count(END_THINK) != 1:
-        return completion, "", False
-    reasoning, answer = completion.split(END_THINK)
+    """(reasoning, answer, well_formed), split as the API splits it (at the first </think>); well formed means
+    reasoning, then </think>, then an answer."""
+    reasoning, answer = split_thinking(completion)
     answer = answer.strip()
-    return reasoning.strip(), answer, bool(reasoning.strip()) and bool(answer)
-
-
-INT = re.compile(r"-?\d+")
+    return reasoning, answer, bool(reasoning.strip()) and bool(answer)
 
 
 def parse_int(text: str):
@@ -102,18 +100,32 @@ def parse_int(text: str):
 
 def score_integer(problem: Problem, completion: str) -> Reward:
     _, answer, ok = parse_completion(completion)
-    value = parse_int(answer)
-    fmt = float(ok and value is not None)
     if not ok:
-        return Reward(0.0, 0.0, "no single </think> followed by an answer")
+        return Reward(0.0, 0.0, NOT_WELL_FORMED)
+    value = parse_int(answer)
     if value is None:
         return Reward(0.0, 0.0, f"answer {answer[:40]!r} is not an integer")
     right = value == int(problem.answer)
-    return Reward(float(right), fmt, "correct" if right else f"answer {value}, expected {problem.answer}")
+    return Reward(float(right), 1.0, "correct" if right else f"answer {value}, expected {problem.answer}")
 
 
 def as_chat(problem: Problem, reasoning: str, answer: str):
     return problem.messages() + [{"role": "assistant", "content": answer, "reasoning_content": reasoning}]
+
+
+def task_documents(spec, n, kind="chat", seed=0, difficulty=None, checker="exact"):
+    """n training problems of a task, worked by solve, as ("chat", messages with the reasoning) or ("text", str)
+    documents for `nanoseek data`."""
+    if kind not in ("chat", "text"):
+        raise ValueError(f"kind must be 'chat' or 'text', not {kind!r}")
+    task, rng = get_task(spec, checker), random.Random(seed)
+    for _ in range(n):
+        problem = task.sample(rng, "train", difficulty)
+        reasoning, answer = task.solve(problem)
+        if kind == "chat":
+            yield "chat", as_chat(problem, reasoning, answer)
+        else:
+            yield "text", f"{problem.question}\n{reasoning}\nAnswer: {answer}"
 
 
 # ----------------------------------------------------------------------------- finding tasks
