@@ -10,7 +10,7 @@ import ast
 from collections import Counter
 from fractions import Fraction
 
-from nanoseek.tasks import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion
+from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion
 
 OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 

@@ -3,7 +3,7 @@
 import json
 import re
 
-from nanoseek.tasks import NOT_WELL_FORMED, Problem, Reward, parse_completion, split_of
+from nanoseek.tasks.task import NOT_WELL_FORMED, Problem, Reward, parse_completion, split_of
 
 CHECKERS = ("exact", "numeric", "math")
 

@@ -2,7 +2,7 @@
 
 import re
 
-from nanoseek.tasks import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion
+from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion
 
 
 class SortNumbers(GeneratedTask):
