@@ -50,7 +50,10 @@ def test_smoke_recipe_end_to_end(tmp_path):
     assert timings["pretrain"]["tokens"] == 30 * 8 * 128 and timings["pretrain"]["params_active"] > 0
     results = json.loads((out / "eval" / "eval.json").read_text())
     assert set(results) == {os.path.join(paths[s], "final") for s in ("pretrain", "sft", "rl")}
-    assert results[os.path.join(paths["rl"], "final")]["addition"]["all"]["n"] == 16
+    by_task = results[os.path.join(paths["rl"], "final")]
+    assert by_task["addition"]["all"]["n"] == 16  # each task at the difficulties the recipe gives it
+    assert set(by_task["addition"]["by_difficulty"]) == {"1", "2"}
+    assert set(by_task["countdown"]["by_difficulty"]) == {"3"}
 
     final = out / "rl" / "final"
     hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
