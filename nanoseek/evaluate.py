@@ -28,6 +28,7 @@ OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default,
     "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
 }
 
+
 def wilson(successes, n, z=1.96):
     """95% Wilson score interval of a proportion."""
     if n == 0:
@@ -111,11 +112,11 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
             results[ckpt][task.name] = {"all": summarize(rows, k), "by_difficulty": by_difficulty,
                                         "examples": rows[:3]}
     if out:
-        write(results, k, out)
+        write_results(results, k, out)
     return results
 
 
-def write(results, k, out):
+def write_results(results, k, out):
     """eval.md, eval.png, then eval.json (the sign that all three are there) into the directory out; each is
     written beside and renamed into place, so none is ever half written."""
     os.makedirs(out, exist_ok=True)
