@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -165,7 +166,31 @@ def build(inputs, tokenizer: Tokenizer, out_dir, val_fraction=0.01, documents=No
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".data.tmp-", dir=parent)
-    writers = {split: _ShardWriter(tmp, split, dtype) for split in ("train", "val")}
+    try:
+        kind, splits = _write_shards(documents, tokenizer, tmp, dtype, val_every)
+    except BaseException:  # bad input partway through: leave nothing half made behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest = {
+        "kind": kind,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "splits": splits,
+    }
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    tokenizer.save(tmp)  # training reads the tokenizer from here, so shards and ids cannot drift apart
+    from nanoseek.checkpoint import _fsync_tree, _replace_dir
+
+    _fsync_tree(tmp)
+    _replace_dir(tmp, os.path.abspath(out_dir))
+    return manifest
+
+
+def _write_shards(documents, tokenizer, root, dtype, val_every):
+    """Tokenize the documents into train and val shards under root; returns (kind, {split: shards})."""
+    writers = {split: _ShardWriter(root, split, dtype) for split in ("train", "val")}
     kind = None
     for i, (doc_kind, doc) in enumerate(documents):
         if kind is None:
@@ -179,21 +204,7 @@ def build(inputs, tokenizer: Tokenizer, out_dir, val_fraction=0.01, documents=No
         writers["val" if _in_val(i, val_every) else "train"].add(ids, mask)
     if kind is None:
         raise DataError("the input holds no documents")
-    manifest = {
-        "kind": kind,
-        "dtype": np.dtype(dtype).name,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "vocab_size": len(tokenizer),
-        "splits": {split: w.close() for split, w in writers.items()},
-    }
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    tokenizer.save(tmp)  # training reads the tokenizer from here, so shards and ids cannot drift apart
-    from nanoseek.checkpoint import _fsync_tree, _replace_dir
-
-    _fsync_tree(tmp)
-    _replace_dir(tmp, os.path.abspath(out_dir))
-    return manifest
+    return kind, {split: w.close() for split, w in writers.items()}
 
 
 class _ShardWriter:

@@ -152,7 +152,7 @@ def test_bad_inputs_name_the_file_and_line(tmp_path, tokenizer):
         build([str(tmp_path / "x.parquet")], tokenizer, tmp_path / "o")
     with pytest.raises(DataError, match="does not exist"):
         build([str(tmp_path / "nope.txt")], tokenizer, tmp_path / "o")
-    assert not (tmp_path / "o").exists()  # nothing half-written
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".data.tmp-*"))  # nothing half-written
 
 
 def test_wrong_tokenizer_for_shards(text_data):
