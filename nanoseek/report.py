@@ -87,6 +87,10 @@ def write_report(recipe, paths):
             for ex in r["examples"][:2]:
                 lines += [f"**{task}**: {ex['question']}", "", "```", ex["completion"].strip(), "```",
                           f"→ {ex['reason']}", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
+    report = os.path.join(out, "report.md")
+    with open(report + ".tmp", "w") as f:  # written beside and renamed: a reader never sees half a report
         f.write("\n".join(lines))
-    return os.path.join(out, "report.md")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(report + ".tmp", report)
+    return report
