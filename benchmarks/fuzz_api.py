@@ -76,17 +76,16 @@ class BodyBytes:
         await self.app(scope, counted, send)
 
 
-def raw_post(url, headers, chunks):
-    """POST /v1/completions on a raw socket, sending body chunks while reading the answer; returns the
-    status code (0 if the server closed without one) and the body bytes sent."""
+def exchange(url, head, chunks=(), timeout=60):
+    """Send a request head and body chunks on a raw socket while reading the answer; returns the answer's
+    head (b"" if the server closed without one) and how many body bytes went out."""
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
     sent, stop = [0], threading.Event()
 
     def send():
         with contextlib.suppress(OSError):
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         + headers + b"\r\n")
+            sock.sendall(head)
             for chunk in chunks:
                 if stop.is_set():
                     break
@@ -97,12 +96,20 @@ def raw_post(url, headers, chunks):
     sender.start()
     answer = b""
     with contextlib.suppress(OSError):
-        while b"\r\n" not in answer and (data := sock.recv(65536)):
+        while b"\r\n\r\n" not in answer and (data := sock.recv(65536)):
             answer += data
     stop.set()
     sock.close()
-    sender.join(60)
-    return int(answer.split(b" ")[1]) if answer.startswith(b"HTTP/1.1 ") else 0, sent[0]
+    sender.join(timeout)
+    return answer.split(b"\r\n\r\n")[0], sent[0]
+
+
+def raw_post(url, headers, chunks):
+    """POST /v1/completions on a raw socket with these extra headers; the status code (0 if the server closed
+    without one) and the body bytes sent."""
+    head, sent = exchange(url, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Content-Type: application/json\r\n" + headers + b"\r\n", chunks)
+    return int(head.split(b" ")[1]) if head.startswith(b"HTTP/1.1 ") else 0, sent
 
 
 def chunked(total, size=1 << 16):

@@ -5,7 +5,7 @@ import sys
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.server import END_THINK
+from nanoseek.tokenizer import ThinkingStream
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /reset (new conversation), /temp X, /max N, /quit"
@@ -58,21 +58,18 @@ def chat(path, temperature=0.7, max_tokens=512, device=None, stdin=sys.stdin, ou
             continue
         params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature)
         out.write(f"\n{dim}thinking: ")
-        answering, full = False, ""
+        thinking = ThinkingStream()
         with compute.autocast():  # autocast is per thread: the engine computes in this loop
             for event in engine.stream(prompt, params):
-                full += event.text
-                piece = event.text
-                if not answering and END_THINK in full:
-                    before, after = piece.split(END_THINK, 1) if END_THINK in piece else (piece, "")
-                    out.write(before + f"{reset}\n\nnanoseek> " + after.lstrip("\n"))
-                    answering = True
-                else:
-                    out.write(piece)
+                was_answering = thinking.answering
+                reasoning, answer = thinking.add(event.text)
+                out.write(reasoning)
+                if thinking.answering and not was_answering:
+                    out.write(f"{reset}\n\nnanoseek> ")
+                out.write(answer)
                 out.flush()
-        if not answering:
+        if not thinking.answering:
             out.write(reset)
-        answer = full.split(END_THINK, 1)[1].lstrip("\n") if END_THINK in full else ""
-        messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "assistant", "content": thinking.answer})
         out.write("\n")
     return messages

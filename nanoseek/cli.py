@@ -1,7 +1,6 @@
 """nanoseek <command> [options]: every stage of the pipeline from one entry point."""
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -9,30 +8,11 @@ import sys
 import torch
 
 
-def _texts(patterns):
-    """Lines of plain text files, or the "text" field of JSONL lines, from files and globs."""
-    files = sorted({f for p in patterns for f in (glob.glob(p) or [p])})
-    for file in files:
-        if not os.path.isfile(file):
-            raise SystemExit(f"error: input file {file} does not exist")
-        with open(file, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if file.endswith(".jsonl"):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        msg = f"error: {file}:{lineno}: expected a JSON object with a \"text\" field"
-                        raise SystemExit(msg) from None
-                else:
-                    yield line
-
-
 def cmd_tokenizer(args):
+    from nanoseek.data import read_texts
     from nanoseek.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(_texts(args.input), vocab_size=args.vocab_size)
+    tok = train_tokenizer(read_texts(args.input), vocab_size=args.vocab_size)
     os.makedirs(args.out, exist_ok=True)
     tok.save(args.out)
     print(f"tokenizer with {len(tok)} tokens written to {args.out}")
@@ -100,24 +80,9 @@ def cmd_bench(args):
             json.dump(r, f, indent=2)
 
 
-def task_documents(spec, n, kind="chat", seed=0, difficulty=None, checker="exact"):
-    """n training problems of a task as chat documents (thinking from solve) or plain text documents."""
-    import random
-
-    from nanoseek.tasks import as_chat, get_task
-
-    task, rng = get_task(spec, checker), random.Random(seed)
-    for _ in range(n):
-        problem = task.sample(rng, "train", difficulty)
-        reasoning, answer = task.solve(problem)
-        if kind == "chat":
-            yield "chat", as_chat(problem, reasoning, answer)
-        else:
-            yield "text", f"{problem.question}\n{reasoning}\nAnswer: {answer}"
-
-
 def cmd_data(args):
     from nanoseek.data import build
+    from nanoseek.tasks import task_documents
     from nanoseek.tokenizer import Tokenizer
 
     if bool(args.input) == bool(args.task):
@@ -169,6 +134,8 @@ def _add_options(s, options, func):
         flag = "--" + key.replace("_", "-")
         if isinstance(default, bool):
             s.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meaning)
+        elif isinstance(default, list):
+            s.add_argument(flag, nargs="+", default=default, help=meaning)
         else:
             kind = type(default) if default is not None else str
             s.add_argument(flag, type=kind, default=default, help=meaning)
@@ -204,9 +171,7 @@ def cmd_run(args):
         if "." not in key or not _:
             raise ValueError(f"--set takes section.key=value, got {item!r}")
         try:
-            import json as _json
-
-            overrides[key] = _json.loads(value)
+            overrides[key] = json.loads(value)
         except ValueError:
             overrides[key] = value
     main_run(args.recipe, force=args.force or (), overrides=overrides, stop_after=args.stop_after)
@@ -220,26 +185,20 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with the chat format")
-    s.add_argument("--input", nargs="+", required=True, help="text or JSONL ({\"text\"}) files or globs")
+    s.add_argument("--input", nargs="+", required=True, help="files or globs: .txt, .jsonl, .parquet")
     s.add_argument("--vocab-size", type=int, default=4096, help="tokens, including 256 bytes and 7 special tokens")
     s.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
     s.set_defaults(func=cmd_tokenizer)
 
-    s = sub.add_parser("data", help="tokenize text, JSONL or Parquet corpora into shards")
-    s.add_argument("--input", nargs="+", help="files or globs: .txt, .jsonl ({text} or {messages}), .parquet")
-    s.add_argument("--task", nargs="+", help="make data from tasks instead (worked solutions as <think> traces)")
-    s.add_argument("--n", type=int, default=10000, help="--task: problems per task")
-    s.add_argument("--kind", choices=["chat", "text"], default="chat", help="--task: chat (SFT) or text data")
-    s.add_argument("--difficulty", type=int, default=0, help="--task: one difficulty (0: all)")
-    s.add_argument("--checker", default="exact", help="--task with a JSONL file: its checker")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--tokenizer", required=True, help="tokenizer or checkpoint directory")
-    s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
-    s.set_defaults(func=cmd_data)
-
+    from nanoseek.data import OPTIONS as DATA_OPTIONS
+    from nanoseek.evaluate import OPTIONS as EVAL_OPTIONS
     from nanoseek.rl import OPTIONS as RL_OPTIONS
     from nanoseek.train import OPTIONS as TRAIN_OPTIONS
+
+    s = sub.add_parser("data", help="tokenize text, JSONL or Parquet corpora into shards")
+    s.add_argument("--tokenizer", required=True, help="tokenizer or checkpoint directory")
+    s.add_argument("--out", required=True, help="data directory to write")
+    _add_options(s, DATA_OPTIONS, cmd_data)
 
     for mode, text in (("pretrain", "train on text shards"), ("sft", "fine-tune on chat shards (assistant tokens)")):
         _add_options(sub.add_parser(mode, help=text), TRAIN_OPTIONS, cmd_train)
@@ -247,19 +206,9 @@ def build_parser():
 
     s = sub.add_parser("eval", help="held-out pass@1 / pass@k per task and difficulty")
     s.add_argument("ckpt", nargs="+", help="one or more checkpoints, compared side by side")
-    s.add_argument("--task", nargs="+", default=["countdown"], help="tasks (built-in names, .jsonl, file.py:Class)")
-    s.add_argument("--checker", default="exact", help="checker for JSONL tasks: exact, numeric or math")
-    s.add_argument("--n", type=int, default=500, help="held-out problems per task")
-    s.add_argument("--k", type=int, default=1, help="samples per problem for pass@k (1: greedy only)")
-    s.add_argument("--difficulty", type=int, default=0, help="one difficulty (0: the task's whole range)")
-    s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32")
-    s.set_defaults(func=cmd_eval)
+    _add_options(s, EVAL_OPTIONS, cmd_eval)
 
-    s = sub.add_parser("run", help="every stage of a recipe: data, tokenizer, pretrain, sft, rl, eval, report")
+    s = sub.add_parser("run", help="every stage of a recipe: tokenizer, data, pretrain, sft, rl, eval, report")
     s.add_argument("--recipe", default="cpu", help="a built-in recipe's name (see --list) or a .toml file")
     s.add_argument("--list", action="store_true", help="list the built-in recipes and what each is for")
     s.add_argument("--force", nargs="*", help="stages to redo (or 'all'), even if their output is complete")

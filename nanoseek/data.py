@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -22,6 +23,16 @@ import torch
 from nanoseek.tokenizer import Tokenizer
 
 SHARD_TOKENS = 50_000_000  # tokens per shard file
+OPTIONS = {  # the options of `nanoseek data` beside --tokenizer and --out: (default, meaning)
+    "input": ([], "files or globs: .txt, .jsonl ({text} or {messages}), .parquet"),
+    "task": ([], "make data from tasks instead (worked solutions as <think> traces)"),
+    "n": (10000, "--task: problems per task"),
+    "kind": ("chat", "--task: chat (SFT) or text data"),
+    "difficulty": (0, "--task: one difficulty (0: all)"),
+    "checker": ("exact", "--task with a JSONL file: its checker"),
+    "seed": (0, "--task: seed of the problems"),
+    "val_fraction": (0.01, "share of documents held out"),
+}
 
 
 class DataError(ValueError):
@@ -47,6 +58,25 @@ def expand_inputs(patterns) -> list[str]:
         if not os.path.isfile(f):
             raise DataError(f"input file {f} does not exist")
     return files
+
+
+def read_corpus(patterns):
+    """Yield ("text", str) or ("chat", messages) per document of every file the patterns name."""
+    for file in expand_inputs(patterns):
+        yield from read_documents(file)
+
+
+def read_texts(patterns):
+    """The text of every document the patterns name, to train a tokenizer on: a text document whole, a
+    conversation message by message (its reasoning too)."""
+    for kind, doc in read_corpus(patterns):
+        if kind == "text":
+            yield doc
+        else:
+            for m in doc:
+                yield m["content"]
+                if isinstance(m.get("reasoning_content"), str):
+                    yield m["reasoning_content"]
 
 
 def read_documents(file):
@@ -129,14 +159,38 @@ def build(inputs, tokenizer: Tokenizer, out_dir, val_fraction=0.01, documents=No
 
     Every round(1 / val_fraction)-th document goes to the held-out split, so the split is deterministic.
     """
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
     val_every = round(1 / val_fraction) if val_fraction > 0 else 0
     if documents is None:
-        documents = (doc for f in expand_inputs(inputs) for doc in read_documents(f))
+        documents = read_corpus(inputs)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".data.tmp-", dir=parent)
-    writers = {split: _ShardWriter(tmp, split, dtype) for split in ("train", "val")}
+    try:
+        kind, splits = _write_shards(documents, tokenizer, tmp, dtype, val_every)
+    except BaseException:  # bad input partway through: leave nothing half made behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest = {
+        "kind": kind,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "splits": splits,
+    }
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    tokenizer.save(tmp)  # training reads the tokenizer from here, so shards and ids cannot drift apart
+    from nanoseek.checkpoint import _fsync_tree, _replace_dir
+
+    _fsync_tree(tmp)
+    _replace_dir(tmp, os.path.abspath(out_dir))
+    return manifest
+
+
+def _write_shards(documents, tokenizer, root, dtype, val_every):
+    """Tokenize the documents into train and val shards under root; returns (kind, {split: shards})."""
+    writers = {split: _ShardWriter(root, split, dtype) for split in ("train", "val")}
     kind = None
     for i, (doc_kind, doc) in enumerate(documents):
         if kind is None:
@@ -150,21 +204,7 @@ def build(inputs, tokenizer: Tokenizer, out_dir, val_fraction=0.01, documents=No
         writers["val" if _in_val(i, val_every) else "train"].add(ids, mask)
     if kind is None:
         raise DataError("the input holds no documents")
-    manifest = {
-        "kind": kind,
-        "dtype": np.dtype(dtype).name,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "vocab_size": tokenizer.vocab_size,
-        "splits": {split: w.close() for split, w in writers.items()},
-    }
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    tokenizer.save(tmp)  # training reads the tokenizer from here, so shards and ids cannot drift apart
-    from nanoseek.checkpoint import _fsync_tree, _replace_dir
-
-    _fsync_tree(tmp)
-    _replace_dir(tmp, os.path.abspath(out_dir))
-    return manifest
+    return kind, {split: w.close() for split, w in writers.items()}
 
 
 class _ShardWriter:

@@ -15,6 +15,19 @@ from nanoseek.device import policy
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.tasks import get_task
 
+OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default, meaning)
+    "task": (["countdown"], "tasks (built-in names, .jsonl, file.py:Class)"),
+    "checker": ("exact", "checker for JSONL tasks: exact, numeric or math"),
+    "n": (500, "held-out problems per task"),
+    "k": (1, "samples per problem for pass@k (1: greedy pass@1 only)"),
+    "difficulty": (0, "one difficulty (0: the task's whole range)"),
+    "max_new_tokens": (256, "longest completion"),
+    "seed": (0, "seed of the held-out problems and the pass@k samples"),
+    "out": (None, "directory for eval.json, eval.md and eval.png"),
+    "device": (None, "cpu or cuda (default: cuda when available)"),
+    "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
+}
+
 
 def wilson(successes, n, z=1.96):
     """95% Wilson score interval of a proportion."""
@@ -39,15 +52,15 @@ def test_problems(task, n, seed=0, difficulty=None):
     return [task.sample(rng, "test", difficulty) for _ in range(n)]
 
 
-def evaluate_model(model, tokenizer, task, problems, k=1, max_new_tokens=256, temperature=1.0, seed=0,
-                   max_batch=32, engine=None):
-    """Per-problem results: greedy correctness and format, k sampled correctness, thinking length."""
-    engine = engine or Engine(model, tokenizer, max_batch=max_batch)
+def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0):
+    """Per-problem results: greedy correctness and format, k samples' correctness at temperature 1, thinking
+    length."""
+    tokenizer = engine.tokenizer
     prompts = [tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in problems]
     greedy = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0))
     samples = []
     if k > 1:
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed * 1_000_003 + i * k + j)
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=1.0, seed=seed * 1_000_003 + i * k + j)
                   for i in range(len(problems)) for j in range(k)]
         samples = engine.generate([p for p in prompts for _ in range(k)], params)
     rows = []
@@ -77,7 +90,8 @@ def summarize(rows, k):
 
 def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=None, device=None, checker="exact",
              difficulty=None, dtype=None):
-    """Evaluate each checkpoint on each task's held-out problems; write eval.json/.md/.png to out."""
+    """Evaluate each checkpoint on each task's held-out problems; write eval.json/.md/.png to out.
+    difficulty: one for every task, or {task: difficulty}."""
     compute = policy(device, dtype)
     results = {}
     for ckpt in checkpoints:
@@ -88,22 +102,33 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
         results[ckpt] = {}
         for spec in tasks:
             task = get_task(spec, checker)
-            problems = test_problems(task, n, seed, difficulty)
+            level = difficulty.get(spec) if isinstance(difficulty, dict) else difficulty
+            problems = test_problems(task, n, seed, level)
             with compute.autocast():
-                rows = evaluate_model(model, tokenizer, task, problems, k, max_new_tokens, seed=seed, engine=engine)
+                rows = evaluate_model(engine, task, problems, k, max_new_tokens, seed)
             by_difficulty = {}
             for d in sorted({r["difficulty"] for r in rows}):
                 by_difficulty[str(d)] = summarize([r for r in rows if r["difficulty"] == d], k)
             results[ckpt][task.name] = {"all": summarize(rows, k), "by_difficulty": by_difficulty,
                                         "examples": rows[:3]}
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(out, "eval.md"), "w") as f:
-            f.write(markdown_table(results, k))
-        plot(results, os.path.join(out, "eval.png"))
+        write_results(results, k, out)
     return results
+
+
+def write_results(results, k, out):
+    """eval.md, eval.png, then eval.json (the sign that all three are there) into the directory out; each is
+    written beside and renamed into place, so none is ever half written."""
+    os.makedirs(out, exist_ok=True)
+    for name, save in (("eval.md", lambda f: f.write(markdown_table(results, k).encode())),
+                       ("eval.png", lambda f: plot(results, f)),
+                       ("eval.json", lambda f: f.write(json.dumps(results, indent=2).encode()))):
+        tmp = os.path.join(out, name + ".tmp")
+        with open(tmp, "wb") as f:
+            save(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(out, name))
 
 
 def markdown_table(results, k):
@@ -150,6 +175,6 @@ def plot(results, file):
     ax.set(ylabel="pass@1 (greedy)", ylim=(0, 1), title="held-out accuracy, 95% intervals")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(file, dpi=100)
+    fig.savefig(file, dpi=100, format="png")
     plt.close(fig)
 

@@ -1,12 +1,15 @@
 """`nanoseek run --recipe NAME|FILE`: every stage of a recipe, each skipped when its output is complete.
 
-    task data -> tokenizer -> pretrain -> sft -> rl -> eval (every stage) -> report.md
+    tokenizer (trained on the task text and corpus) -> data (tokenized with it) -> pretrain -> sft -> rl
+    -> eval (of every stage) -> report.md
 
 A recipe is a TOML file: a built-in one (nanoseek/recipes/NAME.toml, shipped in the package) or your own.
 [pretrain] and [sft] take the options of `nanoseek pretrain`, [rl] those of `nanoseek rl`; [run], [data] and
-[eval] are described in SECTIONS below.
+[eval] are described in SECTIONS below ([data] shares val_fraction with `nanoseek data`, [eval] shares n, k
+and max_new_tokens with `nanoseek eval`).
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -23,9 +26,12 @@ except ImportError:  # Python 3.10
 
 import torch.distributed as dist
 
+from nanoseek import data as data_module
+from nanoseek import evaluate as evaluate_module
 from nanoseek import rl as rl_module
 from nanoseek import train as train_module
 from nanoseek.device import barrier, from_rank0, policy, start_ranks
+from nanoseek.tasks import task_documents
 
 SECTIONS = {  # section -> key -> (default, meaning)
     "run": {
@@ -41,14 +47,12 @@ SECTIONS = {  # section -> key -> (default, meaning)
         "sft_problems": (5000, "problems per task rendered as chat with <think> for SFT"),
         "corpus": ([], "your own text/JSONL/Parquet files, added to the pretraining data"),
         "vocab_size": (1024, "tokenizer vocabulary"),
-        "val_fraction": (0.01, "share of documents held out"),
+        "val_fraction": data_module.OPTIONS["val_fraction"],
     },
     "eval": {
         "tasks": (["addition", "countdown"], "tasks to evaluate every stage on"),
-        "n": (500, "held-out problems per task"),
         "difficulties": ({}, "per task, the difficulties to evaluate (empty: those of [data])"),
-        "k": (1, "samples per problem for pass@k (1: greedy pass@1 only)"),
-        "max_new_tokens": (256, "longest completion"),
+        **{k: evaluate_module.OPTIONS[k] for k in ("n", "k", "max_new_tokens")},
         "stages": (["pretrain", "sft", "rl"], "stages whose checkpoints are evaluated"),
     },
     "pretrain": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
@@ -158,9 +162,8 @@ def _run_stages(recipe, force, stop_after, log, main):
         "eval": lambda: os.path.exists(os.path.join(paths["eval"], "eval.json")),
         "report": lambda: False,
     }
-    # the tokenizer is trained on the task text, so it runs between making the text and tokenizing it
-    order = ["tokenizer", "data", "pretrain", "sft", "rl", "eval", "report"]
-    for stage in order:
+    # the tokenizer comes first: it is trained on the task text and corpus that the data stage then tokenizes
+    for stage in ("tokenizer", "data", "pretrain", "sft", "rl", "eval", "report"):
         if main and (stage in force or "all" in force):
             _clear(stage, paths)
         if from_rank0(done[stage]()):
@@ -187,8 +190,6 @@ def _clear(stage, paths):
 
 
 def _task_docs(recipe, kind, count_key):
-    from nanoseek.cli import task_documents
-
     d = recipe["data"]
     for i, spec in enumerate(d["tasks"]):
         yield from task_documents(spec, d[count_key], kind, seed=recipe["run"]["seed"] * 100 + i + (kind == "chat"),
@@ -196,14 +197,11 @@ def _task_docs(recipe, kind, count_key):
 
 
 def stage_tokenizer(recipe, paths, device):
-    from nanoseek.data import expand_inputs, read_documents
     from nanoseek.tokenizer import train_tokenizer
 
     d = recipe["data"]
     texts = [doc for _, doc in _task_docs(recipe, "text", "pretrain_problems")]
-    for f in expand_inputs(d["corpus"]) if d["corpus"] else []:
-        texts += [doc for kind, doc in read_documents(f) if kind == "text"]
-    tok = train_tokenizer(texts, vocab_size=d["vocab_size"])
+    tok = train_tokenizer(texts + list(data_module.read_texts(d["corpus"])), vocab_size=d["vocab_size"])
     tmp = paths["tokenizer"] + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save(tmp)
@@ -212,19 +210,14 @@ def stage_tokenizer(recipe, paths, device):
 
 
 def stage_data(recipe, paths, device):
-    from nanoseek.data import build, expand_inputs, read_documents
     from nanoseek.tokenizer import Tokenizer
 
     d = recipe["data"]
     tok = Tokenizer.load(paths["tokenizer"])
-
-    def text_docs():
-        yield from _task_docs(recipe, "text", "pretrain_problems")
-        for f in expand_inputs(d["corpus"]) if d["corpus"] else []:
-            yield from read_documents(f)
-
-    text = build(None, tok, paths["text"], d["val_fraction"], documents=text_docs())
-    chat = build(None, tok, paths["chat"], d["val_fraction"], documents=_task_docs(recipe, "chat", "sft_problems"))
+    text_docs = itertools.chain(_task_docs(recipe, "text", "pretrain_problems"), data_module.read_corpus(d["corpus"]))
+    text = data_module.build(None, tok, paths["text"], d["val_fraction"], documents=text_docs)
+    chat = data_module.build(None, tok, paths["chat"], d["val_fraction"],
+                             documents=_task_docs(recipe, "chat", "sft_problems"))
     count = lambda m: sum(s["tokens"] for s in m["splits"]["train"])  # noqa: E731
     return {"pretrain_tokens": count(text), "sft_tokens": count(chat)}
 
@@ -255,28 +248,11 @@ def stage_rl(recipe, paths, device):
 
 
 def stage_eval(recipe, paths, device):
-    from nanoseek.evaluate import evaluate
-
-    e = recipe["eval"]
-    ckpts = [os.path.join(paths[s], "final") for s in e["stages"]]
-    results = {}
-    for spec in e["tasks"]:
-        difficulty = e["difficulties"].get(spec) or recipe["data"]["difficulties"].get(spec) or None
-        part = evaluate(ckpts, [spec], n=e["n"], k=e["k"], max_new_tokens=e["max_new_tokens"],
-                        seed=recipe["run"]["seed"], device=device, dtype=recipe["run"]["dtype"], difficulty=difficulty)
-        for ckpt, by_task in part.items():
-            results.setdefault(ckpt, {}).update(by_task)
-    tmp = paths["eval"] + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    from nanoseek.evaluate import markdown_table, plot
-
-    _write_json(os.path.join(tmp, "eval.json"), results)
-    with open(os.path.join(tmp, "eval.md"), "w") as f:
-        f.write(markdown_table(results, e["k"]))
-    plot(results, os.path.join(tmp, "eval.png"))
-    shutil.rmtree(paths["eval"], ignore_errors=True)
-    os.replace(tmp, paths["eval"])
+    e, d = recipe["eval"], recipe["data"]
+    difficulty = {spec: e["difficulties"].get(spec) or d["difficulties"].get(spec) or None for spec in e["tasks"]}
+    evaluate_module.evaluate([os.path.join(paths[s], "final") for s in e["stages"]], e["tasks"], n=e["n"], k=e["k"],
+                             max_new_tokens=e["max_new_tokens"], seed=recipe["run"]["seed"], out=paths["eval"],
+                             device=device, dtype=recipe["run"]["dtype"], difficulty=difficulty)
     return {}
 
 
@@ -287,7 +263,7 @@ def stage_report(recipe, paths, device):
     return {}
 
 
-STAGE_FUNCS = {"data": stage_data, "tokenizer": stage_tokenizer, "pretrain": stage_pretrain, "sft": stage_sft,
+STAGE_FUNCS = {"tokenizer": stage_tokenizer, "data": stage_data, "pretrain": stage_pretrain, "sft": stage_sft,
                "rl": stage_rl, "eval": stage_eval, "report": stage_report}
 
 

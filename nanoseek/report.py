@@ -8,18 +8,11 @@ import time
 import torch
 
 from nanoseek.device import policy, world_size
+from nanoseek.train import read_metrics
 
 
 def _load(path, default=None):
     return json.load(open(path)) if os.path.exists(path) else default
-
-
-def _metrics(path):
-    file = os.path.join(path, "metrics.jsonl")
-    if not os.path.exists(file):
-        return []
-    with open(file) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_report(recipe, paths):
@@ -59,25 +52,12 @@ def write_report(recipe, paths):
     if pt.get("params_total"):
         lines += [f"Model: {pt['params_total']:,} parameters, {pt['params_active']:,} active per token.", ""]
 
-    # accuracy
+    # accuracy: the table `nanoseek eval` wrote
     if results:
-        ckpts = list(results)
-        stage_of = {c: os.path.basename(os.path.dirname(os.path.normpath(c))) for c in ckpts}
-        lines += ["## Held-out accuracy", "",
-                  "pass@1 with greedy decoding on problems from the test split (never trained on), with 95% Wilson "
-                  "intervals.", "",
-                  "| task | difficulty | " + " | ".join(stage_of[c] for c in ckpts) + " |",
-                  "|---|---|" + "---|" * len(ckpts)]
-        for task in results[ckpts[0]]:
-            rows = [("all", None)] + [(d, d) for d in results[ckpts[0]][task]["by_difficulty"]]
-            for label, d in rows:
-                cells = []
-                for c in ckpts:
-                    s = results[c][task]["all"] if d is None else results[c][task]["by_difficulty"][d]
-                    cells.append(f"{100 * s['pass@1']:.1f}% [{100 * s['pass@1_ci'][0]:.1f}–"
-                                 f"{100 * s['pass@1_ci'][1]:.1f}] (n={s['n']}, format {100 * s['format']:.0f}%)")
-                lines.append(f"| {task} | {label} | " + " | ".join(cells) + " |")
-        lines += ["", "![accuracy](eval/eval.png)", ""]
+        with open(os.path.join(paths["eval"], "eval.md")) as f:
+            table = f.read()
+        lines += ["## Held-out accuracy", "", "On problems from the test split (never trained on).", "", table,
+                  "![accuracy](eval/eval.png)", ""]
 
     # curves
     lines += ["## Curves", ""]
@@ -88,7 +68,8 @@ def write_report(recipe, paths):
             lines += [f"{title}:", "", f"![{title}]({stage}/{png})", ""]
 
     # expert balance
-    rows = [r for r in _metrics(paths["pretrain"]) if r.get("expert_imbalance")]
+    metrics = os.path.join(paths["pretrain"], "metrics.jsonl")
+    rows = [r for r in read_metrics(metrics) if r.get("expert_imbalance")] if os.path.exists(metrics) else []
     if rows:
         first, last = rows[0]["expert_imbalance"], rows[-1]["expert_imbalance"]
         lines += ["## Expert load balance", "",
@@ -106,6 +87,10 @@ def write_report(recipe, paths):
             for ex in r["examples"][:2]:
                 lines += [f"**{task}**: {ex['question']}", "", "```", ex["completion"].strip(), "```",
                           f"→ {ex['reason']}", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
+    report = os.path.join(out, "report.md")
+    with open(report + ".tmp", "w") as f:  # written beside and renamed: a reader never sees half a report
         f.write("\n".join(lines))
-    return os.path.join(out, "report.md")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(report + ".tmp", report)
+    return report

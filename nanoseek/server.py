@@ -35,8 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.tokenizer import ThinkingStream, split_thinking
 
-END_THINK = "</think>"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}  # bookkeeping that changes no output
 
@@ -521,14 +521,6 @@ def _params(req, max_tokens, prompt_len, context, field):
             for i in range(req.n)]
 
 
-def split_reasoning(text):
-    """(reasoning, answer) of a completion that began inside <think>."""
-    if END_THINK in text:
-        reasoning, answer = text.split(END_THINK, 1)
-        return reasoning.strip("\n"), answer.lstrip("\n")
-    return text.strip("\n"), ""
-
-
 async def _serve(request, worker: Worker, prompts, params, req, chat):
     job = await _admit(request, worker, prompts, params)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -543,7 +535,7 @@ async def _serve(request, worker: Worker, prompts, params, req, chat):
     for i, seq in enumerate(finals):
         completion_tokens += len(seq.tokens)
         if chat:
-            reasoning, answer = split_reasoning(seq.text)
+            reasoning, answer = split_thinking(seq.text)
             message = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
             choices.append({"index": i, "message": message, "finish_reason": seq.finish_reason, "logprobs": None})
         else:
@@ -624,7 +616,7 @@ async def _stream(job, rid, created, req, chat):
     comes as an event typed by its cause, then [DONE]."""
     n = len(job.prompts)
     kind = "chat.completion.chunk" if chat else "text_completion"
-    state = [{"text": "", "answering": False, "answer_started": False} for _ in range(n)]
+    thinking = [ThinkingStream() for _ in range(n)]
     finished, completion_tokens = 0, 0
 
     def chunk(choices, usage=None):
@@ -648,7 +640,8 @@ async def _stream(job, rid, created, req, chat):
         if not chat:
             yield chunk([{"index": index, "text": event.text, "finish_reason": finish, "logprobs": None}])
             continue
-        delta = _route_delta(state[index], event.text)
+        reasoning, answer = thinking[index].add(event.text)
+        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
         if delta or finish:
             yield chunk([{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}])
     if finished == n and req.stream_options and req.stream_options.include_usage:
@@ -656,28 +649,6 @@ async def _stream(job, rid, created, req, chat):
         yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                          "total_tokens": prompt_tokens + completion_tokens})
     yield "data: [DONE]\n\n"
-
-
-def _route_delta(state, text):
-    """Split streamed text between reasoning_content (before </think>) and content (after it)."""
-    delta = {}
-    if not state["answering"]:
-        combined = state["text"] + text
-        if END_THINK in combined:
-            before, after = combined.split(END_THINK, 1)
-            reasoning = before[len(state["text"]) :] if len(before) >= len(state["text"]) else ""
-            if reasoning:
-                delta["reasoning_content"] = reasoning
-            state["answering"], text = True, after
-        else:
-            state["text"] = combined
-            return {"reasoning_content": text} if text else {}
-    if not state["answer_started"]:
-        text = text.lstrip("\n")
-        state["answer_started"] = bool(text)
-    if text:
-        delta["content"] = text
-    return delta
 
 
 def serve(path, host="127.0.0.1", port=8000, api_key=None, max_batch=16, model_name=None, device=None):

@@ -50,10 +50,6 @@ class Tokenizer:
     def __len__(self):
         return self.tok.get_vocab_size()
 
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size()
-
     def encode(self, text: str) -> list[int]:
         """Plain text to ids; special-token strings in the text stay text."""
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -123,6 +119,31 @@ class Tokenizer:
                 raise
             msg = f"{file} is not a valid tokenizer file ({e}); retrain it with `nanoseek tokenizer`"
             raise ValueError(msg) from None
+
+
+def split_thinking(text):
+    """(reasoning, answer) of a completion that began inside <think>, split at the first </think> (a later one
+    is part of the answer), without the newlines the chat template puts around it. No </think>: all reasoning."""
+    reasoning, _, answer = text.partition(END_THINK)
+    return reasoning.strip("\n"), answer.lstrip("\n")
+
+
+class ThinkingStream:
+    """A streamed completion, piece by piece, as (reasoning, answer) deltas that add up to split_thinking of the
+    whole text; `answering` turns true at the first </think>. (Only a </think> spelled out in pieces that
+    arrive apart, "</th" then "ink>", leaves its first part streamed as thinking.)"""
+
+    def __init__(self):
+        self.text, self.reasoning, self.answer, self.answering = "", "", "", False
+
+    def add(self, piece):
+        self.text += piece
+        reasoning, answer = split_thinking(self.text)
+        self.answering = self.answering or END_THINK in self.text
+        new_reasoning = reasoning[len(self.reasoning) :] if reasoning.startswith(self.reasoning) else ""
+        new_answer = answer[len(self.answer) :]
+        self.reasoning, self.answer = reasoning, answer
+        return new_reasoning, new_answer
 
 
 def _content(m):

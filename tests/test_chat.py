@@ -2,7 +2,10 @@
 
 import io
 
+import nanoseek
 from nanoseek.chat import chat
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.tokenizer import split_thinking
 
 
 def test_terminal_chat(chat_model):
@@ -15,3 +18,18 @@ def test_terminal_chat(chat_model):
     assert "(temperature 0.0)" in text and "(max tokens 30)" in text and "/temp needs a number" in text
     assert "(new conversation)" in text and "commands:" in text
     assert messages == []  # /reset cleared the two exchanges
+
+
+def test_terminal_chat_splits_as_the_api_does(chat_model):
+    """The thinking is printed, then the answer after `nanoseek> `, split where split_thinking splits the greedy
+    completion, and the conversation keeps the answer alone."""
+    question = "What is 21 + 21?"
+    model, tok = nanoseek.load(chat_model)
+    prompt, _ = tok.render_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+    completion = Engine(model, tok).generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0].text
+    reasoning, answer = split_thinking(completion)
+    out = io.StringIO()
+    messages = chat(chat_model, temperature=0, max_tokens=40, stdin=io.StringIO(question + "\n"), out=out)
+    assert messages == [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    shown = f"thinking: {reasoning}\n\nnanoseek> {answer}\n" if "</think>" in completion else f"thinking: {reasoning}"
+    assert shown in out.getvalue()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import arithmetic_documents, chat_documents
 
-from nanoseek.data import DataError, Loader, build, load_manifest
+from nanoseek.data import DataError, Loader, build, load_manifest, read_texts
 from nanoseek.tokenizer import train_tokenizer
 
 
@@ -32,6 +32,15 @@ def test_text_jsonl_and_parquet_inputs_agree(tmp_path, tokenizer):
     sums = {build([str(tmp_path / f"a.{ext}")], tokenizer, tmp_path / ext)["splits"]["train"][0]["sha256"]
             for ext in ("txt", "jsonl", "parquet")}
     assert len(sums) == 1
+
+
+def test_tokenizer_text_of_text_and_chat_files(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\ntwo")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"}]}))
+    assert list(read_texts([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])) == ["one", "two", "q", "a", "r"]
+    with pytest.raises(DataError, match="no files match"):
+        list(read_texts([str(tmp_path / "*.parquet")]))
 
 
 def test_chat_mask_covers_assistant_tokens_only(chat_data, tokenizer):
@@ -143,7 +152,7 @@ def test_bad_inputs_name_the_file_and_line(tmp_path, tokenizer):
         build([str(tmp_path / "x.parquet")], tokenizer, tmp_path / "o")
     with pytest.raises(DataError, match="does not exist"):
         build([str(tmp_path / "nope.txt")], tokenizer, tmp_path / "o")
-    assert not (tmp_path / "o").exists()  # nothing half-written
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".data.tmp-*"))  # nothing half-written
 
 
 def test_wrong_tokenizer_for_shards(text_data):

@@ -3,7 +3,6 @@ transformers and answers through the engine."""
 
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 import nanoseek
+from nanoseek import evaluate
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.pipeline import RecipeError, builtin_recipes, load_recipe, run
 from nanoseek.tasks import get_task
@@ -50,13 +50,17 @@ def test_smoke_recipe_end_to_end(tmp_path):
     assert timings["pretrain"]["tokens"] == 30 * 8 * 128 and timings["pretrain"]["params_active"] > 0
     results = json.loads((out / "eval" / "eval.json").read_text())
     assert set(results) == {os.path.join(paths[s], "final") for s in ("pretrain", "sft", "rl")}
-    assert results[os.path.join(paths["rl"], "final")]["addition"]["all"]["n"] == 16
+    by_task = results[os.path.join(paths["rl"], "final")]
+    assert by_task["addition"]["all"]["n"] == 16  # each task at the difficulties the recipe gives it
+    assert set(by_task["addition"]["by_difficulty"]) == {"1", "2"}
+    assert set(by_task["countdown"]["by_difficulty"]) == {"3"}
 
     final = out / "rl" / "final"
     hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     hf_tok = AutoTokenizer.from_pretrained(final)
     model, tok = nanoseek.load(final)
-    problem = get_task("addition").sample(random.Random(0), "test", 1)
+    task = get_task("addition")
+    problem = evaluate.test_problems(task, 16, seed=0, difficulty=[1, 2])[0]  # the eval stage's first problem
     prompt, _ = tok.render_chat(problem.messages(), add_generation_prompt=True)
     assert hf_tok.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=True)[
         "input_ids"] == prompt
@@ -64,9 +68,10 @@ def test_smoke_recipe_end_to_end(tmp_path):
         ids = torch.tensor([prompt])
         torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
     seq = Engine(model, tok).generate([prompt], SamplingParams(max_tokens=48, temperature=0))[0]
-    assert seq.tokens and seq.finish_reason in ("stop", "length")
-    reward = get_task("addition").score(problem, seq.text)
-    assert 0 <= reward.accuracy <= 1 and reward.reason
+    example = results[str(final)]["addition"]["examples"][0]  # what eval.json says the model answered, and why
+    reward = task.score(problem, seq.text)
+    assert example["question"] == problem.question and example["completion"] == seq.text
+    assert (example["correct"], example["format"], example["reason"]) == (reward.accuracy, reward.format, reward.reason)
 
     logs.clear()  # a rerun finds every stage complete and only rewrites the report
     run(recipe, log=logs.append)

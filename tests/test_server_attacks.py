@@ -3,12 +3,17 @@ settings (`uvicorn_config`): each must be refused cleanly and leave every slot f
 
 import contextlib
 import json
+import os
 import socket
+import sys
 import threading
 import time
 
 import httpx
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from fuzz_api import BodyBytes, chunked, exchange  # noqa: E402  the attacks the benchmark also makes
 
 from nanoseek.engine import Engine
 from nanoseek.model import DeepSeekV3, config_for_size
@@ -18,21 +23,6 @@ SLOTS = 4
 ASK = [{"role": "user", "content": "What is 12 + 30?"}]
 CHAT = {"model": "endless", "messages": ASK, "max_tokens": 4, "temperature": 0}
 COMPLETE = {"model": "endless", "prompt": "hi", "max_tokens": 4, "temperature": 0}
-
-
-class BodyBytes:
-    """ASGI wrapper: counts the request body bytes the app has taken from uvicorn."""
-
-    def __init__(self, app):
-        self.app, self.read = app, 0
-
-    async def __call__(self, scope, receive, send):
-        async def counted():
-            message = await receive()
-            self.read += len(message.get("body", b""))
-            return message
-
-        await self.app(scope, counted, send)
 
 
 def endless_engine(tokenizer):
@@ -102,43 +92,6 @@ def fail_once(fn):
         return fn(*a, **kw)
 
     return failing
-
-
-def exchange(url, head, chunks=(), timeout=30):
-    """Send a request head and body chunks on a raw socket while reading the answer; returns the answer's
-    head (b"" if the server closed without one) and how many body bytes went out."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=timeout)
-    sent, stop = [0], threading.Event()
-
-    def send():
-        with contextlib.suppress(OSError):
-            sock.sendall(head)
-            for chunk in chunks:
-                if stop.is_set():
-                    break
-                sock.sendall(chunk)
-                sent[0] += len(chunk)
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    answer = b""
-    with contextlib.suppress(OSError):
-        while b"\r\n\r\n" not in answer:
-            data = sock.recv(65536)
-            if not data:
-                break
-            answer += data
-    stop.set()
-    sock.close()
-    sender.join(timeout)
-    return answer.split(b"\r\n\r\n")[0], sent[0]
-
-
-def chunked(total, size=1 << 16):
-    for _ in range(total // size):
-        yield b"%x\r\n" % size + b"x" * size + b"\r\n"
-    yield b"0\r\n\r\n"
 
 
 def test_the_slot_leak_request_leaves_every_slot_free(attacked):

@@ -2,11 +2,13 @@
 
 import json
 import random
+import re
 
 import pytest
 
-from nanoseek.tasks import builtin_tasks, get_task
+from nanoseek.tasks import builtin_tasks, get_task, parse_completion, split_of, task_documents
 from nanoseek.tasks.countdown import evaluate_expression
+from nanoseek.tokenizer import split_thinking
 
 
 @pytest.mark.parametrize("name", sorted(builtin_tasks()))
@@ -33,7 +35,8 @@ def test_rewards_for_crafted_completions():
     r = add.score(p, f"steps\n</think>\n\n{wrong}")
     assert (r.accuracy, r.format) == (0, 1) and "expected" in r.reason
     assert add.score(p, f"steps {right}").format == 0  # no </think>
-    assert add.score(p, f"a</think>b</think>\n{right}").format == 0  # two of them
+    two = add.score(p, f"a</think>\n{right}</think>\n{right}")  # split at the first: the answer holds the second
+    assert (two.accuracy, two.format) == (0, 0) and f"'{right}</think>" in two.reason
     assert add.score(p, "steps\n</think>\n\n").format == 0  # no answer
     assert add.score(p, "steps\n</think>\n\nforty-two").format == 0
 
@@ -120,3 +123,31 @@ def test_countdown_trace_of_three_numbers_always_reaches_the_answer():
             if "=" in line:  # "a op b=~value" lines compute what they say, ones digit first
                 expr, value = line.split("=~")
                 assert evaluate_expression(expr)[0] == int(value[::-1])
+
+
+@pytest.mark.parametrize("completion", ["a\n</think>\n\n42", "a</think>42</think>", "a</think>\n</think>42",
+                                        "</think>42", "a\n</think>\n\n", "no end 42", "a</think> 4</think>2 "])
+def test_scoring_judges_the_answer_the_api_shows(completion):
+    """Scoring and the server split a completion with one function, at its first </think>: the answer
+    scored is the `content` the API returns, and it is right only when that content is."""
+    reasoning, content = split_thinking(completion)
+    scored_reasoning, answer, well_formed = parse_completion(completion)
+    assert (scored_reasoning, answer) == (reasoning, content.strip())
+    assert well_formed == (bool(reasoning.strip()) and bool(content.strip()))
+    p = get_task("addition").make(random.Random(1), 2)
+    right = get_task("addition").score(p, completion.replace("42", p.answer)).accuracy == 1
+    assert right == (split_thinking(completion.replace("42", p.answer)) == ("a", p.answer))
+
+
+def test_task_documents_are_worked_training_problems():
+    chats = list(task_documents("addition", 5, "chat", seed=3, difficulty=2))
+    texts = list(task_documents("addition", 5, "text", seed=3, difficulty=2))
+    assert chats == list(task_documents("addition", 5, "chat", seed=3, difficulty=2))  # seeded
+    for (kind, messages), (text_kind, text) in zip(chats, texts):
+        question, reply = messages[0]["content"], messages[1]
+        a, b = map(int, re.findall(r"\d+", question))
+        assert (kind, text_kind) == ("chat", "text") and split_of(question) == "train"
+        assert reply["content"] == str(a + b) and reply["reasoning_content"].strip()
+        assert text == f"{question}\n{reply['reasoning_content']}\nAnswer: {a + b}"  # the same problem
+    with pytest.raises(ValueError, match="kind must be 'chat' or 'text'"):
+        list(task_documents("addition", 1, "prose"))

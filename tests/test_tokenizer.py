@@ -1,10 +1,14 @@
 """Tokenizer training, the R1 chat format, and special-token injection."""
 
+import json
+import random
+
 import pytest
 from conftest import CORPUS
 from transformers import AutoTokenizer
 
-from nanoseek.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from nanoseek import cli
+from nanoseek.tokenizer import SPECIAL_TOKENS, ThinkingStream, Tokenizer, split_thinking, train_tokenizer
 
 CHAT = [
     {"role": "system", "content": "Answer briefly."},
@@ -69,3 +73,54 @@ def test_loading_broken_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizer file"):
         Tokenizer.load(tmp_path)
+
+
+@pytest.mark.parametrize("text, reasoning, answer", [
+    ("2 + 5 = 7\n</think>\n\n7", "2 + 5 = 7", "7"),
+    ("a</think>b</think>c", "a", "b</think>c"),  # the first </think> ends the thinking; a later one is answer text
+    ("\nstill thinking\n", "still thinking", ""),
+    ("</think>\n\n\n7\n", "", "7\n"),
+])
+def test_split_thinking_at_the_first_end_think(text, reasoning, answer):
+    assert split_thinking(text) == (reasoning, answer)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_streamed_thinking_adds_up_to_the_whole_split(seed):
+    """However a completion arrives in pieces, the streamed deltas add up to split_thinking of the whole text,
+    and `answering` turns on with the piece that completes the first </think>."""
+    r = random.Random(seed)
+    words = ["\n", "\n\n", "7", " + ", "</think>", "x", "<", "/think>"]
+    text = "".join(r.choice(words) for _ in range(r.randint(0, 12)))
+    cuts = sorted(r.sample(range(len(text) + 1), min(len(text) + 1, r.randint(0, 5))))
+    pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+    stream, reasoning, answer = ThinkingStream(), "", ""
+    for i, piece in enumerate(pieces):
+        r_delta, a_delta = stream.add(piece)
+        reasoning, answer = reasoning + r_delta, answer + a_delta
+        assert stream.answering == ("</think>" in "".join(pieces[: i + 1]))
+    whole_reasoning, whole_answer = split_thinking(text)
+    assert answer == whole_answer and (stream.reasoning, stream.answer) == (whole_reasoning, whole_answer)
+    first = text.find("</think>")
+    if not any(first < cut < first + len("</think>") for cut in cuts):  # no piece ended inside the first </think>
+        assert reasoning == whole_reasoning
+
+
+def test_tokenizer_command_reads_text_jsonl_and_parquet_alike(tmp_path):
+    """`nanoseek tokenizer` reads documents as `nanoseek data` does: a Parquet file by its text column, never its
+    bytes, so all three inputs train the same tokenizer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = CORPUS[:200]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet")
+    vocabs = []
+    for ext in ("txt", "jsonl", "parquet"):
+        assert cli.main(["tokenizer", "--input", str(tmp_path / f"a.{ext}"), "--vocab-size", "320",
+                         "--out", str(tmp_path / ext)]) == 0
+        vocabs.append(Tokenizer.load(tmp_path / ext).tok.get_vocab())
+    assert vocabs[0] == vocabs[1] == vocabs[2] == train_tokenizer(docs, vocab_size=320).tok.get_vocab()
+    pq.write_table(pa.table({"body": docs}), tmp_path / "b.parquet")
+    assert cli.main(["tokenizer", "--input", str(tmp_path / "b.parquet"), "--out", str(tmp_path / "b")]) == 1

@@ -7,124 +7,36 @@
         def solve(self, problem) -> tuple[str, str]: ...                # (worked reasoning, final answer)
         def score(self, problem, completion) -> Reward: ...             # accuracy, format, and why
 
-A completion is what the model writes after the prompt, which ends inside <think>: the reasoning,
-`</think>`, then the answer. Answers are parsed, never evaluated as code.
+What a task is, and the helpers tasks share, live in task.py; this module finds tasks (built in, a JSONL
+file, or your own class) and turns their worked problems into training documents.
 """
 
-import hashlib
 import importlib.util
 import os
 import random
-import re
-from dataclasses import dataclass, field
-from typing import Protocol
 
-END_THINK = "</think>"
-
-
-@dataclass
-class Problem:
-    question: str
-    answer: str  # the reference answer, as text
-    difficulty: int = 1
-    data: dict = field(default_factory=dict)
-
-    def messages(self):
-        return [{"role": "user", "content": self.question}]
-
-
-@dataclass
-class Reward:
-    accuracy: float  # 1 if the answer is right
-    format: float  # 1 if the completion is <reasoning></think><answer> with a parsable answer
-    reason: str
-
-
-class Task(Protocol):
-    name: str
-    difficulties: range
-
-    def sample(self, rng: random.Random, split: str, difficulty: int | None = None) -> Problem: ...
-    def solve(self, problem: Problem) -> tuple[str, str]: ...
-    def score(self, problem: Problem, completion: str) -> Reward: ...
-
-
-def split_of(question: str, test_every: int = 5) -> str:
-    """A fixed split by the question's hash: one problem in test_every is a test problem, on every machine."""
-    h = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big")
-    return "test" if h % test_every == 0 else "train"
-
-
-def sample_split(make, rng, split, tries=10_000):
-    """Draw problems from make(rng) until one falls in `split`."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    for _ in range(tries):
-        p = make(rng)
-        if split_of(p.question) == split:
-            return p
-    raise RuntimeError("could not draw a problem of this split; the task has too few distinct problems")
-
-
-def pick_difficulty(rng, difficulty, choices):
-    """difficulty: one level, a list of levels to draw from, or None for the task's whole range."""
-    if isinstance(difficulty, int) and difficulty:
-        return difficulty
-    return rng.choice(list(difficulty or choices))
-
-
-class GeneratedTask:
-    """Base of tasks that make problems from a seed: subclasses define make(rng, difficulty)."""
-
-    difficulties = range(1, 2)
-
-    def sample(self, rng, split, difficulty=None):
-        return sample_split(lambda r: self.make(r, pick_difficulty(r, difficulty, self.difficulties)), rng, split)
-
-
-def parse_completion(completion: str):
-    """(reasoning, answer, well_formed): well formed means one </think> with reasoning before and an answer after."""
-    if completion.count(END_THINK) != 1:
-        return completion, "", False
-    reasoning, answer = completion.split(END_THINK)
-    answer = answer.strip()
-    return reasoning.strip(), answer, bool(reasoning.strip()) and bool(answer)
-
-
-INT = re.compile(r"-?\d+")
-
-
-def parse_int(text: str):
-    """The answer as an integer when it is one (commas and a trailing period allowed), else None."""
-    t = text.strip().rstrip(".").replace(",", "").strip()
-    return int(t) if re.fullmatch(r"-?\d+", t) else None
-
-
-def score_integer(problem: Problem, completion: str) -> Reward:
-    _, answer, ok = parse_completion(completion)
-    value = parse_int(answer)
-    fmt = float(ok and value is not None)
-    if not ok:
-        return Reward(0.0, 0.0, "no single </think> followed by an answer")
-    if value is None:
-        return Reward(0.0, 0.0, f"answer {answer[:40]!r} is not an integer")
-    right = value == int(problem.answer)
-    return Reward(float(right), fmt, "correct" if right else f"answer {value}, expected {problem.answer}")
-
-
-def as_chat(problem: Problem, reasoning: str, answer: str):
-    return problem.messages() + [{"role": "assistant", "content": answer, "reasoning_content": reasoning}]
-
-
-# ----------------------------------------------------------------------------- finding tasks
+from nanoseek.tasks.arithmetic import Addition, Arithmetic
+from nanoseek.tasks.countdown import Countdown
+from nanoseek.tasks.custom import JsonlTask
+from nanoseek.tasks.equations import LinearEquation
+from nanoseek.tasks.sorting import SortNumbers
+from nanoseek.tasks.task import (  # noqa: F401  what a task file of your own imports from nanoseek.tasks
+    NOT_WELL_FORMED,
+    GeneratedTask,
+    Problem,
+    Reward,
+    Task,
+    as_chat,
+    parse_completion,
+    parse_int,
+    pick_difficulty,
+    sample_split,
+    score_integer,
+    split_of,
+)
 
 
 def builtin_tasks():
-    from nanoseek.tasks.arithmetic import Addition, Arithmetic
-    from nanoseek.tasks.countdown import Countdown
-    from nanoseek.tasks.equations import LinearEquation
-    from nanoseek.tasks.sorting import SortNumbers
-
     return {t.name: t for t in (Addition(), Arithmetic(), Countdown(), LinearEquation(), SortNumbers())}
 
 
@@ -134,8 +46,6 @@ def get_task(spec: str, checker: str = "exact"):
     if spec in tasks:
         return tasks[spec]
     if spec.endswith(".jsonl"):
-        from nanoseek.tasks.custom import JsonlTask
-
         return JsonlTask(spec, checker)
     if ".py:" in spec:
         path, _, cls = spec.rpartition(":")
@@ -154,3 +64,18 @@ def get_task(spec: str, checker: str = "exact"):
             task.difficulties = range(1, 2)
         return task
     raise ValueError(f"unknown task {spec!r}: use one of {sorted(tasks)}, a .jsonl file or file.py:ClassName")
+
+
+def task_documents(spec, n, kind="chat", seed=0, difficulty=None, checker="exact"):
+    """n training problems of a task, worked by solve, as ("chat", messages with the reasoning) or ("text", str)
+    documents for `nanoseek data`."""
+    if kind not in ("chat", "text"):
+        raise ValueError(f"kind must be 'chat' or 'text', not {kind!r}")
+    task, rng = get_task(spec, checker), random.Random(seed)
+    for _ in range(n):
+        problem = task.sample(rng, "train", difficulty)
+        reasoning, answer = task.solve(problem)
+        if kind == "chat":
+            yield "chat", as_chat(problem, reasoning, answer)
+        else:
+            yield "text", f"{problem.question}\n{reasoning}\nAnswer: {answer}"

@@ -1,6 +1,6 @@
 """Multi-digit arithmetic with worked column-by-column reasoning; difficulty is the number of digits."""
 
-from nanoseek.tasks import GeneratedTask, Problem, score_integer
+from nanoseek.tasks.task import GeneratedTask, Problem, score_integer
 
 
 def _digits(n):

@@ -10,7 +10,7 @@ import ast
 from collections import Counter
 from fractions import Fraction
 
-from nanoseek.tasks import GeneratedTask, Problem, Reward, parse_completion
+from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion
 
 OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
@@ -144,7 +144,7 @@ class Countdown(GeneratedTask):
     def score(self, problem, completion):
         _, answer, ok = parse_completion(completion)
         if not ok:
-            return Reward(0.0, 0.0, "no single </think> followed by an answer")
+            return Reward(0.0, 0.0, NOT_WELL_FORMED)
         answer = answer.split("=")[0].strip()
         try:
             value, used = evaluate_expression(answer)

@@ -3,7 +3,7 @@
 import json
 import re
 
-from nanoseek.tasks import Problem, Reward, parse_completion, split_of
+from nanoseek.tasks.task import NOT_WELL_FORMED, Problem, Reward, parse_completion, split_of
 
 CHECKERS = ("exact", "numeric", "math")
 
@@ -51,7 +51,7 @@ class JsonlTask:
     def score(self, problem, completion):
         _, answer, ok = parse_completion(completion)
         if not ok:
-            return Reward(0.0, 0.0, "no single </think> followed by an answer")
+            return Reward(0.0, 0.0, NOT_WELL_FORMED)
         right = check(self.checker, answer, problem.answer)
         return Reward(float(right), 1.0, "correct" if right else f"answer {answer[:40]!r}, expected {problem.answer}")
 

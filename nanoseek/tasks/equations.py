@@ -1,6 +1,6 @@
 """Linear equations a*x + b = c with an integer solution; difficulty scales the coefficients."""
 
-from nanoseek.tasks import GeneratedTask, Problem, score_integer
+from nanoseek.tasks.task import GeneratedTask, Problem, score_integer
 
 
 class LinearEquation(GeneratedTask):

@@ -2,7 +2,7 @@
 
 import re
 
-from nanoseek.tasks import GeneratedTask, Problem, Reward, parse_completion
+from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion
 
 
 class SortNumbers(GeneratedTask):
@@ -26,7 +26,7 @@ class SortNumbers(GeneratedTask):
     def score(self, problem, completion):
         _, answer, ok = parse_completion(completion)
         if not ok:
-            return Reward(0.0, 0.0, "no single </think> followed by an answer")
+            return Reward(0.0, 0.0, NOT_WELL_FORMED)
         if not re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*\.?\s*", answer):
             return Reward(0.0, 0.0, f"answer {answer[:40]!r} is not a comma-separated list of integers")
         got = [int(n) for n in re.findall(r"-?\d+", answer)]
