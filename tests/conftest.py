@@ -11,7 +11,7 @@ import torch
 from nanoseek.model import Config
 from nanoseek.tokenizer import train_tokenizer
 
-os.environ.setdefault("NANOSEEK_COMPILE", "0")  # engines decode eagerly in tests (and their subprocesses) unless a test asks
+os.environ.setdefault("NANOSEEK_COMPILE", "0")  # engines decode eagerly in tests and their subprocesses, unless asked
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
