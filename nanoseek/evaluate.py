@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import time
 from math import comb
 
 from nanoseek.checkpoint import load
@@ -68,9 +69,10 @@ def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0):
         reward = task.score(p, g.text)
         thinking = g.tokens.index(tokenizer.end_think_id) if tokenizer.end_think_id in g.tokens else len(g.tokens)
         correct = sum(task.score(p, s.text).accuracy for s in samples[i * k : (i + 1) * k]) if k > 1 else None
+        generated = len(g.tokens) + sum(len(s.tokens) for s in samples[i * k : (i + 1) * k])
         rows.append({"difficulty": p.difficulty, "correct": reward.accuracy, "format": reward.format,
                      "thinking_tokens": thinking, "sample_correct": correct, "question": p.question,
-                     "completion": g.text, "reason": reward.reason})
+                     "completion": g.text, "reason": reward.reason, "generated_tokens": generated})
     return rows
 
 
@@ -104,13 +106,17 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
             task = get_task(spec, checker)
             level = difficulty.get(spec) if isinstance(difficulty, dict) else difficulty
             problems = test_problems(task, n, seed, level)
+            start = time.perf_counter()
             with compute.autocast():
                 rows = evaluate_model(engine, task, problems, k, max_new_tokens, seed)
+            seconds = time.perf_counter() - start
+            tokens = sum(r["generated_tokens"] for r in rows)
             by_difficulty = {}
             for d in sorted({r["difficulty"] for r in rows}):
                 by_difficulty[str(d)] = summarize([r for r in rows if r["difficulty"] == d], k)
             results[ckpt][task.name] = {"all": summarize(rows, k), "by_difficulty": by_difficulty,
-                                        "examples": rows[:3]}
+                                        "examples": rows[:3], "generation": {
+                                            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}}
     if out:
         write_results(results, k, out)
     return results
@@ -148,7 +154,10 @@ def markdown_table(results, k):
                 cell += f", format {100 * s['format']:.0f}%, think {s['thinking_tokens']:.0f} tok (n={s['n']})"
                 cells.append(cell)
             lines.append(f"| {t} | {d} | " + " | ".join(cells) + " |")
-    return "pass@1 (greedy) with 95% Wilson interval\n\n" + "\n".join(lines) + "\n"
+    speed = [f"- {_short(c)}, {t}: {g['tokens']:,} tokens generated in {g['seconds']:.1f} s, "
+             f"{g['tokens_per_s']:,.0f} tok/s" for c in ckpts for t in tasks if (g := results[c][t].get("generation"))]
+    return ("pass@1 (greedy) with 95% Wilson interval\n\n" + "\n".join(lines) + "\n\n"
+            + "\n".join(speed) + "\n")
 
 
 def _short(path):
