@@ -162,6 +162,8 @@ class Engine:
         self.drafted = self.accepted = 0  # speculative decoding counters
         compile = COMPILE if compile is None else compile
         self.decode_step = torch.compile(decode_step, **compile_options(self.device)) if compile else decode_step
+        if compile:
+            self.warm_up()
 
     prefill_tokens = 2048  # tokens (prompts x positions) per prefill forward: bounds its activations
 
@@ -223,6 +225,18 @@ class Engine:
         if s is not None:
             s.finish_reason = s.finish_reason or "abort"
             self.free.append(s.slot)
+
+    def warm_up(self):
+        """Run the decode step for one sequence and for several, so it is compiled (seconds, once per
+        process and shape) before any request waits on it."""
+        bos = self.tokenizer.bos_id if self.tokenizer is not None else self.model.config.bos_token_id
+        stops, self.stop_ids = self.stop_ids, set()  # decode whatever comes, end of sequence included
+        try:
+            for n in sorted({1, min(2, self.max_batch)}):
+                self.generate([[bos]] * n, SamplingParams(max_tokens=3, temperature=0))
+        finally:
+            self.stop_ids = stops
+        self.drafted = self.accepted = 0
 
     @property
     def idle(self):
