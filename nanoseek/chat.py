@@ -4,7 +4,7 @@ import sys
 
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import COMPILE, Engine, SamplingParams
 from nanoseek.tokenizer import ThinkingStream
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -16,6 +16,8 @@ def chat(path, temperature=0.7, max_tokens=512, device=None, stdin=sys.stdin, ou
     model, tokenizer = load(path, compute.device)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; chat needs a checkpoint made by nanoseek")
+    if COMPILE:
+        out.write("compiling the decode step (seconds, once; NANOSEEK_COMPILE=0 decodes without)\n")
     engine = Engine(model, tokenizer, max_batch=1)
     messages = []
     color = out.isatty()
