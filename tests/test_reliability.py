@@ -14,7 +14,8 @@ import time
 import pytest
 from conftest import TINY
 
-from nanoseek.train import read_metrics, train
+from nanoseek.loop import read_metrics
+from nanoseek.train import train
 
 KILLS = int(os.environ.get("NANOSEEK_FAULTS", "1"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

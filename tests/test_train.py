@@ -13,7 +13,8 @@ from conftest import TINY, torchrun
 
 import nanoseek
 from nanoseek.data import DataError
-from nanoseek.train import TrainingError, checkpoints_in, lr_at, read_metrics, train
+from nanoseek.loop import checkpoints_in, read_metrics
+from nanoseek.train import TrainingError, lr_at, train
 
 
 def run(data, out, mode="pretrain", **options):
