@@ -281,7 +281,7 @@ class Trainer:
                     parts = torch.stack([main_loss, *mtp]) * share
                     loss = parts[0] + (o.mtp_weight * parts[1:].mean() if mtp else 0.0)
                     if o.balance_alpha > 0:
-                        balance = sum(sequence_balance_loss(m, x.shape[0]) for m in moes)
+                        balance = sum(sequence_balance_loss(m, x.shape[0]) for m in moes if m.expert_load is not None)
                         loss = loss + o.balance_alpha * balance / (o.grad_accum * self.world)
                     (loss * self.world).backward()  # ranks average their gradients: each gives its share of the sum
                 sums[: 1 + len(parts)] += torch.cat([loss[None], parts]).detach().float()
