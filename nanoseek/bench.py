@@ -9,20 +9,7 @@ import torch
 
 from nanoseek import checkpoint
 from nanoseek.device import policy
-from nanoseek.model import DeepSeekV3, config_for_size, flops_per_token, param_counts
-
-
-def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10):
-    """Measured peak of this machine: best FLOP/s of an n x n matmul."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 2):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+from nanoseek.model import DeepSeekV3, config_for_size, flops_per_token, matmul_peak_flops, param_counts
 
 
 def _quiet_transformers():

@@ -6,6 +6,7 @@ they run as one grouped matmul (checkpoint.py converts to and from per-expert te
 """
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -562,3 +563,17 @@ def flops_per_token(cfg: Config, active_params, seq_len):
     embed = cfg.vocab_size * cfg.hidden_size
     attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
     return 6 * (active_params - embed) + attn
+
+
+def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10):
+    """Measured peak of this machine, the denominator of MFU: best FLOP/s of an n x n matmul."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for _ in range(reps + 2):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best

@@ -10,26 +10,18 @@ rewards are all equal and draws more problems in their place.
 import math
 import os
 import random
-import signal
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from nanoseek import checkpoint
-from nanoseek.device import all_reduce, any_rank, barrier, policy, start_ranks
-from nanoseek.engine import Engine, SamplingParams
-from nanoseek.tasks import as_chat, get_task
-from nanoseek.train import (
-    _append,
-    _truncate_metrics,
-    optimizer_tensors,
-    prune_checkpoints,
-    read_metrics,
-    restore_optimizer,
-    resume_point,
-)
+from nanoseek.device import all_reduce, any_rank, policy, start_ranks
+from nanoseek.engine import Engine, SamplingParams, Sequence
+from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
+from nanoseek.tasks import Reward, as_chat, get_task
+from nanoseek.train import optimizer_tensors, restore_optimizer
 
 OPTIONS = {  # every option of rl: (default, meaning)
     "init": (None, "checkpoint to start from (an SFT model)"),
@@ -120,6 +112,15 @@ def token_logprobs(model, ids, completion_mask):
 # ----------------------------------------------------------------------------- the loop
 
 
+class Group(NamedTuple):
+    """One problem's G rollouts: the prompt's ids, the completions, their scores and total rewards."""
+
+    prompt: list[int]
+    completions: list[Sequence]
+    rewards: list[Reward]
+    totals: list[float]
+
+
 def task_list(specs, checker):
     """The tasks named in a comma-separated list (empty: none)."""
     return [get_task(spec.strip(), checker) for spec in specs.split(",") if spec.strip()]
@@ -131,7 +132,7 @@ class GRPO:
         self.compute = policy(o.device, o.dtype)
         self.device = self.compute.device
         self.rank, self.world = start_ranks(self.device)
-        self.main = self.rank == 0
+        self.rank0 = self.rank == 0
         if not o.init or not o.out:
             raise ValueError("--init (an SFT checkpoint) and --out are required")
         if o.prompts % self.world:
@@ -140,8 +141,8 @@ class GRPO:
         if not self.tasks:
             raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
         point = resume_point(o.out) if o.resume else None
-        source = point[0] if point else o.init
-        self.model, self.tokenizer = point[1:3] if point else checkpoint.load(source)
+        source = point.path if point else o.init
+        self.model, self.tokenizer = (point.model, point.tokenizer) if point else checkpoint.load(source)
         self.model.to(self.device)
         if self.tokenizer is None:
             raise ValueError(f"{source} has no tokenizer")
@@ -160,14 +161,14 @@ class GRPO:
         self.engine = Engine(self.model, self.tokenizer, max_batch=max(1, o.prompts // self.world) * o.group)
         self.start_step = 0
         if point:
-            self.start_step = point[3]["step"]
-            restore_optimizer(self.opt, self.model, point[4]["optimizer.safetensors"])
-            if self.main:
+            self.start_step = point.meta["step"]
+            restore_optimizer(self.opt, self.model, point.states["optimizer.safetensors"])
+            if self.rank0:
                 print(f"resuming from {source} at step {self.start_step}")
-        self.stop_signal = None
 
     def rollouts(self, step):
-        """Problems and their G completions for this rank; dynamic sampling refills uninformative groups."""
+        """This rank's Groups (problems and their G completions) and how many groups it drew; dynamic sampling
+        drops groups whose rewards are all equal and draws problems in their place."""
         o = self.o
         per_rank = o.prompts // self.world
         kept, draws, seen = [], 0, 0
@@ -184,16 +185,16 @@ class GRPO:
             with self.compute.autocast():
                 seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
             for i, (task, problem) in enumerate(zip(tasks, problems)):
-                group = seqs[i * o.group : (i + 1) * o.group]
-                rewards = [task.score(problem, s.text) for s in group]
-                total = [o.accuracy_weight * r.accuracy + o.format_weight * r.format
-                         - (o.overlong_penalty if s.finish_reason == "length" else 0.0)
-                         for r, s in zip(rewards, group)]
+                completions = seqs[i * o.group : (i + 1) * o.group]
+                rewards = [task.score(problem, s.text) for s in completions]
+                totals = [o.accuracy_weight * r.accuracy + o.format_weight * r.format
+                          - (o.overlong_penalty if s.finish_reason == "length" else 0.0)
+                          for r, s in zip(rewards, completions)]
                 seen += 1
-                if o.dynamic_sampling and max(total) == min(total):
+                if o.dynamic_sampling and max(totals) == min(totals):
                     continue
                 if len(kept) < per_rank:
-                    kept.append((prompts[i], group, rewards, total))
+                    kept.append(Group(prompts[i], completions, rewards, totals))
             draws += 1
         return kept, seen
 
@@ -253,11 +254,11 @@ class GRPO:
         rows, adv = [([self.tokenizer.bos_id] * 2, [])], [0.0]
         if kept:
             rows, adv = [], []
-            advantages = group_advantages(torch.tensor([total for _, _, _, total in kept]), self.o.advantage)
-            for (prompt, group, _, _), a in zip(kept, advantages):
-                for s, ai in zip(group, a):
-                    rows.append((prompt, s.tokens))
-                    adv.append(float(ai))
+            advantages = group_advantages(torch.tensor([g.totals for g in kept]), self.o.advantage)
+            for g, group_adv in zip(kept, advantages):
+                for s, a in zip(g.completions, group_adv):
+                    rows.append((g.prompt, s.tokens))
+                    adv.append(float(a))
         width = max(len(p) + len(t) for p, t in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width)
@@ -267,97 +268,57 @@ class GRPO:
         return ids.to(self.device), mask.to(self.device), torch.tensor(adv, device=self.device)
 
     def save(self, step, final=False, metrics=None):
-        if not self.main:
+        if not self.rank0:
             return
-        o = self.o
-        path = os.path.join(o.out, "final" if final else f"step_{step:06d}")
-        meta = {"stage": "rl", "step": step, "metrics": metrics or {}, "parent": o.init,
-                "options": {k: getattr(o, k) for k in DEFAULTS}, "trainer": {"task": o.task}}
+        meta = {"metrics": metrics or {}, "trainer": {"task": self.o.task}}
         state = {"optimizer.safetensors": optimizer_tensors(self.opt, self.model)}
-        checkpoint.save(path, self.model, self.tokenizer, meta, trainer_state=state)
-        prune_checkpoints(o.out, o.keep)
+        save_checkpoint(self.o, "rl", step, final, self.model, self.tokenizer, meta, state)
 
     def run(self):
         o = self.o
-        os.makedirs(o.out, exist_ok=True)
-        metrics_file = os.path.join(o.out, "metrics.jsonl")
-        if self.main:
-            _truncate_metrics(metrics_file, self.start_step)
-        previous = {sig: signal.signal(sig, lambda s, f: setattr(self, "stop_signal", s))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=o.steps, initial=self.start_step, disable=not (self.main and o.progress), desc="rl")
         self.model.eval()
         last = {}
-        try:
+        with Run(o, "rl", self.start_step, self.rank0) as run:
             for step in range(self.start_step, o.steps):
                 t0 = time.perf_counter()
                 kept, seen = self.rollouts(step)
                 stats = self.update(kept, step)
-                rewards = [r for _, _, rs, _ in kept for r in rs]
-                totals = [t for _, _, _, ts in kept for t in ts]
-                lengths = [len(s.tokens) for _, g, _, _ in kept for s in g]
-                sums = torch.tensor([sum(totals), sum(r.accuracy for r in rewards), sum(r.format for r in rewards),
-                                     sum(lengths), len(totals), len(kept), seen], dtype=torch.float64)
-                sums = all_reduce(sums)
-                n = max(1.0, float(sums[4]))
-                last = {"step": step + 1, "reward": float(sums[0]) / n, "accuracy": float(sums[1]) / n,
-                        "format": float(sums[2]) / n, "response_length": float(sums[3]) / n,
-                        "groups_kept": int(sums[5]), "groups_seen": int(sums[6]),
+                sums = {  # over this rank's kept groups, then summed over the ranks
+                    "reward": sum(t for g in kept for t in g.totals),
+                    "accuracy": sum(r.accuracy for g in kept for r in g.rewards),
+                    "format": sum(r.format for g in kept for r in g.rewards),
+                    "response_length": sum(len(s.tokens) for g in kept for s in g.completions),
+                    "completions": sum(len(g.completions) for g in kept),
+                    "groups_kept": len(kept),
+                    "groups_seen": seen,
+                }
+                sums = dict(zip(sums, all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+                n = max(1.0, sums["completions"])  # means over every completion kept
+                last = {"step": step + 1, "reward": sums["reward"] / n, "accuracy": sums["accuracy"] / n,
+                        "format": sums["format"] / n, "response_length": sums["response_length"] / n,
+                        "groups_kept": int(sums["groups_kept"]), "groups_seen": int(sums["groups_seen"]),
                         "seconds": time.perf_counter() - t0, **stats}
-                done = step + 1 == o.steps
-                if self.main:
-                    _append(metrics_file, last)
-                    bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}", refresh=False)
-                    bar.update(1)
-                stop = any_rank(self.stop_signal is not None)
-                if done or (o.ckpt_every and (step + 1) % o.ckpt_every == 0) or stop:
-                    self.save(step + 1, final=done, metrics=last)
-                    barrier()
-                if stop and not done:
-                    if self.main:
-                        print(f"interrupted: checkpoint written at step {step + 1} in {o.out}; rerun with --resume")
-                    raise KeyboardInterrupt
-        finally:
-            bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if self.main:
-            plot_rl(metrics_file, o.out)
+                run.log(last, reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}")
+                run.end_step(step + 1, last, self.save)
+        if self.rank0:
+            plot_rl(run.metrics_file, o.out)
         return last
 
 
 def plot_rl(metrics_file, out_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """rl.png: rollout reward, accuracy and format; response length; entropy, clip fraction and KL."""
     rows = read_metrics(metrics_file)
     if not rows:
         return
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
-    for key in ("reward", "accuracy", "format"):
-        ax[0].plot(steps, [r[key] for r in rows], label=key)
-    ax[0].set(xlabel="step", title="rollout reward")
-    ax[0].legend()
-    ax[1].plot(steps, [r["response_length"] for r in rows])
-    ax[1].set(xlabel="step", title="response length (tokens)")
-    ax[2].plot(steps, [r["entropy"] for r in rows], label="entropy")
-    ax[2].plot(steps, [r["clip_frac"] for r in rows], label="clip fraction")
-    ax[2].plot(steps, [r["kl"] for r in rows], label="KL")
-    ax[2].set(xlabel="step", title="policy")
-    ax[2].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "rl.png"), dpi=100)
-    plt.close(fig)
+    plot(rows, os.path.join(out_dir, "rl.png"),
+         [("rollout reward", "", {"reward": "reward", "accuracy": "accuracy", "format": "format"}),
+          ("response length (tokens)", "", {"length": "response_length"}),
+          ("policy", "", {"entropy": "entropy", "clip fraction": "clip_frac", "KL": "kl"})])
 
 
 def rl(options: dict):
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown rl options {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-    o = type("Options", (), {**DEFAULTS, **options})()
+    """Run GRPO with `options` (keys of DEFAULTS); returns the last step's metrics."""
+    o = options_from(options, DEFAULTS, "rl")
     joined = torch.distributed.is_initialized()  # `nanoseek run` keeps one process group over its stages
     trainer = GRPO(o)
     try:

@@ -1,33 +1,30 @@
 """Pretraining and SFT: one loop, two data modes (text shards, or chat shards with an assistant-only mask).
 
-    out/step_000100/   resumable checkpoints (Hugging Face directories with trainer_state/)
-    out/final/         the finished model
-    out/metrics.jsonl  one line per step; loss.png and experts.png beside it
+Writes what every training loop writes (see loop.py: step checkpoints, final/, metrics.jsonl), and loss.png
+and experts.png beside them.
 
 Runs on one CPU or GPU, or under `torchrun --nproc_per_node N -m nanoseek pretrain ...` with DDP
 (or FSDP2 with --fsdp). The global batch is the same whatever the number of ranks.
 """
 
-import json
+import functools
 import math
 import os
-import re
-import shutil
-import signal
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from nanoseek import checkpoint
 from nanoseek.data import DataError, Loader, load_manifest, sequential_batches
-from nanoseek.device import all_reduce, any_rank, barrier, policy, start_ranks
+from nanoseek.device import all_reduce, policy, start_ranks
+from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.model import (
     DeepSeekV3,
     config_for_size,
     flops_per_token,
+    matmul_peak_flops,
     param_counts,
     round_up,
     sequence_balance_loss,
@@ -94,52 +91,7 @@ def lr_at(step, o):
     return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoints_in(out):
-    """(step, path) of the resumable checkpoints in out, oldest first (damaged ones included, by their name)."""
-    found = []
-    if os.path.isdir(out):
-        for name in os.listdir(out):
-            path = os.path.join(out, name)
-            if not ((re.fullmatch(r"step_\d+", name) or name == "final") and os.path.isdir(path)):
-                continue
-            try:
-                meta = checkpoint.load_meta(path)
-                if "trainer" not in meta:
-                    continue
-                step = meta["step"]
-            except checkpoint.CheckpointError:
-                step = int(name[5:]) if name != "final" else 1 << 60
-            found.append((step, name == "final", path))
-    return [(s, p) for s, _, p in sorted(found)]
-
-
-def prune_checkpoints(out, keep):
-    """Remove all but the newest `keep` step checkpoints in out (final/ is never removed)."""
-    steps = [p for _, p in checkpoints_in(out) if os.path.basename(p) != "final"]
-    for old in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def resume_point(out, say=print):
-    """The newest checkpoint in out that loads whole: (path, model, tokenizer, meta, trainer tensors).
-
-    A damaged checkpoint is reported and the one before it is tried; None when out has none."""
-    found = checkpoints_in(out)
-    for _, path in reversed(found):
-        try:
-            model, tok = checkpoint.load(path)
-            meta = checkpoint.load_meta(path)
-            names = sorted(os.listdir(os.path.join(path, "trainer_state")))
-            states = {n: checkpoint.load_trainer_state(path, n) for n in names}
-            return path, model, tok, meta, states
-        except (checkpoint.CheckpointError, OSError, KeyError) as e:
-            say(f"warning: cannot resume from {path}: {e}; falling back to the checkpoint before it")
-    if found:
-        raise checkpoint.CheckpointError(f"every checkpoint in {out} is damaged; start again without --resume")
-    return None
+# ----------------------------------------------------------------------------- optimizer state
 
 
 def optimizer_tensors(opt, model):
@@ -176,29 +128,29 @@ class Trainer:
         self.compute = policy(o.device, o.dtype)
         self.device, self.dtype = self.compute.device, self.compute.dtype
         self.rank, self.world = start_ranks(self.device)
-        self.main = self.rank == 0
+        self.rank0 = self.rank == 0
         if o.batch % (o.grad_accum * self.world):
             raise ValueError(f"--batch {o.batch} must divide by --grad-accum {o.grad_accum} x {self.world} ranks")
         if not o.data or not o.out:
             raise ValueError("--data and --out are required")
-        self.tokenizer = Tokenizer.load(o.data)
-        manifest = load_manifest(o.data, self.tokenizer)
+        self.start_step, self.tokens_seen = 0, 0
+        point = resume_point(o.out) if o.resume else None
+        model, tok = None, None
+        if point:
+            model, tok = point.model, point.tokenizer
+        elif o.init:
+            model, tok = checkpoint.load(o.init)
+        self.tokenizer = tok if tok is not None else Tokenizer.load(o.data)
+        manifest = load_manifest(o.data, self.tokenizer)  # the shards were made with this model's tokenizer
         want = "chat" if mode == "sft" else "text"
         if manifest["kind"] != want:
             raise DataError(
                 f"{o.data} holds {manifest['kind']} data but {mode} trains on {want} data; "
                 + ("make chat data from JSONL with a \"messages\" field" if want == "chat" else "use `nanoseek sft`")
             )
-        self.start_step, self.tokens_seen = 0, 0
-        point = resume_point(o.out) if o.resume else None
-        source = point[0] if point else o.init
-        if source:
-            model, tok = point[1:3] if point else checkpoint.load(source)
-            if tok is not None and tok.tok.get_vocab() != self.tokenizer.tok.get_vocab():
-                raise DataError(f"{o.data} was tokenized with a different tokenizer than {source}")
-        elif mode == "sft":
+        if model is None and mode == "sft":
             raise ValueError("sft needs --init CHECKPOINT (a pretrained model)")
-        else:
+        if model is None:
             cfg = config_for_size(o.size, vocab_size=round_up(len(self.tokenizer), 64))
             cfg.max_position_embeddings = max(cfg.max_position_embeddings, o.seq)
             cfg.bos_token_id, cfg.eos_token_id = self.tokenizer.bos_id, self.tokenizer.eos_id
@@ -209,7 +161,6 @@ class Trainer:
         if o.mtp_weight == 0:  # no loss reaches the MTP modules, and DDP wants a gradient for every weight it holds
             for p in self.model.mtp.parameters():
                 p.requires_grad_(False)
-        self.meta_in = checkpoint.load_meta(source) if source else {}
         self.params = param_counts(self.model)
         self.flops = flops_per_token(self.model.config, self.params[1], o.seq)
         self.net = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
@@ -223,8 +174,7 @@ class Trainer:
         self.loader = Loader(o.data, "train", o.seq, micro, seed=o.seed, rank=self.rank, world=self.world,
                              rows=o.rows)
         if point:
-            self._restore(point[0], point[3], point[4])
-        self.stop_signal = None
+            self._restore(point)
 
     def _wrap(self, model):
         net = model
@@ -238,14 +188,14 @@ class Trainer:
             net = torch.nn.parallel.DistributedDataParallel(model)
         return torch.compile(net) if self.o.compile else net
 
-    def _restore(self, path, meta, states):
-        self.start_step = meta["step"]
-        self.loader.restore(meta["trainer"]["loader"])
-        restore_optimizer(self.opt, self.model, states["optimizer.safetensors"])
-        torch.set_rng_state(states["rng.safetensors"]["torch"])
-        self.tokens_seen = meta.get("tokens_seen", 0)
-        if self.main:
-            print(f"resuming from {path} at step {self.start_step}")
+    def _restore(self, point):
+        self.start_step = point.meta["step"]
+        self.loader.restore(point.meta["trainer"]["loader"])
+        restore_optimizer(self.opt, self.model, point.states["optimizer.safetensors"])
+        torch.set_rng_state(point.states["rng.safetensors"]["torch"])
+        self.tokens_seen = point.meta.get("tokens_seen", 0)
+        if self.rank0:
+            print(f"resuming from {point.path} at step {self.start_step}")
 
     def full_state(self):
         """(model state, optimizer state) as whole CPU tensors; under FSDP every rank must call it."""
@@ -257,74 +207,59 @@ class Trainer:
         return cpu(model_state), cpu(opt_state)
 
     def save(self, step, final=False, metrics=None):
-        """Write out/step_N (or out/final) on rank 0; keep the newest `keep` step checkpoints."""
+        """Write out/step_N (or out/final) on rank 0; every rank must call it (FSDP gathers the shards)."""
         model_state, opt_state = self.full_state()
-        if not self.main:
+        if not self.rank0:
             return
-        o = self.o
-        path = os.path.join(o.out, "final" if final else f"step_{step:06d}")
-        meta = {
-            "stage": self.mode,
-            "step": step,
-            "tokens_seen": self.tokens_seen,
-            "metrics": metrics or {},
-            "parent": o.init,
-            "options": {k: getattr(o, k) for k in DEFAULTS},
-            "params_total": self.params[0],
-            "params_active": self.params[1],
-            "trainer": {"loader": self.loader.state()},
-        }
+        meta = {"tokens_seen": self.tokens_seen, "metrics": metrics or {}, "params_total": self.params[0],
+                "params_active": self.params[1], "trainer": {"loader": self.loader.state()}}
         state = {
             "optimizer.safetensors": opt_state,
             "rng.safetensors": {"torch": torch.get_rng_state()},
         }
-        checkpoint.save(path, self.model, self.tokenizer, meta, trainer_state=state, state_dict=model_state)
-        prune_checkpoints(o.out, o.keep)
+        save_checkpoint(self.o, self.mode, step, final, self.model, self.tokenizer, meta, state, model_state)
+
+    @functools.cached_property
+    def held_out_bytes(self):
+        """UTF-8 bytes of the text the held-out targets stand for, special tokens excluded: bits per byte's
+        denominator, counted once."""
+        o = self.o
+        batches = sequential_batches(o.data, "val", o.seq, 8, o.eval_windows, rows=o.rows)
+        return sum(text_bytes(self.tokenizer, y[y != -100]) for _, y, _ in batches)
 
     def evaluate(self):
         """Held-out loss (nats/token) and bits per byte over the first eval_windows sequences."""
         o = self.o
         self.model.eval()
-        nats, tokens, nbytes = 0.0, 0, 0
+        nats, tokens = 0.0, 0
         with torch.no_grad(), self.compute.autocast():
             for x, y, docs in sequential_batches(o.data, "val", o.seq, 8, o.eval_windows, rows=o.rows):
                 x, y, docs = self._to_device(x, y, docs)
-                _, main, _ = self.model(x, targets=y, document_ids=docs)
+                _, main_loss, _ = self.model(x, targets=y, document_ids=docs)
                 n = int((y != -100).sum())
-                nats += float(main) * n
+                nats += float(main_loss) * n
                 tokens += n
-                nbytes += sum(len(self.tokenizer.decode(row[row != -100].tolist()).encode()) for row in y.cpu())
         self.model.train()
         if not tokens:
             return {}
-        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, nbytes)}
+        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, self.held_out_bytes)}
 
     def _to_device(self, x, y, docs):
         return x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
 
-    def _handle_signal(self, signum, frame):
-        self.stop_signal = signum
-
     def run(self):
         o = self.o
-        os.makedirs(o.out, exist_ok=True)
-        previous = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return self._loop()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with Run(o, self.mode, self.start_step, self.rank0) as run:
+            last = self._loop(run)
+        if self.rank0:
+            plot_metrics(run.metrics_file, o.out)
+        return last
 
-    def _loop(self):
+    def _loop(self, run):
         o = self.o
-        metrics_file = os.path.join(o.out, "metrics.jsonl")
-        if self.main:
-            _truncate_metrics(metrics_file, self.start_step)
         moes = self.model.moe_layers()
-        peak = _peak_flops(self.device, self.dtype)
-        bar = tqdm(total=o.steps, initial=self.start_step, disable=not (self.main and o.progress),
-                   desc=self.mode, dynamic_ncols=True)
-        bad_in_row, last, step = 0, {}, self.start_step
+        peak = matmul_peak_flops(self.device, self.dtype)
+        bad_in_row, last = 0, {}
         for step in range(self.start_step, o.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, o)
@@ -342,11 +277,11 @@ class Trainer:
                 sync = micro == o.grad_accum - 1 or self.world == 1 or o.fsdp
                 share = counts[micro] / total  # this micro-batch's part of each loss's mean over the global batch
                 with (nullcontext() if sync else self.net.no_sync()), self.compute.autocast():
-                    _, main, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs)
-                    parts = torch.stack([main, *mtp]) * share
+                    _, main_loss, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs)
+                    parts = torch.stack([main_loss, *mtp]) * share
                     loss = parts[0] + (o.mtp_weight * parts[1:].mean() if mtp else 0.0)
                     if o.balance_alpha > 0:
-                        balance = sum(sequence_balance_loss(m, x.shape[0]) for m in moes)
+                        balance = sum(sequence_balance_loss(m, x.shape[0]) for m in moes if m.expert_load is not None)
                         loss = loss + o.balance_alpha * balance / (o.grad_accum * self.world)
                     (loss * self.world).backward()  # ranks average their gradients: each gives its share of the sum
                 sums[: 1 + len(parts)] += torch.cat([loss[None], parts]).detach().float()
@@ -359,9 +294,8 @@ class Trainer:
             if not finite:
                 self.opt.zero_grad(set_to_none=True)
                 bad_in_row += 1
-                if self.main:
-                    tqdm.write(f"step {step}: non-finite loss or gradient; step skipped ({bad_in_row} in a row)")
-                    _append(metrics_file, {"step": step, "skipped": True, "loss": float(sums[0])})
+                run.say(f"step {step}: non-finite loss or gradient; step skipped ({bad_in_row} in a row)")
+                run.log({"step": step, "skipped": True, "loss": float(sums[0])})
                 if bad_in_row >= o.max_bad_steps:
                     raise TrainingError(
                         f"{bad_in_row} non-finite steps in a row at step {step}: lower --lr, raise --warmup or "
@@ -386,26 +320,11 @@ class Trainer:
                 "mfu": step_tokens / dt * self.flops / peak / self.world,
                 "expert_imbalance": [float(load.max() / load.mean()) for load in loads if load.sum() > 0],
             }
-            done = step + 1 == o.steps
-            if (o.eval_every and (step + 1) % o.eval_every == 0) or done:
+            if (o.eval_every and (step + 1) % o.eval_every == 0) or step + 1 == o.steps:
                 last.update(self.evaluate())
-            if self.main:
-                _append(metrics_file, last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                mfu=f"{100 * last['mfu']:.1f}%", refresh=False)
-                bar.update(1)
-            stop = any_rank(self.stop_signal is not None)
-            if done or (o.ckpt_every and (step + 1) % o.ckpt_every == 0) or stop:
-                self.save(step + 1, final=done, metrics=last)
-                barrier()
-            if stop and not done:
-                bar.close()
-                if self.main:
-                    print(f"interrupted: checkpoint written at step {step + 1} in {o.out}; rerun with --resume")
-                raise KeyboardInterrupt
-        bar.close()
-        if self.main:
-            plot_metrics(metrics_file, o.out)
+            run.log(last, loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                    mfu=f"{100 * last['mfu']:.1f}%")
+            run.end_step(step + 1, last, self.save)
         return last
 
 
@@ -415,75 +334,29 @@ def _full(t):
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
 
 
-def _peak_flops(device, dtype):
-    from nanoseek.bench import matmul_peak_flops
-
-    return matmul_peak_flops(device, dtype)
-
-
-def _append(file, row):
-    with open(file, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(file, start_step):
-    """Keep the lines of steps before start_step: a resumed run rewrites what came after."""
-    if not os.path.exists(file):
-        return
-    with open(file) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-    tmp = file + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, file)
-
-
-def read_metrics(file):
-    with open(file) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def text_bytes(tokenizer, ids):
+    """UTF-8 bytes of the text `ids` stand for, special tokens (BOS, EOS, the chat markers) counting none."""
+    return len(tokenizer.decode(ids.tolist(), skip_special_tokens=True).encode())
 
 
 def plot_metrics(metrics_file, out_dir):
     """loss.png (train and held-out loss, bits per byte) and experts.png (max/mean load per MoE layer)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in read_metrics(metrics_file) if not r.get("skipped")]
     if not rows:
         return
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(steps, [r["main_loss"] for r in rows], label="train")
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if val:
-        ax[0].plot(*zip(*val), "o-", label="held-out")
-        ax[1].plot([s for s, _ in val], [r["val_bpb"] for r in rows if "val_bpb" in r], "o-")
-    ax[0].set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    ax[0].legend()
-    ax[1].set(xlabel="step", ylabel="bits per byte", title="held-out bits per byte")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
-    plt.close(fig)
+    plot(rows, os.path.join(out_dir, "loss.png"),
+         [("loss", "loss (nats/token)", {"train": "main_loss", "held-out": "val_loss"}),
+          ("held-out bits per byte", "bits per byte", {"held-out": "val_bpb"})])
     if rows[0]["expert_imbalance"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, series in enumerate(zip(*[r["expert_imbalance"] for r in rows])):
-            ax.plot(steps, series, label=f"MoE layer {i}")
-        ax.axhline(1.0, color="gray", lw=0.5)
-        ax.set(xlabel="step", ylabel="max / mean tokens per expert", title="expert load balance")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "experts.png"), dpi=100)
-        plt.close(fig)
+        layers = [{"step": r["step"], **{f"MoE layer {i}": v for i, v in enumerate(r["expert_imbalance"])}}
+                  for r in rows]
+        plot(layers, os.path.join(out_dir, "experts.png"),
+             [("expert load balance", "max / mean tokens per expert", {k: k for k in layers[0] if k != "step"})])
 
 
 def train(options: dict, mode: str):
     """Run pretraining or SFT with `options` (keys of DEFAULTS); returns the last step's metrics."""
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown training options {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-    o = type("Options", (), {**DEFAULTS, **options})()
+    o = options_from(options, DEFAULTS, "training")
     if o.schedule not in ("cosine", "wsd"):
         raise ValueError(f"--schedule must be cosine or wsd, not {o.schedule!r}")
     joined = dist.is_initialized()  # `nanoseek run` keeps one process group over its stages

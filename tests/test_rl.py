@@ -10,9 +10,9 @@ from conftest import torchrun
 
 from nanoseek import checkpoint
 from nanoseek.evaluate import evaluate, pass_at_k, wilson
+from nanoseek.loop import read_metrics
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.rl import group_advantages, grpo_loss, rl
-from nanoseek.train import read_metrics
 
 DIGITS_TASK = '''
 from nanoseek.tasks import Problem, Reward

@@ -1,6 +1,7 @@
 """The training loop: learns, resumes exactly, survives kills, scales to ranks, balances experts."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -12,8 +13,12 @@ import pytest
 from conftest import TINY, torchrun
 
 import nanoseek
-from nanoseek.data import DataError
-from nanoseek.train import TrainingError, checkpoints_in, lr_at, read_metrics, train
+from nanoseek import checkpoint
+from nanoseek.data import DataError, build
+from nanoseek.loop import checkpoints_in, options_from, read_metrics
+from nanoseek.model import DeepSeekV3, config_for_size
+from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train import DEFAULTS, Trainer, TrainingError, lr_at, train
 
 
 def run(data, out, mode="pretrain", **options):
@@ -83,7 +88,7 @@ def test_sigkill_during_checkpoint_writes_never_damages_checkpoints(text_data, t
     newest = lambda: max((step for step, _ in checkpoints_in(str(out))), default=0)  # noqa: E731
     for attempt in range(4):
         before, deadline = newest(), time.time() + 300
-        proc = cli(*cli_args(text_data, out, 200, ckpt_every=1, keep=3, eval_every=0, resume=True))
+        proc = cli(*cli_args(text_data, out, 1_000_000, ckpt_every=1, keep=3, eval_every=0, resume=True))
         while newest() <= before:  # until this run has saved a checkpoint of its own, however slow the machine
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
@@ -147,9 +152,17 @@ def test_bias_update_lowers_expert_imbalance(text_data, tmp_path):
     assert balanced < 0.8 * free, (balanced, free)
 
 
-def test_sequence_balance_loss_trains(text_data, tmp_path):
-    last = run(text_data, tmp_path, steps=4, balance_alpha=0.01)
-    assert last["step"] == 4
+def test_sequence_balance_loss_enters_the_loss_and_the_update(text_data, tmp_path):
+    def rows(alpha):
+        run(text_data, tmp_path / str(alpha), steps=2, balance_alpha=alpha, mtp_weight=0.0)
+        return read_metrics(tmp_path / str(alpha) / "metrics.jsonl")
+
+    off, small, large = rows(0.0), rows(0.1), rows(0.2)
+    assert off[0]["main_loss"] == small[0]["main_loss"] == large[0]["main_loss"]  # same weights, same batch
+    assert off[0]["loss"] == off[0]["main_loss"]
+    balance = (small[0]["loss"] - small[0]["main_loss"]) / 0.1  # the loss is main_loss + alpha * balance
+    assert balance > 0.5 and large[0]["loss"] - large[0]["main_loss"] == pytest.approx(0.2 * balance, rel=1e-4)
+    assert off[1]["main_loss"] != large[1]["main_loss"]  # its gradient changed the first update
 
 
 def test_sft_learns_on_chat_data(chat_data, text_data, tmp_path):
@@ -161,11 +174,15 @@ def test_sft_learns_on_chat_data(chat_data, text_data, tmp_path):
     assert meta["stage"] == "sft" and meta["parent"] == str(tmp_path / "pt" / "final")
 
 
-def test_wrong_data_kind_and_missing_init(chat_data, text_data, tmp_path):
+def test_wrong_data_kind_tokenizer_and_missing_init(chat_data, text_data, tmp_path):
     with pytest.raises(DataError, match="holds chat data but pretrain trains on text"):
         run(chat_data, tmp_path, steps=1)
     with pytest.raises(ValueError, match="sft needs --init"):
         run(chat_data, tmp_path, mode="sft", steps=1)
+    other = train_tokenizer(["completely different text for another vocabulary"] * 10, vocab_size=300)
+    checkpoint.save(tmp_path / "other", DeepSeekV3(config_for_size(2, vocab_size=320)).init_weights(0), other)
+    with pytest.raises(DataError, match="made with a different tokenizer than the model's"):
+        run(chat_data, tmp_path / "sft", mode="sft", steps=1, init=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="unknown training options"):
         run(text_data, tmp_path, steps=1, learning_rate=1)
 
@@ -175,6 +192,16 @@ def test_non_finite_losses_stop_with_a_clear_message(text_data, tmp_path):
         run(text_data, tmp_path, steps=20, lr=1e12, warmup=1, clip=0.0, max_bad_steps=3)
     skipped = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("skipped")]
     assert len(skipped) == 3
+
+
+def test_bits_per_byte_counts_the_bytes_of_the_text(tokenizer, tmp_path):
+    text = "12 + 35 = 47."  # 13 bytes; its BOS and EOS stand for no text
+    build(None, tokenizer, tmp_path / "data", val_fraction=0.25, documents=[("text", text)] * 20)  # 5 held out
+    opts = {**TINY, "data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "steps": 1}
+    assert Trainer(options_from(opts, DEFAULTS, "training"), "pretrain").held_out_bytes == 5 * 13
+    last = train(opts, "pretrain")
+    targets = 5 * (len(tokenizer.encode(text)) + 1)  # each document's text tokens and its EOS
+    assert last["val_bpb"] == pytest.approx(last["val_loss"] * targets / math.log(2) / (5 * 13), rel=1e-6)
 
 
 def test_plots_and_metrics(text_data, tmp_path):
