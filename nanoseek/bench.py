@@ -288,9 +288,9 @@ def bench_grpo(ckpt, task="addition", difficulty=2, steps=4, prompts=4, group=8,
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from nanoseek.loop import read_metrics
     from nanoseek.rl import rl
     from nanoseek.tasks import get_task
-    from nanoseek.train import read_metrics
 
     _quiet_transformers()
     spec = get_task(task)

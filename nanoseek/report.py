@@ -8,7 +8,7 @@ import time
 import torch
 
 from nanoseek.device import policy, world_size
-from nanoseek.train import read_metrics
+from nanoseek.loop import read_metrics
 
 
 def _load(path, default=None):

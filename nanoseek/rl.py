@@ -167,11 +167,11 @@ class GRPO:
                 print(f"resuming from {source} at step {self.start_step}")
 
     def rollouts(self, step):
-        """This rank's Groups (problems and their G completions) and how many groups it drew; dynamic sampling
-        drops groups whose rewards are all equal and draws problems in their place."""
+        """This rank's Groups (problems and their G completions), how many groups it drew and how many tokens
+        it generated; dynamic sampling drops groups whose rewards are all equal and draws others instead."""
         o = self.o
         per_rank = o.prompts // self.world
-        kept, draws, seen = [], 0, 0
+        kept, draws, seen, generated = [], 0, 0, 0
         difficulty = o.difficulty or None
         while len(kept) < per_rank and draws <= (o.max_draws if o.dynamic_sampling else 0):
             rng = random.Random(hash((o.seed, step, draws, self.rank)) & 0xFFFFFFFF)
@@ -184,6 +184,7 @@ class GRPO:
                       for i in range(per_rank * o.group)]
             with self.compute.autocast():
                 seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
+            generated += sum(len(s.tokens) for s in seqs)
             for i, (task, problem) in enumerate(zip(tasks, problems)):
                 completions = seqs[i * o.group : (i + 1) * o.group]
                 rewards = [task.score(problem, s.text) for s in completions]
@@ -196,7 +197,7 @@ class GRPO:
                 if len(kept) < per_rank:
                     kept.append(Group(prompts[i], completions, rewards, totals))
             draws += 1
-        return kept, seen
+        return kept, seen, generated
 
     def replay_loss(self, step):
         """Next-token loss on the assistant tokens of fresh worked solutions of the replay tasks."""
@@ -281,7 +282,8 @@ class GRPO:
         with Run(o, "rl", self.start_step, self.rank0) as run:
             for step in range(self.start_step, o.steps):
                 t0 = time.perf_counter()
-                kept, seen = self.rollouts(step)
+                kept, seen, generated = self.rollouts(step)
+                rollout_seconds = time.perf_counter() - t0
                 stats = self.update(kept, step)
                 sums = {  # over this rank's kept groups, then summed over the ranks
                     "reward": sum(t for g in kept for t in g.totals),
@@ -297,7 +299,8 @@ class GRPO:
                 last = {"step": step + 1, "reward": sums["reward"] / n, "accuracy": sums["accuracy"] / n,
                         "format": sums["format"] / n, "response_length": sums["response_length"] / n,
                         "groups_kept": int(sums["groups_kept"]), "groups_seen": int(sums["groups_seen"]),
-                        "seconds": time.perf_counter() - t0, **stats}
+                        "seconds": time.perf_counter() - t0, "rollout_seconds": rollout_seconds,
+                        "rollout_tokens_per_s": generated / rollout_seconds, **stats}
                 run.log(last, reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}")
                 run.end_step(step + 1, last, self.save)
         if self.rank0:
