@@ -156,6 +156,8 @@ def compare(ckpt, gguf_path, n_tokens):
                                    f"gap there {top2[at, 1] - top2[at, 0]:.2e})")
     r.update(prompts=len(prompts), tokens=n_tokens, min_gap=min(gaps, default=float("nan")),
              max_logit_diff=max(diffs, default=float("nan")), mtp=len(model.mtp))
+    llm.close()  # now, while the bindings are alive (closing at interpreter exit raises)
+    default_cache.close()
     return r
 
 

@@ -55,10 +55,12 @@ def export_gguf(ckpt, out, dtype="f32", modelfile=None) -> dict:
         for name, data in gguf_tensors(model):
             data, kind = encode(name, data, matrix_type)
             writer.add_tensor(name, data, raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
     _write_atomic(out, write_gguf)
     if modelfile:
