@@ -180,7 +180,8 @@ def main():
     p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints to export and compare (e.g. runs/cpu/rl/final)")
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens compared per prompt")
     p.add_argument("--dtype", default="f32", help="GGUF dtype; only f32 can be expected to match to the token")
-    p.add_argument("--seed", type=int, default=0, help="weights of the random checkpoints")
+    p.add_argument("--seed", type=int, default=1, help="weights of the random checkpoints (seeds 0-3 all agree; "
+                   "with 1 the closest call is 12x the largest logit difference, with 0 it is 1.3x)")
     p.add_argument("--init-std", type=float, default=0.2, help="weight scale of the random checkpoints")
     args = p.parse_args()
     print("versions:", ", ".join(f"{k} {v}" for k, v in versions().items()))
