@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RECIPE ?= cpu
 
-.PHONY: setup run test bench reliability clean
+.PHONY: setup run test bench reliability interop clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -37,3 +37,10 @@ reliability: setup
 	NANOSEEK_FAULTS=7 $(PY) -m pytest tests/test_reliability.py tests/test_checkpoint.py -q
 	$(PY) benchmarks/load_test.py --clients 64 --requests 2 --max-tokens 32
 	$(PY) benchmarks/fuzz_api.py --max-examples 25
+
+# GGUF files against real llama.cpp: the recipe's checkpoint (trained first if missing) and random ones, compared
+# on tokenization and greedy tokens. The first time builds llama-cpp-python from source (10-15 minutes on 2 cores).
+interop: setup
+	$(PY) -m pip install -q -e ".[interop]"
+	test -d runs/$(RECIPE)/rl/final || $(PY) -m nanoseek run --recipe $(RECIPE)
+	$(PY) benchmarks/interop.py --ckpt runs/$(RECIPE)/rl/final

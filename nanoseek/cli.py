@@ -155,6 +155,17 @@ def cmd_chat(args):
     chat(args.ckpt, temperature=args.temperature, max_tokens=args.max_tokens, device=args.device)
 
 
+def cmd_export(args):
+    from nanoseek.export import export_gguf
+
+    r = export_gguf(args.ckpt, args.out, dtype=args.dtype, modelfile=args.modelfile)
+    print(f"wrote {r['out']} ({r['bytes']:,} bytes, {args.dtype}) for llama.cpp's deepseek2")
+    if r["mtp_left_out"]:
+        print(f"left out {r['mtp_left_out']} MTP module(s): llama.cpp does not run them")
+    if r["modelfile"]:
+        print(f"wrote {r['modelfile']}: `ollama create NAME -f {r['modelfile']}`")
+
+
 def cmd_run(args):
     from nanoseek.pipeline import builtin_recipes, main_run
 
@@ -243,6 +254,14 @@ def build_parser():
     s = sub.add_parser("info", help="print a checkpoint's config, parameter counts and KV-cache size")
     s.add_argument("ckpt")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("export", help="write a checkpoint as a GGUF file for llama.cpp, Ollama and LM Studio")
+    s.add_argument("format", choices=["gguf"])
+    s.add_argument("ckpt", help="checkpoint directory")
+    s.add_argument("out", help="GGUF file to write")
+    s.add_argument("--dtype", default="f32", help="f32, f16 or q8_0 (matrices; norms and the router stay f32)")
+    s.add_argument("--modelfile", help="also write an Ollama Modelfile here (template and stop tokens)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("bench", help="benchmark against a peer and print the speedup")
     s.add_argument("what", choices=["train", "decode", "grpo"])

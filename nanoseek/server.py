@@ -453,7 +453,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         for text in texts:
             _check_size([text], context, token_bytes, "prompt")
-        prompts = await asyncio.to_thread(lambda: [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts])
+        prompts = await asyncio.to_thread(lambda: [tokenizer.encode_prompt(t) for t in texts])
         params = []
         for p in prompts:
             params += _params(req, req.max_tokens, len(p), context, "prompt")

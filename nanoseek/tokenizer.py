@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -85,9 +85,19 @@ class Tokenizer:
             mask += [int(is_assistant)] * len(piece_ids)
         return ids, mask
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt as every reader of a checkpoint encodes it: BOS, then the text (see save)."""
+        return [self.bos_id] + self.encode(text)
+
     def save(self, out_dir, model_max_length=2048):
-        """tokenizer.json and tokenizer_config.json (with the chat template) for AutoTokenizer."""
+        """tokenizer.json and tokenizer_config.json (with the chat template) for AutoTokenizer.
+
+        Like DeepSeek's own, the files add BOS in front of raw text (a post-processor, so every reader of
+        tokenizer.json does it) and the chat template starts with BOS, rendered with no second one.
+        """
         os.makedirs(out_dir, exist_ok=True)
+        self.tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, self.bos_id)])
         self.tok.encode_special_tokens = False  # Hugging Face's readers treat special tokens as control tokens
         try:
             self.tok.save(os.path.join(out_dir, "tokenizer.json"))
@@ -98,7 +108,7 @@ class Tokenizer:
             "bos_token": BOS,
             "eos_token": EOS,
             "pad_token": PAD,
-            "add_bos_token": False,
+            "add_bos_token": True,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length,
@@ -170,10 +180,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
     if vocab_size < floor:
         raise ValueError(f"vocab size {vocab_size} is too small: it must be at least {floor} (bytes + special tokens)")
     tok = HFTokenizer(models.BPE())
-    # every digit its own token, so column arithmetic sees digits, never merged chunks of numbers
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -183,3 +190,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(tok)
+
+
+def pre_tokenizer():
+    """Every digit its own token, so column arithmetic sees digits, never merged chunks of numbers; then
+    GPT-2's byte-level split. llama.cpp knows this split as its "refact" pre-tokenizer."""
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
