@@ -101,7 +101,7 @@ class LatentCache:
 
     def views(self, rows, starts):
         """Per-layer writers for a forward over `rows` (slot ids) whose chunks start at `starts`."""
-        return [_LayerView(latent, rope, rows, starts) for latent, rope in zip(self.latent, self.rope)]
+        return layer_views(self.latent, self.rope, rows, starts)
 
     def bytes_per_token(self):
         return len(self.latent) * (self.latent[0].shape[-1] + self.rope[0].shape[-1]) * self.latent[0].element_size()
@@ -123,12 +123,15 @@ class _LayerView:
         return self.latent[self.rows], self.rope[self.rows], mask
 
 
+def layer_views(latent, rope, rows, starts):
+    return [_LayerView(lat, k_pe, rows, starts) for lat, k_pe in zip(latent, rope)]
+
+
 def decode_forward(model, ids, starts, rows, latent, rope):
     """Hidden states (B, T, D) of ids (B, T) at positions starts (B,) + t, reading and writing the slots
     `rows` of the per-layer caches: latent, a list of (slots, L, C), and rope, a list of (slots, L, R)."""
     positions = starts[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    views = [_LayerView(lat, k_pe, rows, starts) for lat, k_pe in zip(latent, rope)]
-    return model.forward_cached(ids, positions, views)
+    return model.forward_cached(ids, positions, layer_views(latent, rope, rows, starts))
 
 
 def decode_step(model, ids, starts, rows, latent, rope):
