@@ -134,7 +134,7 @@ def steps_to(curve, target):
     return next((step for step, loss in curve if loss <= target), None)
 
 
-def bench_train(size=4, batch=8, seq=256, steps=100, sweep=False, lrs=None, peer_lrs=None, eval_every=10,
+def bench_train(size=4, batch=8, seq=256, steps=100, sweep=False, lrs=None, peer_lrs=None, eval_every=5,
                 eval_rows=32, problems=3000, seed=0, device=None, peer="transformers", say=print):
     """Time to the same held-out loss, nanoseek's way against the transformers way, on task text.
 
@@ -201,8 +201,8 @@ def bench_train(size=4, batch=8, seq=256, steps=100, sweep=False, lrs=None, peer
     return out
 
 
-TRAIN_LRS = {"nanoseek": (3e-3, 6e-3, 1.2e-2), "transformers": (1e-3, 2e-3, 4e-3)}  # peak learning rates swept
-BEST_LRS = {"nanoseek": 6e-3, "transformers": 2e-3}  # the best of each sweep at the defaults (docs/BENCHMARKS.md)
+TRAIN_LRS = {"nanoseek": (6e-3, 1.2e-2, 2.4e-2), "transformers": (1e-3, 2e-3, 4e-3)}  # peak learning rates swept
+BEST_LRS = {"nanoseek": 1.2e-2, "transformers": 2e-3}  # the best of each sweep at the defaults (docs/BENCHMARKS.md)
 TRAIN_WAYS = {"nanoseek": "nanoseek pretrain defaults (Muon + AdamW, warmup + cosine to 0.1x, eager)",
               "transformers": "torch AdamW fused, betas (0.9, 0.95), weight decay 0.1, "
                               "transformers' warmup + cosine to 0, clip 1.0"}

@@ -3,7 +3,8 @@
 Muon (Keller Jordan, 2024) turns each matrix's momentum into the nearest (semi-)orthogonal matrix with a
 few Newton-Schulz iterations, so every direction of the update moves at the same rate. It takes the hidden
 matrices: attention and MLP projections, and the routed experts, stacked as (experts, in, out) and
-orthogonalised expert by expert in one batched iteration. The embeddings, the output head, the router,
+orthogonalised matrix by matrix in one batched iteration (each expert's gate and up projections apart, as
+the dense MLP's are). The embeddings, the output head, the router,
 the norms and the biases keep AdamW. Each Muon update is scaled to the RMS of an AdamW update,
 0.2 * sqrt(max(rows, cols)) (Liu et al. 2025, "Muon is Scalable for LLM Training", the recipe Moonlight
 trains a DeepSeek-V3 MoE with), so one learning rate, one weight decay and one schedule drive both.
@@ -48,7 +49,8 @@ class MuonAdamW(torch.optim.Optimizer):
     """Muon on the groups marked {"muon": True}, fused AdamW on the others; lr and weight decay are per group."""
 
     def __init__(self, groups, lr, betas=(0.9, 0.95), momentum=0.95, eps=1e-8):
-        defaults = {"lr": lr, "betas": betas, "momentum": momentum, "eps": eps, "weight_decay": 0.0, "muon": False}
+        defaults = {"lr": lr, "betas": betas, "momentum": momentum, "eps": eps, "weight_decay": 0.0, "muon": False,
+                    "parts": 1}
         super().__init__(groups, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.dim() < 2 for p in group["params"]):
@@ -77,9 +79,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
-            update = orthogonalise(p.grad.lerp(buf, momentum))  # Nesterov: the gradient seen through momentum
+            update = orthogonalise(p.grad.lerp(buf, momentum), group["parts"])  # Nesterov: through momentum
             p.mul_(1 - lr * group["weight_decay"])
-            p.add_(update, alpha=-lr * muon_scale(p.shape))
+            p.add_(update, alpha=-lr * muon_scale((*p.shape[:-1], p.shape[-1] // group["parts"])))
 
     def _adamw(self, group, params):
         for p in params:
@@ -94,13 +96,17 @@ class MuonAdamW(torch.optim.Optimizer):
               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
-def orthogonalise(update):
-    """newton_schulz on whole matrices: an FSDP-sharded update is gathered, orthogonalised, and sharded again."""
-    if not hasattr(update, "device_mesh"):
-        return newton_schulz(update)
+def orthogonalise(update, parts=1):
+    """newton_schulz of (..., rows, parts * cols) as `parts` matrices side by side (the experts' [gate | up]),
+    on whole matrices: an FSDP-sharded update is gathered, orthogonalised, and sharded again."""
+    full = update.full_tensor() if hasattr(update, "device_mesh") else update
+    split = full.unflatten(-1, (parts, -1)).movedim(-2, 0).contiguous()  # (parts, ..., rows, cols)
+    out = newton_schulz(split).movedim(0, -2).flatten(-2)
+    if full is update:
+        return out
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(newton_schulz(update.full_tensor()), update.device_mesh, update.placements)
+    return distribute_tensor(out, update.device_mesh, update.placements)
 
 
 def build_optimizer(model: DeepSeekV3, name, lr, weight_decay, betas):
@@ -111,15 +117,17 @@ def build_optimizer(model: DeepSeekV3, name, lr, weight_decay, betas):
         raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
     adamw_only = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding | Gate) for p in m.parameters()}
     adamw_only.add(id(model.lm_head.weight))
-    hidden, other, vectors = [], [], []
+    gate_up = {id(m.gate_up) for m in model.moe_layers()}  # per expert [gate_proj.T | up_proj.T]: two matrices
+    hidden, paired, other, vectors = [], [], [], []
     for p in model.parameters():
         if p.dim() < 2:
             vectors.append(p)
         elif name == "muon" and id(p) not in adamw_only:
-            hidden.append(p)
+            (paired if id(p) in gate_up else hidden).append(p)
         else:
             other.append(p)
     groups = [{"params": hidden, "weight_decay": weight_decay, "muon": True},
+              {"params": paired, "weight_decay": weight_decay, "muon": True, "parts": 2},
               {"params": other, "weight_decay": weight_decay},
               {"params": vectors, "weight_decay": 0.0}]
     return MuonAdamW([g for g in groups if g["params"]], lr=lr, betas=betas)

@@ -35,7 +35,7 @@ def test_muon_update_of_a_matrix_is_nearly_orthogonal():
     model = DeepSeekV3(config_for_size(2, vocab_size=128)).init_weights(0)
     opt = build_optimizer(model, "muon", lr=1.0, weight_decay=0.0, betas=(0.9, 0.95))
     w = model.model.layers[0].self_attn.o_proj.weight  # a hidden 2-D matrix: Muon's
-    expert = model.model.layers[1].mlp.gate_up  # (experts, in, out): Muon's, expert by expert
+    expert = model.model.layers[1].mlp.gate_up  # (experts, in, 2 x out): Muon's, [gate | up] expert by expert
     head = model.lm_head.weight  # the output head: AdamW's
     g = torch.Generator().manual_seed(1)
     for p in model.parameters():
@@ -43,8 +43,11 @@ def test_muon_update_of_a_matrix_is_nearly_orthogonal():
     before = {p: p.detach().clone() for p in (w, expert, head)}
     opt.step()
     assert_nearly_orthogonal((before[w] - w.detach()) / muon_scale(w.shape), w.grad)  # lr 1, no decay
-    for e in range(expert.shape[0]):  # each expert's own matrix is orthogonalised, not the stack as one
-        assert_nearly_orthogonal((before[expert][e] - expert[e].detach()) / muon_scale(expert.shape), expert.grad[e])
+    inter = expert.shape[-1] // 2
+    step = (before[expert] - expert.detach()) / muon_scale((*expert.shape[:-1], inter))
+    for e in range(expert.shape[0]):  # each expert's gate and up matrices apart, not the stack as one
+        for part in (slice(None, inter), slice(inter, None)):
+            assert_nearly_orthogonal(step[e][:, part], expert.grad[e][:, part])
     assert set(opt.state[head]) == {"step", "exp_avg", "exp_avg_sq"}
     assert set(opt.state[w]) == {"momentum_buffer"}
 
