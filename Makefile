@@ -25,7 +25,7 @@ test: setup
 
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) -m nanoseek bench train --peer transformers --size 6
+	$(PY) -m nanoseek bench train --peer transformers
 	$(PY) -m nanoseek bench decode --peer transformers --size 6
 	@echo "bench grpo needs an SFT checkpoint: nanoseek bench grpo --ckpt runs/cpu/sft/final (after make run)"
 

@@ -61,18 +61,18 @@ def cmd_bench(args):
 
     args.peer = args.peer or ("trl" if args.what == "grpo" else "transformers")
     if args.what == "train":
-        r = bench.bench_train(size=args.size, batch=args.batch, seq=args.seq, steps=args.steps,
-                              warmup=args.warmup, device=args.device, peer=args.peer)
+        r = bench.bench_train(size=args.size or 4, batch=args.batch, seq=args.seq, steps=args.steps or 100,
+                              sweep=args.sweep, device=args.device, peer=args.peer)
         bench.print_train(r)
     elif args.what == "decode":
-        r = bench.bench_decode(ckpt=args.ckpt, size=args.size, batches=tuple(args.batches),
+        r = bench.bench_decode(ckpt=args.ckpt, size=args.size or 6, batches=tuple(args.batches),
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
                                peer=args.peer)
         bench.print_decode(r)
     elif args.what == "grpo":
         if not args.ckpt:
             raise ValueError("bench grpo needs --ckpt (an SFT checkpoint, e.g. runs/cpu/sft/final)")
-        r = bench.bench_grpo(args.ckpt, task=args.task, difficulty=args.difficulty, steps=args.steps,
+        r = bench.bench_grpo(args.ckpt, task=args.task, difficulty=args.difficulty, steps=args.steps or 10,
                              prompts=args.prompts, group=args.group, max_new_tokens=args.new_tokens, peer=args.peer)
         bench.print_grpo(r)
     if args.json:
@@ -275,11 +275,11 @@ def build_parser():
     s.add_argument("--new-tokens", type=int, default=128, help="decode: tokens to generate")
     s.add_argument("--peer", default=None, choices=["transformers", "llama.cpp", "trl"],
                    help="transformers (train, decode), llama.cpp (decode) or trl (grpo)")
-    s.add_argument("--size", type=int, default=6, help="size dial (depth)")
+    s.add_argument("--size", type=int, help="size dial (depth; default: train 4, the cpu recipe's; decode 6)")
     s.add_argument("--batch", type=int, default=8, help="train: sequences per step")
     s.add_argument("--seq", type=int, default=256)
-    s.add_argument("--steps", type=int, default=10, help="timed steps per side")
-    s.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
+    s.add_argument("--steps", type=int, help="train: optimizer steps per run (default 100); grpo: steps (default 10)")
+    s.add_argument("--sweep", action="store_true", help="train: each side at three peak learning rates, not its best")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--json", help="also write the figures to this JSON file")
     s.set_defaults(func=cmd_bench)

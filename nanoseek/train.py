@@ -30,6 +30,7 @@ from nanoseek.model import (
     sequence_balance_loss,
     target_counts,
 )
+from nanoseek.optim import build_optimizer
 from nanoseek.tokenizer import Tokenizer
 
 OPTIONS = {  # every option of pretrain and sft: (default, meaning)
@@ -48,7 +49,8 @@ OPTIONS = {  # every option of pretrain and sft: (default, meaning)
     "warmup": (20, "linear warmup steps"),
     "schedule": ("cosine", "cosine, or wsd (warmup-stable-decay)"),
     "decay_frac": (0.2, "wsd: fraction of steps spent decaying"),
-    "weight_decay": (0.1, "AdamW weight decay on matrices"),
+    "optimizer": ("muon", "muon: Muon on the hidden matrices, AdamW on the rest (see optim.py); adamw: AdamW on all"),
+    "weight_decay": (0.1, "weight decay on matrices"),
     "beta1": (0.9, "AdamW beta1"),
     "beta2": (0.95, "AdamW beta2"),
     "clip": (1.0, "gradient-norm clipping (0: off)"),
@@ -95,7 +97,7 @@ def lr_at(step, o):
 
 
 def optimizer_tensors(opt, model):
-    """AdamW state as named tensors (safetensors, never pickle)."""
+    """Optimizer state as named tensors, "{parameter}.{state key}" (safetensors, never pickle)."""
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for group in opt.param_groups:
@@ -116,7 +118,7 @@ def restore_optimizer(opt, model, tensors):
             from torch.distributed.tensor import distribute_tensor
 
             t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
-        opt.state[p][key] = t.to(p.device) if key != "step" else t
+        opt.state[p][key] = t.to(p.device)  # fused AdamW keeps its step count on the parameter's device
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -164,12 +166,7 @@ class Trainer:
         self.params = param_counts(self.model)
         self.flops = flops_per_token(self.model.config, self.params[1], o.seq)
         self.net = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), fused=True,
-        )
+        self.opt = build_optimizer(self.model, o.optimizer, o.lr, o.weight_decay, (o.beta1, o.beta2))
         micro = o.batch // o.grad_accum
         self.loader = Loader(o.data, "train", o.seq, micro, seed=o.seed, rank=self.rank, world=self.world,
                              rows=o.rows)
