@@ -391,7 +391,9 @@ class MTPModule(nn.Module):
         return h, self.shared_head.norm(h)
 
 
-class Inner(nn.Module):
+class Decoder(nn.Module):
+    """Embedding, the transformer blocks and the final norm: `model.*` in the official weight names."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -403,7 +405,7 @@ class DeepSeekV3(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.config = cfg
-        self.model = Inner(cfg)
+        self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         n = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTPModule(cfg, n + k) for k in range(cfg.num_nextn_predict_layers))
