@@ -1,10 +1,12 @@
 """One engine for every generation: RL rollouts, evaluation, chat and the server.
 
 Sequences live in slots of a latent KV cache (kv_lora_rank + qk_rope_head_dim numbers per token and
-layer). A step samples one token for every running sequence and runs one batched forward; sequences
-join (`add`) and leave between steps, which is all continuous batching needs. With MTP modules and
-greedy decoding, each step drafts one more token with the MTP module and verifies it in the same
-forward (self-speculative decoding): the output is exactly what plain greedy decoding gives.
+layer). A step samples one token for every running sequence and runs one batched forward, compiled into
+one graph (`decode_step`); sequences join (`add`, a chunked eager prefill) and leave between steps, which
+is all continuous batching needs. With speculative=True, MTP modules and greedy decoding, each step drafts
+one more token with the MTP module and verifies it in the same forward (self-speculative decoding): the
+output is exactly what plain greedy decoding gives (off by default: slower than the compiled plain step on
+every checkpoint measured, docs/BENCHMARKS.md).
 """
 
 import itertools
