@@ -297,7 +297,16 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, experts, scores = self.gate(x)
         if not self.training and experts.numel() <= self.gathered_below:
-            return self.gathered_experts(x, weights, experts).view(shape)
+            y = self.gathered_experts(x, weights, experts)
+        else:
+            y = self.sorted_experts(x, weights, experts, scores)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+    def sorted_experts(self, x, weights, experts, scores):
+        """Routed experts over tokens x (N, D) sorted by expert, one grouped matmul for all; records the
+        expert load and router choices the balancing needs."""
         self.expert_load = torch.bincount(experts.flatten(), minlength=self.n_experts)
         self.router_scores, self.router_choice = scores, experts  # for the sequence-wise balance loss
         order = experts.flatten().argsort(stable=True)  # (N * k): assignments grouped by expert
@@ -308,10 +317,7 @@ class MoE(nn.Module):
         gate, up = h.split(self.inter, dim=-1)
         h = grouped_mm(F.silu(gate) * up, self.down.to(dtype), offsets, self.expert_load)
         h = h.to(x.dtype) * weights.flatten()[order].unsqueeze(1).to(x.dtype)  # weighted and summed in x's dtype
-        y = torch.zeros_like(x).index_add_(0, token, h)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape)
+        return torch.zeros_like(x).index_add_(0, token, h)
 
     gathered_below = 129  # inference with at most this many (token, expert) picks (decoding): gathered_experts
 
@@ -326,10 +332,7 @@ class MoE(nn.Module):
         gate, up = h.split(self.inter, dim=-1)
         h = (F.silu(gate) * up) * weights.flatten()[:, None].to(dtype)
         y = torch.bmm(h[:, None], self.down[picks].to(dtype))[:, 0].to(x.dtype)  # (N k, D)
-        y = y.view(*experts.shape, -1).sum(1)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        return y.view(*experts.shape, -1).sum(1)
 
 
 def sequence_balance_loss(moe: MoE, batch: int) -> torch.Tensor:
