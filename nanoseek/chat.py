@@ -4,7 +4,7 @@ import sys
 
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
-from nanoseek.engine import COMPILE, Engine, SamplingParams
+from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine, SamplingParams
 from nanoseek.tokenizer import ThinkingStream
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -17,7 +17,7 @@ def chat(path, temperature=0.7, max_tokens=512, device=None, stdin=sys.stdin, ou
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; chat needs a checkpoint made by nanoseek")
     if COMPILE:
-        out.write("compiling the decode step (seconds, once; NANOSEEK_COMPILE=0 decodes without)\n")
+        out.write(COMPILE_NOTE + "\n")
     engine = Engine(model, tokenizer, max_batch=1)
     messages = []
     color = out.isatty()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from nanoseek.model import DeepSeekV3
 
 COMPILE = os.environ.get("NANOSEEK_COMPILE", "1") != "0"  # compile the decode step; NANOSEEK_COMPILE=0: eager
+COMPILE_NOTE = "compiling the decode step (seconds, once; NANOSEEK_COMPILE=0 decodes without)"
 
 
 class EngineFull(RuntimeError):

@@ -34,7 +34,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nanoseek.engine import COMPILE, Engine, SamplingParams
+from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine, SamplingParams
 from nanoseek.tokenizer import ThinkingStream, split_thinking
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -661,7 +661,7 @@ def serve(path, host="127.0.0.1", port=8000, api_key=None, max_batch=16, model_n
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; serve a checkpoint made by nanoseek")
     if COMPILE:
-        print("compiling the decode step (seconds, once; NANOSEEK_COMPILE=0 decodes without)")
+        print(COMPILE_NOTE)
     engine = Engine(model, tokenizer, max_batch=max_batch)
     name = model_name or os.path.basename(os.path.normpath(path))
     app = create_app(engine, name, api_key=api_key, host=host)
