@@ -234,6 +234,9 @@ def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=1
     transformers' generate, or llama.cpp on the checkpoint exported to GGUF f32."""
     if peer not in DECODE_PEERS:
         raise ValueError(f"unknown peer {peer!r}: the decode benchmark compares with {' or '.join(DECODE_PEERS)}")
+    if peer == "llama.cpp" and ckpt is None:
+        raise ValueError("bench decode --peer llama.cpp needs --ckpt: a checkpoint with its tokenizer, which the "
+                         "GGUF file carries (e.g. runs/cpu/rl/final after make run)")
     from nanoseek.engine import Engine, SamplingParams
 
     compute = policy(device)
