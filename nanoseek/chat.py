@@ -4,14 +4,17 @@ import sys
 
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
-from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine, SamplingParams
+from nanoseek.engine import COMPILE, COMPILE_NOTE, DEFAULT_REPETITION_STOP, Engine, SamplingParams
 from nanoseek.tokenizer import ThinkingStream
 
 DIM, RESET = "\033[2m", "\033[0m"
-HELP = "commands: /reset (new conversation), /temp X, /max N, /quit"
+HELP = ("commands: /reset (new conversation), /temp X, /max N, /repeat N (stop a reply that repeats itself over N "
+        "tokens; 0: off), /quit")
+REPEATING = "(stopped: the reply was repeating itself; /repeat 0 lets it run)"
 
 
-def chat(path, temperature=0.7, max_tokens=512, device=None, stdin=sys.stdin, out=sys.stdout):
+def chat(path, temperature=0.7, max_tokens=512, repetition_stop=DEFAULT_REPETITION_STOP, device=None, stdin=sys.stdin,
+         out=sys.stdout):
     compute = policy(device)
     model, tokenizer = load(path, compute.device)
     if tokenizer is None:
@@ -46,6 +49,9 @@ def chat(path, temperature=0.7, max_tokens=512, device=None, stdin=sys.stdin, ou
                 elif cmd == "/max":
                     max_tokens = int(arg)
                     out.write(f"(max tokens {max_tokens})\n")
+                elif cmd == "/repeat" and int(arg) >= 0:  # a negative N gets the help
+                    repetition_stop = int(arg)
+                    out.write(f"(repetition stop {repetition_stop or 'off'})\n")
                 else:
                     out.write(HELP + "\n")
             except ValueError:
@@ -58,9 +64,11 @@ def chat(path, temperature=0.7, max_tokens=512, device=None, stdin=sys.stdin, ou
             out.write("(the conversation fills the context: /reset to start again)\n")
             messages.pop()
             continue
-        params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature)
+        params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature,
+                                repetition_stop=repetition_stop)
         out.write(f"\n{dim}thinking: ")
         thinking = ThinkingStream()
+        event = None
         with compute.autocast():  # autocast is per thread: the engine computes in this loop
             for event in engine.stream(prompt, params):
                 was_answering = thinking.answering
@@ -72,6 +80,8 @@ def chat(path, temperature=0.7, max_tokens=512, device=None, stdin=sys.stdin, ou
                 out.flush()
         if not thinking.answering:
             out.write(reset)
+        if event is not None and event.seq.finish_reason == "repetition":
+            out.write(f"\n{dim}{REPEATING}{reset}")
         messages.append({"role": "assistant", "content": thinking.answer})
         out.write("\n")
     return messages

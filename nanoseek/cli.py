@@ -118,12 +118,22 @@ def cmd_rl(args):
               f"model in {os.path.join(args.out, 'final')}")
 
 
+def cmd_rs(args):
+    from nanoseek.rejection import OPTIONS, rejection_sampling
+
+    result = rejection_sampling({k: getattr(args, k) for k in OPTIONS})
+    if os.environ.get("RANK", "0") == "0":
+        print(f"rs finished: fine-tuned on {result['kept']} kept completions for {result['steps']} steps; "
+              f"model in {os.path.join(args.out, 'final')}")
+
+
 def cmd_eval(args):
     from nanoseek.evaluate import evaluate, markdown_table
 
     results = evaluate(args.ckpt, args.task, n=args.n, k=args.k, max_new_tokens=args.max_new_tokens,
                        seed=args.seed, out=args.out, device=args.device, checker=args.checker,
-                       difficulty=args.difficulty or None, dtype=args.dtype)
+                       difficulty=args.difficulty or None, dtype=args.dtype, k_n=args.k_n,
+                       second_turn=args.second_turn)
     print(markdown_table(results, args.k))
     if args.out:
         print(f"written to {args.out}/eval.json, eval.md, eval.png")
@@ -152,7 +162,8 @@ def cmd_serve(args):
 def cmd_chat(args):
     from nanoseek.chat import chat
 
-    chat(args.ckpt, temperature=args.temperature, max_tokens=args.max_tokens, device=args.device)
+    chat(args.ckpt, temperature=args.temperature, max_tokens=args.max_tokens, device=args.device,
+         repetition_stop=args.repetition_stop)
 
 
 def cmd_export(args):
@@ -202,7 +213,9 @@ def build_parser():
     s.set_defaults(func=cmd_tokenizer)
 
     from nanoseek.data import OPTIONS as DATA_OPTIONS
+    from nanoseek.engine import DEFAULT_REPETITION_STOP
     from nanoseek.evaluate import OPTIONS as EVAL_OPTIONS
+    from nanoseek.rejection import OPTIONS as RS_OPTIONS
     from nanoseek.rl import OPTIONS as RL_OPTIONS
     from nanoseek.train import OPTIONS as TRAIN_OPTIONS
 
@@ -214,6 +227,8 @@ def build_parser():
     for mode, text in (("pretrain", "train on text shards"), ("sft", "fine-tune on chat shards (assistant tokens)")):
         _add_options(sub.add_parser(mode, help=text), TRAIN_OPTIONS, cmd_train)
     _add_options(sub.add_parser("rl", help="GRPO on a task with rule-checked rewards"), RL_OPTIONS, cmd_rl)
+    _add_options(sub.add_parser("rs", help="rejection sampling: fine-tune the RL model on its own checked "
+                                           "completions"), RS_OPTIONS, cmd_rs)
 
     s = sub.add_parser("eval", help="held-out pass@1 / pass@k per task and difficulty")
     s.add_argument("ckpt", nargs="+", help="one or more checkpoints, compared side by side")
@@ -231,6 +246,8 @@ def build_parser():
     s.add_argument("ckpt")
     s.add_argument("--temperature", type=float, default=0.7)
     s.add_argument("--max-tokens", type=int, default=512)
+    s.add_argument("--repetition-stop", type=int, default=DEFAULT_REPETITION_STOP,
+                   help="end a reply whose last N tokens repeat one block (0: off)")
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_chat)
 

@@ -20,6 +20,8 @@ from nanoseek.model import DeepSeekV3
 
 COMPILE = os.environ.get("NANOSEEK_COMPILE", "1") != "0"  # compile the decode step; NANOSEEK_COMPILE=0: eager
 COMPILE_NOTE = "compiling the decode step (seconds, once; NANOSEEK_COMPILE=0 decodes without)"
+MAX_PERIOD = 32  # longest block (in tokens) the repetition stop looks for
+DEFAULT_REPETITION_STOP = 64  # chat and the server: a block repeated back to back over 64 tokens ends the turn
 
 
 class EngineFull(RuntimeError):
@@ -35,6 +37,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one
     seed: int | None = None  # same seed, same output
     logprobs: bool = False  # keep each new token's log-probability (temperature 1)
+    # N > 0: finish with "repetition" once the new tokens end in a block of 1 .. MAX_PERIOD tokens repeated
+    # back to back (at least twice) over at least N tokens (RepetitionStop); 0: off (eval and GRPO)
+    repetition_stop: int = 0
 
     def validate(self):
         if self.max_tokens < 1:
@@ -43,6 +48,28 @@ class SamplingParams:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in 0 .. 2**64 - 1 (got {self.seed})")
+        if self.repetition_stop < 0:
+            raise ValueError(f"repetition_stop must be >= 0 (0 turns it off; got {self.repetition_stop})")
+
+
+class RepetitionStop:
+    """Says when the tokens fed to it end in a block of n <= MAX_PERIOD tokens repeated back to back, at
+    least twice, over at least `threshold` tokens. Per period n it keeps the run of trailing tokens that equal
+    the token n before them (the block plus that run is periodic), so a token costs MAX_PERIOD comparisons."""
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+        self.recent: list[int] = []  # the last MAX_PERIOD tokens, newest last
+        self.runs = [0] * MAX_PERIOD  # runs[n - 1]: trailing tokens equal to the token n before them
+
+    def add(self, token) -> bool:
+        """Take the next token; True when the tokens now end in such a repetition."""
+        recent = self.recent
+        self.runs = [r + 1 if n <= len(recent) and recent[-n] == token else 0 for n, r in enumerate(self.runs, 1)]
+        recent.append(token)
+        if len(recent) > MAX_PERIOD:
+            del recent[0]
+        return any(r + n >= max(self.threshold, 2 * n) for n, r in enumerate(self.runs, 1))
 
 
 @dataclass
@@ -55,10 +82,11 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""  # decoded generated text, cut at a stop string
     sent: int = 0  # characters of text already streamed
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop", "length", "repetition" or "abort"
     generator: torch.Generator | None = None
     next_logits: torch.Tensor | None = None  # (vocab,) for the next token
     mtp_states: list = field(default_factory=list)  # main hidden states of positions the MTP cache lacks
+    repeats: RepetitionStop | None = None  # with params.repetition_stop > 0
 
     @property
     def length(self):  # tokens in the cache
@@ -191,7 +219,8 @@ class Engine:
                                  "so shorten it to leave room for an answer")
         taken = len(self.free) - len(prompts)
         slots = self.free[taken:][::-1]  # the slots pop() would give, taken only once the prefill is done
-        seqs = [Sequence(next(self.ids), list(prompt), sp, slot, generator=_generator(sp.seed))
+        seqs = [Sequence(next(self.ids), list(prompt), sp, slot, generator=_generator(sp.seed),
+                         repeats=RepetitionStop(sp.repetition_stop) if sp.repetition_stop else None)
                 for prompt, sp, slot in zip(prompts, params, slots)]
         rows_per_forward = max(1, self.prefill_tokens // max(len(s.prompt) for s in seqs)) if seqs else 1
         for i in range(0, len(seqs), rows_per_forward):
@@ -358,6 +387,8 @@ class Engine:
             cut = text.find(stop)
             if cut != -1:
                 text, s.finish_reason = text[:cut], "stop"
+        if s.finish_reason is None and s.repeats is not None and any([s.repeats.add(t) for t in new_tokens]):
+            s.finish_reason = "repetition"  # the text stays as generated
         if s.finish_reason is None and (len(s.tokens) >= s.params.max_tokens or s.length + 1 >= self.max_len):
             s.finish_reason = "length"
         s.text = text

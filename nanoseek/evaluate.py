@@ -1,7 +1,11 @@
 """Held-out evaluation: pass@1 (greedy) and pass@k per task and difficulty, with 95% Wilson intervals.
 
-    nanoseek eval CKPT [CKPT ...] --task countdown --n 500 --k 4 --out runs/eval
+    nanoseek eval CKPT [CKPT ...] --task countdown --n 500 --k 8 --k-n 200 --second-turn --out runs/eval
     -> eval.json, eval.md (one table, checkpoints side by side), eval.png
+
+Greedy completions that hit the token limit are counted (`truncated`) and warned about; max_new_tokens 0 sizes
+the limit per task from its worked solutions. --second-turn also asks every problem after a first turn of
+another task, as chat clients send history (the first answer without its reasoning).
 """
 
 import json
@@ -14,15 +18,17 @@ from math import comb
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.tasks import get_task
+from nanoseek.tasks import as_chat, get_task
 
 OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default, meaning)
     "task": (["countdown"], "tasks (built-in names, .jsonl, file.py:Class)"),
     "checker": ("exact", "checker for JSONL tasks: exact, numeric or math"),
     "n": (500, "held-out problems per task"),
     "k": (1, "samples per problem for pass@k (1: greedy pass@1 only)"),
+    "k_n": (0, "problems, the first of the n, that get the k samples (0: all n)"),
     "difficulty": (0, "one difficulty (0: the task's whole range)"),
-    "max_new_tokens": (256, "longest completion"),
+    "max_new_tokens": (256, "longest completion (0: per task, twice its longest worked solution, at least 64)"),
+    "second_turn": (False, "also ask each problem as the second turn, after one of another task and its answer"),
     "seed": (0, "seed of the held-out problems and the pass@k samples"),
     "out": (None, "directory for eval.json, eval.md and eval.png"),
     "device": (None, "cpu or cuda (default: cuda when available)"),
@@ -53,48 +59,103 @@ def test_problems(task, n, seed=0, difficulty=None):
     return [task.sample(rng, "test", difficulty) for _ in range(n)]
 
 
-def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0):
-    """Per-problem results: greedy correctness and format, k samples' correctness at temperature 1, thinking
-    length."""
+def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0, k_n=0, conversations=None):
+    """Per-problem results: greedy correctness, format and truncation, thinking length, and for the first k_n
+    problems (0: all) the correctness of k samples at temperature 1. conversations: the messages each problem is
+    asked with (default: the problem alone)."""
     tokenizer = engine.tokenizer
-    prompts = [tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in problems]
+    conversations = conversations or [p.messages() for p in problems]
+    prompts = [tokenizer.render_chat(m, add_generation_prompt=True)[0] for m in conversations]
     greedy = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0))
+    sampled = min(k_n, len(problems)) if k_n > 0 else len(problems)
     samples = []
     if k > 1:
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=1.0, seed=seed * 1_000_003 + i * k + j)
-                  for i in range(len(problems)) for j in range(k)]
-        samples = engine.generate([p for p in prompts for _ in range(k)], params)
+                  for i in range(sampled) for j in range(k)]
+        samples = engine.generate([p for p in prompts[:sampled] for _ in range(k)], params)
     rows = []
     for i, (p, g) in enumerate(zip(problems, greedy)):
         reward = task.score(p, g.text)
         thinking = g.tokens.index(tokenizer.end_think_id) if tokenizer.end_think_id in g.tokens else len(g.tokens)
-        correct = sum(task.score(p, s.text).accuracy for s in samples[i * k : (i + 1) * k]) if k > 1 else None
-        generated = len(g.tokens) + sum(len(s.tokens) for s in samples[i * k : (i + 1) * k])
+        mine = samples[i * k : (i + 1) * k]
+        correct = sum(task.score(p, s.text).accuracy for s in mine) if k > 1 and i < sampled else None
         rows.append({"difficulty": p.difficulty, "correct": reward.accuracy, "format": reward.format,
-                     "thinking_tokens": thinking, "sample_correct": correct, "question": p.question,
-                     "completion": g.text, "reason": reward.reason, "generated_tokens": generated})
+                     "truncated": g.finish_reason == "length", "thinking_tokens": thinking,
+                     "sample_correct": correct, "question": p.question, "completion": g.text,
+                     "reason": reward.reason, "generated_tokens": len(g.tokens) + sum(len(s.tokens) for s in mine)})
     return rows
 
 
+def worked(task, problem):
+    """task.solve(problem) -> (reasoning, answer), or None where the task cannot work it."""
+    try:
+        return task.solve(problem)
+    except Exception:  # a task's own code, or none (a JSONL task may have no worked solutions)
+        return None
+
+
+def token_budget(task, problems, tokenizer, fallback=256, floor=64):
+    """max_new_tokens 0: twice the tokens of the longest worked solution among the problems, rendered as the
+    assistant's part of the chat, at least floor; fallback where the task cannot work a problem."""
+    longest = 0
+    for p in problems:
+        solution = worked(task, p)
+        if solution is None:
+            return fallback
+        full = tokenizer.render_chat(as_chat(p, *solution))[0]
+        longest = max(longest, len(full) - len(tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0]))
+    return max(floor, 2 * longest)
+
+
+def second_turns(tasks, levels, problems, seed):
+    """Per task, its problems each as the second user turn of a conversation whose first turn is a held-out
+    problem of the next task in the list (cyclically) and its answer alone, with no reasoning: history as chat
+    clients send it. The first turns are drawn with seed + 1, apart from the problems themselves."""
+    out = []
+    for i, mine in enumerate(problems):
+        other, level = tasks[(i + 1) % len(tasks)], levels[(i + 1) % len(tasks)]
+        firsts = test_problems(other, len(mine), seed + 1, level)
+        out.append([[*f.messages(), {"role": "assistant", "content": _answer(other, f)}, *p.messages()]
+                    for p, f in zip(mine, firsts)])
+    return out
+
+
+def _answer(task, problem):
+    """The answer a right completion gives (countdown's is an expression, not the target), else the reference."""
+    solution = worked(task, problem)
+    return solution[1] if solution else problem.answer
+
+
 def summarize(rows, k):
+    """pass@1, format, truncated and thinking length over the rows; pass@k over those with samples, and their
+    count as pass@k_n."""
     n = len(rows)
     right = sum(r["correct"] for r in rows)
     lo, hi = wilson(right, n)
     out = {"n": n, "pass@1": right / n if n else 0.0, "pass@1_ci": [lo, hi],
            "format": sum(r["format"] for r in rows) / n if n else 0.0,
+           "truncated": sum(r["truncated"] for r in rows) / n if n else 0.0,
            "thinking_tokens": sum(r["thinking_tokens"] for r in rows) / n if n else 0.0}
-    if k > 1:
-        est = [pass_at_k(k, int(r["sample_correct"]), k) for r in rows]
-        out[f"pass@{k}"] = sum(est) / n
-        out[f"pass@{k}_ci"] = list(wilson(sum(est), n))
+    sampled = [r for r in rows if r["sample_correct"] is not None]
+    if k > 1 and sampled:
+        est = [pass_at_k(k, int(r["sample_correct"]), k) for r in sampled]
+        out[f"pass@{k}"] = sum(est) / len(sampled)
+        out[f"pass@{k}_ci"] = list(wilson(sum(est), len(sampled)))
+        out[f"pass@{k}_n"] = len(sampled)
     return out
 
 
 def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=None, device=None, checker="exact",
-             difficulty=None, dtype=None):
+             difficulty=None, dtype=None, k_n=0, second_turn=False):
     """Evaluate each checkpoint on each task's held-out problems; write eval.json/.md/.png to out.
-    difficulty: one for every task, or {task: difficulty}."""
+    difficulty: one for every task, or {task: difficulty}. k_n: how many of the n problems get the k samples
+    (0: all). max_new_tokens 0: a budget per task from its worked solutions (token_budget). second_turn: also
+    ask each problem after a problem of the next task in the list and its answer (greedy only)."""
     compute = policy(device, dtype)
+    loaded = [get_task(spec, checker) for spec in tasks]
+    levels = [difficulty.get(spec) if isinstance(difficulty, dict) else difficulty for spec in tasks]
+    problems = [test_problems(task, n, seed, level) for task, level in zip(loaded, levels)]
+    histories = second_turns(loaded, levels, problems, seed) if second_turn else [None] * len(loaded)
     results = {}
     for ckpt in checkpoints:
         model, tokenizer = load(ckpt, compute.device)
@@ -102,24 +163,30 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
             raise ValueError(f"{ckpt} has no tokenizer; evaluate checkpoints made by nanoseek")
         engine = Engine(model, tokenizer, max_batch=32)
         results[ckpt] = {}
-        for spec in tasks:
-            task = get_task(spec, checker)
-            level = difficulty.get(spec) if isinstance(difficulty, dict) else difficulty
-            problems = test_problems(task, n, seed, level)
+        for task, mine, history in zip(loaded, problems, histories):
+            budget = max_new_tokens or token_budget(task, mine, tokenizer)
             start = time.perf_counter()
             with compute.autocast():
-                rows = evaluate_model(engine, task, problems, k, max_new_tokens, seed)
+                rows = evaluate_model(engine, task, mine, k, budget, seed, k_n)
+                rows2 = evaluate_model(engine, task, mine, 1, budget, conversations=history) if history else []
             seconds = time.perf_counter() - start
-            tokens = sum(r["generated_tokens"] for r in rows)
-            by_difficulty = {}
-            for d in sorted({r["difficulty"] for r in rows}):
-                by_difficulty[str(d)] = summarize([r for r in rows if r["difficulty"] == d], k)
-            results[ckpt][task.name] = {"all": summarize(rows, k), "by_difficulty": by_difficulty,
-                                        "examples": rows[:3], "generation": {
-                                            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}}
+            results[ckpt][task.name] = task_results(rows, rows2, k, budget, seconds)
     if out:
         write_results(results, k, out)
     return results
+
+
+def task_results(rows, rows2, k, budget, seconds):
+    """One task's entry of eval.json: all problems, each difficulty, examples, the budget, generation speed and,
+    with rows2, the second-turn summary."""
+    tokens = sum(r["generated_tokens"] for r in rows + rows2)
+    by_difficulty = {str(d): summarize([r for r in rows if r["difficulty"] == d], k)
+                     for d in sorted({r["difficulty"] for r in rows})}
+    out = {"all": summarize(rows, k), "by_difficulty": by_difficulty, "max_new_tokens": budget,
+           "examples": rows[:3], "generation": {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}}
+    if rows2:
+        out["second_turn"] = summarize(rows2, 1)
+    return out
 
 
 def write_results(results, k, out):
@@ -138,26 +205,60 @@ def write_results(results, k, out):
 
 
 def markdown_table(results, k):
+    """The checkpoints side by side per task and difficulty, a warning per checkpoint and task whose greedy
+    traces hit the token limit, generation speed, and the second-turn table when there is one."""
     ckpts = list(results)
     lines = ["| task | difficulty | " + " | ".join(_short(c) for c in ckpts) + " |",
              "|---|---|" + "---|" * len(ckpts)]
     tasks = list(next(iter(results.values())))
     for t in tasks:
-        groups = [("all", results[ckpts[0]][t]["all"])] + list(results[ckpts[0]][t]["by_difficulty"].items())
-        for d, _ in groups:
-            cells = []
-            for c in ckpts:
-                s = results[c][t]["all"] if d == "all" else results[c][t]["by_difficulty"][d]
-                cell = f"{100 * s['pass@1']:.1f}% [{100 * s['pass@1_ci'][0]:.1f}, {100 * s['pass@1_ci'][1]:.1f}]"
-                if k > 1:
-                    cell += f", pass@{k} {100 * s[f'pass@{k}']:.1f}%"
-                cell += f", format {100 * s['format']:.0f}%, think {s['thinking_tokens']:.0f} tok (n={s['n']})"
-                cells.append(cell)
+        for d in ["all", *results[ckpts[0]][t]["by_difficulty"]]:
+            cells = [_cell(results[c][t]["all"] if d == "all" else results[c][t]["by_difficulty"][d], k)
+                     for c in ckpts]
             lines.append(f"| {t} | {d} | " + " | ".join(cells) + " |")
     speed = [f"- {_short(c)}, {t}: {g['tokens']:,} tokens generated in {g['seconds']:.1f} s, "
              f"{g['tokens_per_s']:,.0f} tok/s" for c in ckpts for t in tasks if (g := results[c][t].get("generation"))]
-    return ("pass@1 (greedy) with 95% Wilson interval\n\n" + "\n".join(lines) + "\n\n"
-            + "\n".join(speed) + "\n")
+    text = "pass@1 (greedy) with 95% Wilson interval\n\n" + "\n".join(lines) + "\n\n"
+    warnings = truncation_warnings(results)
+    if warnings:
+        text += "\n".join(warnings) + "\n\n"
+    text += "\n".join(speed) + "\n"
+    second = second_turn_table(results)
+    return text + ("\n" + second if second else "")
+
+
+def _cell(s, k):
+    cell = _pass1(s)
+    if f"pass@{k}" in s:
+        of = f" (n={s[f'pass@{k}_n']})" if s.get(f"pass@{k}_n", s["n"]) != s["n"] else ""
+        cell += f", pass@{k} {100 * s[f'pass@{k}']:.1f}%{of}"
+    if s.get("truncated"):
+        cell += f", truncated {100 * s['truncated']:.3g}%"
+    return cell + f", format {100 * s['format']:.0f}%, think {s['thinking_tokens']:.0f} tok (n={s['n']})"
+
+
+def truncation_warnings(results):
+    """A line per checkpoint and task whose greedy completions hit max_new_tokens: their accuracy is understated."""
+    return [f"warning: {100 * r['all']['truncated']:.3g}% of {_short(c)}'s {t} traces hit "
+            f"max_new_tokens={r['max_new_tokens']}: accuracy is understated; raise [eval] max_new_tokens "
+            f"(--max-new-tokens of nanoseek eval)"
+            for c, by_task in results.items() for t, r in by_task.items() if r["all"].get("truncated")]
+
+
+def second_turn_table(results):
+    """Each task's greedy pass@1 asked alone and asked as the second turn of a conversation ('' without one)."""
+    rows = [f"| {t} | {_short(c)} | {_pass1(r['all'])} | {_pass1(r['second_turn'])} |"
+            for t in next(iter(results.values())) for c, by_task in results.items()
+            if "second_turn" in (r := by_task[t])]
+    if not rows:
+        return ""
+    return ("Second turn: each problem asked after a problem of another task and its answer (greedy pass@1, 95% "
+            "Wilson interval)\n\n| task | checkpoint | first turn pass@1 | second turn pass@1 |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+def _pass1(s):
+    return f"{100 * s['pass@1']:.1f}% [{100 * s['pass@1_ci'][0]:.1f}, {100 * s['pass@1_ci'][1]:.1f}]"
 
 
 def _short(path):

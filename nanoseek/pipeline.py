@@ -9,6 +9,7 @@ A recipe is a TOML file: a built-in one (nanoseek/recipes/NAME.toml, shipped in 
 and max_new_tokens with `nanoseek eval`).
 """
 
+import functools
 import itertools
 import json
 import os
@@ -28,23 +29,29 @@ import torch.distributed as dist
 
 from nanoseek import data as data_module
 from nanoseek import evaluate as evaluate_module
+from nanoseek import rejection as rejection_module
 from nanoseek import rl as rl_module
 from nanoseek import train as train_module
 from nanoseek.device import barrier, from_rank0, policy, start_ranks
-from nanoseek.tasks import task_documents
+from nanoseek.tasks import chat_documents, get_task, task_documents
+from nanoseek.tasks.smalltalk import smalltalk_texts
 
 SECTIONS = {  # section -> key -> (default, meaning)
     "run": {
         "out": ("runs/default", "directory every stage writes into"),
         "seed": (0, "seed for data, initialisation and sampling"),
+        "stages": (["pretrain", "sft", "rl"], "training stages to run, in this order; add \"rs\" for rejection "
+                                               "sampling and SFT after GRPO (R1's third stage)"),
         "device": ("", "cpu or cuda (empty: cuda when available)"),
         "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
     },
     "data": {
         "tasks": (["addition", "countdown"], "tasks whose worked solutions make the training data"),
         "difficulties": ({}, "per task, the difficulties to draw (empty: the task's whole range)"),
-        "pretrain_problems": (20000, "problems per task rendered as plain text for pretraining"),
-        "sft_problems": (5000, "problems per task rendered as chat with <think> for SFT"),
+        "pretrain_problems": (20000, "problems per task rendered as plain text for pretraining (or {task: count})"),
+        "sft_problems": (5000, "problems per task rendered as chat with <think> for SFT (or {task: count})"),
+        "turns": (1, "most turns in an SFT conversation: earlier turns are other problems with their answers"),
+        "smalltalk": (0, "plain conversational turns in SFT: greetings, who the model is, what it cannot do"),
         "corpus": ([], "your own text/JSONL/Parquet files, added to the pretraining data"),
         "vocab_size": (1024, "tokenizer vocabulary"),
         "val_fraction": data_module.OPTIONS["val_fraction"],
@@ -52,13 +59,15 @@ SECTIONS = {  # section -> key -> (default, meaning)
     "eval": {
         "tasks": (["addition", "countdown"], "tasks to evaluate every stage on"),
         "difficulties": ({}, "per task, the difficulties to evaluate (empty: those of [data])"),
-        **{k: evaluate_module.OPTIONS[k] for k in ("n", "k", "max_new_tokens")},
+        **{k: evaluate_module.OPTIONS[k] for k in ("n", "k", "k_n", "max_new_tokens", "second_turn")},
         "stages": (["pretrain", "sft", "rl"], "stages whose checkpoints are evaluated"),
     },
     "pretrain": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
     "sft": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
     "rl": {k: v for k, v in rl_module.OPTIONS.items() if k not in ("out", "init", "resume")},
+    "rs": {k: v for k, v in rejection_module.OPTIONS.items() if k not in ("out", "init", "resume")},
 }
+TRAINING_STAGES = ("pretrain", "sft", "rl", "rs")
 RECIPES = resources.files("nanoseek") / "recipes"  # the built-in recipes, read as package data
 RANK0_STAGES = ("tokenizer", "data", "eval", "report")  # under torchrun: rank 0 runs these, the others wait
 RANK0_STAGE_TIMEOUT = timedelta(hours=6)  # how long a rank waits at a collective (a large eval is slow)
@@ -110,11 +119,23 @@ def load_recipe(name_or_path, overrides=None):
                                   f"got {value!r}")
             values[key] = value
         recipe[section] = values
+    stages = recipe["run"]["stages"]
+    if not stages or [s for s in TRAINING_STAGES if s in stages] != stages:
+        raise RecipeError(f"{path}: [run] stages must name training stages once each, in the order "
+                          f"{list(TRAINING_STAGES)}; got {stages}")
+    unknown = [s for s in recipe["eval"]["stages"] if s not in stages]
+    if unknown:
+        raise RecipeError(f"{path}: [eval] stages {unknown} are not in [run] stages {stages}")
     recipe["path"] = path
     return recipe
 
 
+PER_TASK = ("pretrain_problems", "sft_problems")  # a count for every task, or a table of counts by task
+
+
 def _same_type(value, default):
+    if isinstance(default, int) and isinstance(value, dict):
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(default, bool)
     if isinstance(default, float):
@@ -151,19 +172,18 @@ def _run_stages(recipe, force, stop_after, log, main):
     timings = json.load(open(timings_file)) if os.path.exists(timings_file) else {}
     device = recipe["run"]["device"] or None
     paths = {"text": os.path.join(out, "data", "text"), "chat": os.path.join(out, "data", "chat"),
-             "tokenizer": os.path.join(out, "tokenizer"), "pretrain": os.path.join(out, "pretrain"),
-             "sft": os.path.join(out, "sft"), "rl": os.path.join(out, "rl"), "eval": os.path.join(out, "eval")}
+             "tokenizer": os.path.join(out, "tokenizer"), "eval": os.path.join(out, "eval"),
+             **{stage: os.path.join(out, stage) for stage in TRAINING_STAGES}}
+    final = lambda stage: os.path.exists(os.path.join(paths[stage], "final", "model.safetensors"))  # noqa: E731
     done = {
         "tokenizer": lambda: os.path.exists(os.path.join(paths["tokenizer"], "tokenizer.json")),
         "data": lambda: all(os.path.exists(os.path.join(paths[k], "manifest.json")) for k in ("text", "chat")),
-        "pretrain": lambda: os.path.exists(os.path.join(paths["pretrain"], "final", "model.safetensors")),
-        "sft": lambda: os.path.exists(os.path.join(paths["sft"], "final", "model.safetensors")),
-        "rl": lambda: os.path.exists(os.path.join(paths["rl"], "final", "model.safetensors")),
+        **{stage: functools.partial(final, stage) for stage in TRAINING_STAGES},
         "eval": lambda: os.path.exists(os.path.join(paths["eval"], "eval.json")),
         "report": lambda: False,
     }
     # the tokenizer comes first: it is trained on the task text and corpus that the data stage then tokenizes
-    for stage in ("tokenizer", "data", "pretrain", "sft", "rl", "eval", "report"):
+    for stage in ("tokenizer", "data", *recipe["run"]["stages"], "eval", "report"):
         if main and (stage in force or "all" in force):
             _clear(stage, paths)
         if from_rank0(done[stage]()):
@@ -183,24 +203,50 @@ def _run_stages(recipe, force, stop_after, log, main):
 
 
 def _clear(stage, paths):
-    targets = {"data": [paths["text"], paths["chat"]], "tokenizer": [paths["tokenizer"]],
-               "pretrain": [paths["pretrain"]], "sft": [paths["sft"]], "rl": [paths["rl"]], "eval": [paths["eval"]]}
+    targets = {"data": [paths["text"], paths["chat"]], "tokenizer": [paths["tokenizer"]], "eval": [paths["eval"]],
+               **{s: [paths[s]] for s in TRAINING_STAGES}}
     for p in targets.get(stage, []):
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _task_docs(recipe, kind, count_key):
+def _init(recipe, paths, stage):
+    """The final checkpoint of the training stage before `stage` in [run] stages (None for the first)."""
+    stages = recipe["run"]["stages"]
+    k = stages.index(stage)
+    return os.path.join(paths[stages[k - 1]], "final") if k else None
+
+
+def final_stage(recipe):
+    return recipe["run"]["stages"][-1]
+
+
+def _counts(recipe, key):
+    """{task: problems} of [data] key, given as one count for every task or as a table by task."""
     d = recipe["data"]
+    value = d[key]
+    return {spec: value.get(spec, 0) if isinstance(value, dict) else value for spec in d["tasks"]}
+
+
+def _text_docs(recipe):
+    d, counts = recipe["data"], _counts(recipe, "pretrain_problems")
     for i, spec in enumerate(d["tasks"]):
-        yield from task_documents(spec, d[count_key], kind, seed=recipe["run"]["seed"] * 100 + i + (kind == "chat"),
+        yield from task_documents(spec, counts[spec], "text", seed=recipe["run"]["seed"] * 100 + i,
                                   difficulty=d["difficulties"].get(spec) or None)
+
+
+def _chat_docs(recipe):
+    d = recipe["data"]
+    return chat_documents(d["tasks"], _counts(recipe, "sft_problems"), recipe["run"]["seed"], d["difficulties"],
+                          turns=d["turns"], smalltalk=d["smalltalk"])
 
 
 def stage_tokenizer(recipe, paths, device):
     from nanoseek.tokenizer import train_tokenizer
 
     d = recipe["data"]
-    texts = [doc for _, doc in _task_docs(recipe, "text", "pretrain_problems")]
+    texts = [doc for _, doc in _text_docs(recipe)]
+    if d["smalltalk"]:
+        texts += smalltalk_texts([get_task(spec) for spec in d["tasks"]], d["smalltalk"], recipe["run"]["seed"])
     tok = train_tokenizer(texts + list(data_module.read_texts(d["corpus"])), vocab_size=d["vocab_size"])
     tmp = paths["tokenizer"] + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -214,10 +260,9 @@ def stage_data(recipe, paths, device):
 
     d = recipe["data"]
     tok = Tokenizer.load(paths["tokenizer"])
-    text_docs = itertools.chain(_task_docs(recipe, "text", "pretrain_problems"), data_module.read_corpus(d["corpus"]))
+    text_docs = itertools.chain(_text_docs(recipe), data_module.read_corpus(d["corpus"]))
     text = data_module.build(None, tok, paths["text"], d["val_fraction"], documents=text_docs)
-    chat = data_module.build(None, tok, paths["chat"], d["val_fraction"],
-                             documents=_task_docs(recipe, "chat", "sft_problems"))
+    chat = data_module.build(None, tok, paths["chat"], d["val_fraction"], documents=_chat_docs(recipe))
     count = lambda m: sum(s["tokens"] for s in m["splits"]["train"])  # noqa: E731
     return {"pretrain_tokens": count(text), "sft_tokens": count(chat)}
 
@@ -233,18 +278,25 @@ def _train(recipe, paths, device, stage, data, init):
 
 
 def stage_pretrain(recipe, paths, device):
-    return _train(recipe, paths, device, "pretrain", paths["text"], None)
+    return _train(recipe, paths, device, "pretrain", paths["text"], _init(recipe, paths, "pretrain"))
 
 
 def stage_sft(recipe, paths, device):
-    return _train(recipe, paths, device, "sft", paths["chat"], os.path.join(paths["pretrain"], "final"))
+    return _train(recipe, paths, device, "sft", paths["chat"], _init(recipe, paths, "sft"))
+
+
+def _options(recipe, paths, device, stage):
+    return {**recipe[stage], "init": _init(recipe, paths, stage), "out": paths[stage], "resume": True,
+            "seed": recipe["run"]["seed"], "device": device, "dtype": recipe["run"]["dtype"]}
 
 
 def stage_rl(recipe, paths, device):
-    opts = {**recipe["rl"], "init": os.path.join(paths["sft"], "final"), "out": paths["rl"], "resume": True,
-            "seed": recipe["run"]["seed"], "device": device, "dtype": recipe["run"]["dtype"]}
-    last = rl_module.rl(opts)
+    last = rl_module.rl(_options(recipe, paths, device, "rl"))
     return {"steps": last["step"], "reward": last["reward"], "accuracy": last["accuracy"]}
+
+
+def stage_rs(recipe, paths, device):
+    return rejection_module.rejection_sampling(_options(recipe, paths, device, "rs"))
 
 
 def stage_eval(recipe, paths, device):
@@ -252,7 +304,8 @@ def stage_eval(recipe, paths, device):
     difficulty = {spec: e["difficulties"].get(spec) or d["difficulties"].get(spec) or None for spec in e["tasks"]}
     evaluate_module.evaluate([os.path.join(paths[s], "final") for s in e["stages"]], e["tasks"], n=e["n"], k=e["k"],
                              max_new_tokens=e["max_new_tokens"], seed=recipe["run"]["seed"], out=paths["eval"],
-                             device=device, dtype=recipe["run"]["dtype"], difficulty=difficulty)
+                             device=device, dtype=recipe["run"]["dtype"], difficulty=difficulty, k_n=e["k_n"],
+                             second_turn=e["second_turn"])
     return {}
 
 
@@ -264,7 +317,7 @@ def stage_report(recipe, paths, device):
 
 
 STAGE_FUNCS = {"tokenizer": stage_tokenizer, "data": stage_data, "pretrain": stage_pretrain, "sft": stage_sft,
-               "rl": stage_rl, "eval": stage_eval, "report": stage_report}
+               "rl": stage_rl, "rs": stage_rs, "eval": stage_eval, "report": stage_report}
 
 
 def _write_json(path, obj):
@@ -280,7 +333,7 @@ def main_run(recipe_name, force=(), overrides=None, stop_after=None):
     paths = run(recipe, force=force, stop_after=stop_after)
     if os.environ.get("RANK", "0") != "0":
         return paths
-    final = os.path.join(paths["rl"], "final")
+    final = os.path.join(paths[final_stage(recipe)], "final")
     print(f"\nfinished in {time.time() - t0:.0f} s; report: {os.path.join(recipe['run']['out'], 'report.md')}")
     print(f"chat with it:   nanoseek chat {final}")
     print(f"serve it:       nanoseek serve {final}   (web chat at http://127.0.0.1:8000/)")

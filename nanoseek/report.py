@@ -30,7 +30,7 @@ def write_report(recipe, paths):
     # stages
     lines += ["## Stages", "", "| stage | time | tokens | steps | result |", "|---|---|---|---|---|"]
     total = 0.0
-    for stage in ("tokenizer", "data", "pretrain", "sft", "rl", "eval"):
+    for stage in ("tokenizer", "data", "pretrain", "sft", "rl", "rs", "eval"):
         t = timings.get(stage)
         if not t:
             continue
@@ -45,6 +45,8 @@ def write_report(recipe, paths):
             result = f"held-out loss {t['val_loss']:.3f}, {t['val_bpb']:.3f} bits/byte"
         elif stage == "rl":
             result = f"last step: reward {t['reward']:.3f}, rollout accuracy {t['accuracy']:.3f}"
+        elif stage == "rs":
+            result = f"kept {t['kept']:,} of {t['sampled']:,} sampled completions"
         tokens = f"{tokens:,}" if isinstance(tokens, int) else ""
         lines.append(f"| {stage} | {t['seconds']:.0f} s | {tokens} | {t.get('steps', '')} | {result} |")
     lines += ["", f"Total: {total:.0f} s ({total / 60:.1f} min).", ""]
@@ -62,10 +64,11 @@ def write_report(recipe, paths):
     # curves
     lines += ["## Curves", ""]
     for stage, png, title in (("pretrain", "loss.png", "pretraining loss"), ("sft", "loss.png", "SFT loss"),
-                              ("rl", "rl.png", "GRPO reward, length and policy statistics"),
+                              ("rl", "rl.png", "GRPO reward, held-out accuracy, length and policy statistics"),
+                              ("rs", "loss.png", "rejection-sampling SFT loss"),
                               ("pretrain", "experts.png", "expert load balance during pretraining")):
-        if os.path.exists(os.path.join(paths[stage], png)):
-            lines += [f"{title}:", "", f"![{title}]({stage}/{png})", ""]
+        if stage in paths and os.path.exists(os.path.join(paths[stage], png)):
+            lines += [f"{title}:", "", f"![{title}]({os.path.relpath(os.path.join(paths[stage], png), out)})", ""]
 
     # expert balance
     metrics = os.path.join(paths["pretrain"], "metrics.jsonl")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from nanoseek import checkpoint
 from nanoseek.device import all_reduce, any_rank, policy, start_ranks
 from nanoseek.engine import Engine, SamplingParams, Sequence
+from nanoseek.evaluate import evaluate_model, test_problems
 from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.tasks import Reward, as_chat, get_task
 from nanoseek.train import optimizer_tensors, restore_optimizer
@@ -47,10 +48,14 @@ OPTIONS = {  # every option of rl: (default, meaning)
     "advantage": ("std", "std (GRPO) or mean (Dr. GRPO: no division by the group's std)"),
     "accuracy_weight": (1.0, "reward for a right answer"),
     "format_weight": (0.1, "reward for <reasoning></think><answer>"),
+    "step_weight": (0.0, "reward for the share of reasoning steps that compute what they say (a process reward; "
+                         "tasks with check_steps)"),
     "overlong_penalty": (0.0, "subtracted when a completion hits max_new_tokens"),
     "dynamic_sampling": (True, "drop groups with equal rewards and draw more problems"),
     "max_draws": (3, "dynamic sampling: rounds of extra problems per step at most"),
     "clip": (1.0, "gradient-norm clipping (0: off)"),
+    "eval_every": (10, "steps between greedy evaluations on held-out problems, for the curve in rl.png (0: none)"),
+    "eval_n": (100, "held-out problems per task (and per replay task) in those evaluations"),
     "ckpt_every": (25, "steps between checkpoints (0: only at the end)"),
     "keep": (2, "step checkpoints to keep"),
     "seed": (0, "seed for problems and sampling"),
@@ -110,6 +115,14 @@ def token_logprobs(model, ids, completion_mask):
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def steps_share(task, problem, completion):
+    """The share of the completion's reasoning steps a rule finds right (0 without steps or check_steps)."""
+    if not hasattr(task, "check_steps"):
+        return 0.0
+    right, steps = task.check_steps(problem, completion)
+    return right / steps if steps else 0.0
 
 
 class Group(NamedTuple):
@@ -189,6 +202,7 @@ class GRPO:
                 completions = seqs[i * o.group : (i + 1) * o.group]
                 rewards = [task.score(problem, s.text) for s in completions]
                 totals = [o.accuracy_weight * r.accuracy + o.format_weight * r.format
+                          + o.step_weight * steps_share(task, problem, s.text)
                           - (o.overlong_penalty if s.finish_reason == "length" else 0.0)
                           for r, s in zip(rewards, completions)]
                 seen += 1
@@ -268,6 +282,19 @@ class GRPO:
             mask[i, len(p) : len(p) + len(t)] = 1
         return ids.to(self.device), mask.to(self.device), torch.tensor(adv, device=self.device)
 
+    def heldout_accuracy(self):
+        """{"heldout_TASK": greedy accuracy} on a fixed set of eval_n test problems of each task and replay task
+        (rank 0 alone; the others get {})."""
+        if not self.rank0 or not self.o.eval_every:
+            return {}
+        accuracy = {}
+        for task in {t.name: t for t in self.tasks + self.replay_tasks}.values():
+            problems = test_problems(task, self.o.eval_n, self.o.seed, self.o.difficulty or None)
+            with self.compute.autocast():
+                rows = evaluate_model(self.engine, task, problems, max_new_tokens=self.o.max_new_tokens)
+            accuracy[f"heldout_{task.name}"] = sum(r["correct"] for r in rows) / len(rows)
+        return accuracy
+
     def save(self, step, final=False, metrics=None):
         if not self.rank0:
             return
@@ -280,6 +307,8 @@ class GRPO:
         self.model.eval()
         last = {}
         with Run(o, "rl", self.start_step, self.rank0) as run:
+            if self.start_step == 0 and o.eval_every:
+                run.log({"step": 0, **self.heldout_accuracy()})
             for step in range(self.start_step, o.steps):
                 t0 = time.perf_counter()
                 kept, seen, generated = self.rollouts(step)
@@ -301,6 +330,8 @@ class GRPO:
                         "groups_kept": int(sums["groups_kept"]), "groups_seen": int(sums["groups_seen"]),
                         "seconds": time.perf_counter() - t0, "rollout_seconds": rollout_seconds,
                         "rollout_tokens_per_s": generated / rollout_seconds, **stats}
+                if o.eval_every and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):
+                    last.update(self.heldout_accuracy())
                 run.log(last, reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}")
                 run.end_step(step + 1, last, self.save)
         if self.rank0:
@@ -309,12 +340,15 @@ class GRPO:
 
 
 def plot_rl(metrics_file, out_dir):
-    """rl.png: rollout reward, accuracy and format; response length; entropy, clip fraction and KL."""
+    """rl.png: rollout reward, accuracy and format; greedy accuracy on held-out problems; response length;
+    entropy, clip fraction and KL."""
     rows = read_metrics(metrics_file)
     if not rows:
         return
+    heldout = sorted({k for r in rows for k in r if k.startswith("heldout_")})
     plot(rows, os.path.join(out_dir, "rl.png"),
          [("rollout reward", "", {"reward": "reward", "accuracy": "accuracy", "format": "format"}),
+          ("held-out accuracy (greedy)", "", {k.removeprefix("heldout_"): k for k in heldout}),
           ("response length (tokens)", "", {"length": "response_length"}),
           ("policy", "", {"entropy": "entropy", "clip fraction": "clip_frac", "KL": "kl"})])
 

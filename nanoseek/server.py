@@ -34,7 +34,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine, SamplingParams
+from nanoseek.engine import COMPILE, COMPILE_NOTE, DEFAULT_REPETITION_STOP, MAX_PERIOD, Engine, SamplingParams
 from nanoseek.tokenizer import ThinkingStream, split_thinking
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -123,6 +123,9 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: Text | list[Text] | None = None
     max_tokens: int | None = Field(None, ge=1)
+    repetition_stop: int = Field(DEFAULT_REPETITION_STOP, ge=0, description=(  # an extension of OpenAI's API
+        f"end a choice with finish_reason 'repetition' once it ends in a block of up to {MAX_PERIOD} tokens "
+        "repeated back to back over this many tokens; 0: off"))
 
     @field_validator("stop")
     @classmethod
@@ -517,7 +520,8 @@ def _params(req, max_tokens, prompt_len, context, field):
                             f"{prompt_len + max_tokens} tokens, over the context of {context}; lower max_tokens "
                             f"to at most {context - prompt_len}", code="context_length_exceeded", param="max_tokens")
     return [SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                           stop=tuple(req.stop or ()), seed=None if req.seed is None else (req.seed + i) % 2**64)
+                           stop=tuple(req.stop or ()), seed=None if req.seed is None else (req.seed + i) % 2**64,
+                           repetition_stop=req.repetition_stop)
             for i in range(req.n)]
 
 

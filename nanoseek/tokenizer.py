@@ -58,7 +58,8 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt=False):
-        """Messages in OpenAI format -> (ids, mask); mask is 1 on assistant tokens (thinking and EOS included)."""
+        """Messages in OpenAI format -> (ids, mask); mask is 1 on assistant tokens (thinking and EOS included)
+        except those of a message with "weight": 0 (as in OpenAI's fine-tuning format)."""
         parts = []  # (control id or text, is assistant)
         parts.append((self.bos_id, False))
         for m in messages:
@@ -69,11 +70,12 @@ class Tokenizer:
             if role == "user":
                 parts += [(self.user_id, False), (_content(m), False)]
             elif role == "assistant":
+                trained = m.get("weight", 1) != 0  # weight 0: in the conversation, not trained on
                 parts.append((self.assistant_id, False))
                 if m.get("reasoning_content"):
-                    parts += [(self.think_id, True), ("\n" + m["reasoning_content"] + "\n", True)]
-                    parts += [(self.end_think_id, True), ("\n\n", True)]
-                parts += [(_content(m), True), (self.eos_id, True)]
+                    parts += [(self.think_id, trained), ("\n" + m["reasoning_content"] + "\n", trained)]
+                    parts += [(self.end_think_id, trained), ("\n\n", trained)]
+                parts += [(_content(m), trained), (self.eos_id, trained)]
             elif role != "system":
                 raise ValueError(f"unknown chat role {role!r}: use 'system', 'user' or 'assistant'")
         if add_generation_prompt:

@@ -3,20 +3,22 @@
 import io
 
 import nanoseek
-from nanoseek.chat import chat
+from nanoseek import checkpoint
+from nanoseek.chat import HELP, REPEATING, chat
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.tokenizer import split_thinking
 
 
 def test_terminal_chat(chat_model):
-    stdin = io.StringIO("What is 12 + 30?\n/temp 0\n/max 30\n/temp hot\nWhat is 5 + 7?\n/reset\n/nope\n/quit\n")
+    stdin = io.StringIO("What is 12 + 30?\n/temp 0\n/max 30\n/temp hot\n/repeat 0\nWhat is 5 + 7?\n/reset\n/nope\n"
+                        "/quit\n")
     out = io.StringIO()
     messages = chat(chat_model, temperature=0, max_tokens=40, stdin=stdin, out=out)
     text = out.getvalue()
     assert text.count("thinking: ") == 2  # two questions, each streamed as thinking first
     assert text.count("nanoseek> ") >= 1  # and an answer after </think> (the tiny model does not always close it)
     assert "(temperature 0.0)" in text and "(max tokens 30)" in text and "/temp needs a number" in text
-    assert "(new conversation)" in text and "commands:" in text
+    assert "(new conversation)" in text and "commands:" in text and "(repetition stop off)" in text
     assert messages == []  # /reset cleared the two exchanges
 
 
@@ -33,3 +35,18 @@ def test_terminal_chat_splits_as_the_api_does(chat_model):
     assert messages == [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     shown = f"thinking: {reasoning}\n\nnanoseek> {answer}\n" if "</think>" in completion else f"thinking: {reasoning}"
     assert shown in out.getvalue()
+
+
+def test_terminal_chat_stops_a_repeating_reply(tokenizer, tmp_path):
+    """On by default: a reply that loops ends early with a note; /repeat 0 lets it run to max_tokens."""
+    from test_engine import CYCLE, looping_model
+
+    checkpoint.save(tmp_path / "loop", looping_model(tokenizer), tokenizer)
+    out = io.StringIO()
+    stdin = io.StringIO("hi\n/repeat 7\nhi\n/repeat 0\nhi\n/repeat -1\n")
+    chat(tmp_path / "loop", temperature=0, max_tokens=100, stdin=stdin, out=out)
+    text = out.getvalue()
+    assert text.count(REPEATING) == 2 and "(repetition stop 7)" in text and "(repetition stop off)" in text
+    replies = [part.split("\n")[0] for part in text.split("thinking: ")[1:]]
+    assert replies == [tokenizer.decode((CYCLE * 70)[:n]) for n in (64, 7, 100)]
+    assert text.endswith(HELP + "\n\nyou> ")  # a negative N gets the help

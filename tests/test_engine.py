@@ -9,13 +9,31 @@ from transformers.utils import logging as hf_logging
 import nanoseek
 from nanoseek import checkpoint
 from nanoseek import engine as engine_module
-from nanoseek.engine import Engine, EngineFull, SamplingParams, sample_tokens
+from nanoseek.engine import Engine, EngineFull, RepetitionStop, SamplingParams, sample_tokens
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.train import train
 
 hf_logging.set_verbosity_error()
 GREEDY = SamplingParams(max_tokens=64, temperature=0)
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
+CYCLE = [300, 301, 302]
+
+
+def looping_model(tokenizer):
+    """A random model whose greedy output loops CYCLE whatever the prompt, by construction: each token's
+    embedding is one huge axis (the cycle's tokens one each, every other token a fourth), so it outweighs
+    the layers in the residual stream, and the output head maps that axis to the next token of the cycle."""
+    cfg = config_for_size(2, vocab_size=448)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    model = DeepSeekV3(cfg).init_weights(0)
+    with torch.no_grad():
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_()[:, len(CYCLE)] = 1e4
+        head.zero_()[CYCLE[0], len(CYCLE)] = 1.0
+        for axis, token in enumerate(CYCLE):
+            embed[token, len(CYCLE)], embed[token, axis] = 0.0, 1e4
+            head[CYCLE[(axis + 1) % len(CYCLE)], axis] = 1.0
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +141,32 @@ def test_stops(peaky):
         small.add([list(range(12))], GREEDY)
 
 
+def test_repetition_rule_on_token_lists():
+    def stops_after(tokens, threshold):  # how many tokens the rule lets through, None if it never stops
+        rule = RepetitionStop(threshold)
+        return next((i + 1 for i, token in enumerate(tokens) if rule.add(token)), None)
+
+    assert stops_after([9, 8] + [1, 2, 3] * 10, 12) == 2 + 12  # a cycle of 3 once it covers 12 tokens
+    assert stops_after([7] * 10, 5) == 5
+    assert stops_after([5, 1, 2, 3, 1, 2, 3], 2) == 7  # a block repeats at least twice, whatever the threshold
+    assert stops_after(list(range(300)), 2) is None  # nothing repeats
+    assert stops_after([1, 2, 3] * 3 + [4] + [1, 2, 3] * 3, 12) is None  # broken before 12 tokens
+    assert stops_after(list(range(40)) * 3, 64) is None  # blocks longer than MAX_PERIOD are not looked for
+
+
+def test_repetition_stop_ends_a_looping_generation(tokenizer):
+    engine = Engine(looping_model(tokenizer), tokenizer, speculative=False)
+    prompt = [tokenizer.bos_id] + tokenizer.encode("What is 12 + 30?")
+    on, off = (SamplingParams(max_tokens=90, temperature=0, repetition_stop=n) for n in (24, 0))
+    looped, endless = engine.generate([prompt, prompt], [on, off])
+    assert endless.finish_reason == "length" and endless.tokens == CYCLE * 30  # it loops, by construction
+    assert looped.finish_reason == "repetition" and looped.tokens == endless.tokens[:24]
+    assert looped.text == tokenizer.decode(looped.tokens)  # what was generated, uncut
+    events = list(engine.stream(prompt, on))
+    assert events[-1].finished and events[-1].seq.finish_reason == "repetition" and len(events) == 24
+    assert SamplingParams().repetition_stop == 0  # off unless asked: eval and GRPO run as before
+
+
 def test_streaming_deltas_add_up(peaky):
     model, tok, _ = peaky
     engine = Engine(model, tok)
@@ -213,6 +257,8 @@ def test_bad_requests(peaky):
         engine.add([[1, 2]], SamplingParams(max_tokens=0))
     with pytest.raises(ValueError, match="temperature"):
         engine.add([[1, 2]], SamplingParams(temperature=-1))
+    with pytest.raises(ValueError, match="repetition_stop must be >= 0"):
+        engine.add([[1, 2]], SamplingParams(repetition_stop=-1))
 
 
 def test_chunked_prefill_gives_the_same_tokens(trained):

@@ -41,7 +41,7 @@ def test_smoke_recipe_end_to_end(tmp_path):
     paths = run(recipe, log=logs.append)
     out = tmp_path / "run"
     assert [line for line in logs if line.endswith("running")] == [
-        f"[{s}] running" for s in ("tokenizer", "data", "pretrain", "sft", "rl", "eval", "report")]
+        f"[{s}] running" for s in ("tokenizer", "data", "pretrain", "sft", "rl", "rs", "eval", "report")]
     report = (out / "report.md").read_text()
     for section in ("## Stages", "## Held-out accuracy", "## Curves", "## Expert load balance", "## Transcripts"):
         assert section in report
@@ -49,8 +49,11 @@ def test_smoke_recipe_end_to_end(tmp_path):
     timings = json.loads((out / "stages.json").read_text())
     assert timings["pretrain"]["tokens"] == 30 * 8 * 128 and timings["pretrain"]["params_active"] > 0
     results = json.loads((out / "eval" / "eval.json").read_text())
-    assert set(results) == {os.path.join(paths[s], "final") for s in ("pretrain", "sft", "rl")}
+    assert set(results) == {os.path.join(paths[s], "final") for s in ("pretrain", "sft", "rl", "rs")}
     by_task = results[os.path.join(paths["rl"], "final")]
+    assert by_task["countdown"]["second_turn"]["n"] == 16 and by_task["countdown"]["all"]["pass@2_n"] == 8
+    assert timings["rs"]["sampled"] == 16 * 4 and "kept" in timings["rs"]
+    assert (out / "rs" / "samples.jsonl").exists() and "| rs |" in report
     assert by_task["addition"]["all"]["n"] == 16  # each task at the difficulties the recipe gives it
     assert set(by_task["addition"]["by_difficulty"]) == {"1", "2"}
     assert set(by_task["countdown"]["by_difficulty"]) == {"3"}
@@ -75,7 +78,7 @@ def test_smoke_recipe_end_to_end(tmp_path):
 
     logs.clear()  # a rerun finds every stage complete and only rewrites the report
     run(recipe, log=logs.append)
-    assert sum("skipped" in line for line in logs) == 6 and "[report] running" in logs
+    assert sum("skipped" in line for line in logs) == 7 and "[report] running" in logs
     logs.clear()
     run(recipe, force=["rl"], log=logs.append)
     assert "[rl] running" in logs and "[sft] complete, skipped (--force sft redoes it)" in logs
@@ -89,13 +92,13 @@ def test_two_ranks_run_the_smoke_recipe_with_one_tokenizer_data_and_report(tmp_p
     monkeypatch.setenv("STAGE_CALLS", str(calls))
     log = torchrun([str(script), "run", "--recipe", "smoke", "--set", f"run.out={out}", "run.device=cpu",
                     "run.dtype=bfloat16"], timeout=1800, module=False)
-    stages = ["tokenizer", "data", "pretrain", "sft", "rl", "eval", "report"]
+    stages = ["tokenizer", "data", "pretrain", "sft", "rl", "rs", "eval", "report"]
     assert json.loads((tmp_path / "calls.0").read_text()) == stages
-    assert json.loads((tmp_path / "calls.1").read_text()) == ["pretrain", "sft", "rl"]
+    assert json.loads((tmp_path / "calls.1").read_text()) == ["pretrain", "sft", "rl", "rs"]
     assert all(log.count(f"[{s}] running") == 1 for s in stages) and log.count("finished in") == 1
     made = [out / "tokenizer" / "tokenizer.json", out / "data" / "text" / "manifest.json",
             out / "data" / "chat" / "manifest.json", out / "pretrain" / "final", out / "sft" / "final",
-            out / "rl" / "final", out / "eval" / "eval.json", out / "report.md"]
+            out / "rl" / "final", out / "rs" / "final", out / "eval" / "eval.json", out / "report.md"]
     times = [p.stat().st_mtime for p in made]
     assert times == sorted(times), dict(zip(made, times))
     assert not list(out.glob("*.tmp")) and not list(out.glob("*/*.tmp"))
@@ -123,6 +126,12 @@ def test_recipe_errors_list_what_is_valid(tmp_path):
         load_recipe("nope")
     recipe = load_recipe("smoke", {"pretrain.steps": 3})
     assert recipe["pretrain"]["steps"] == 3 and recipe["sft"]["steps"] == 20 and recipe["rl"]["mu"] == 1
+    with pytest.raises(RecipeError, match=r"\[run\] stages must name training stages once each, in the order"):
+        load_recipe("smoke", {"run.stages": ["sft", "pretrain"]})
+    with pytest.raises(RecipeError, match=r"\[eval\] stages \['rs'\] are not in \[run\] stages"):
+        load_recipe("smoke", {"run.stages": ["pretrain", "sft"], "eval.stages": ["sft", "rs"]})
+    counts = load_recipe("smoke", {"data.sft_problems": {"addition": 5, "countdown": 7}})["data"]["sft_problems"]
+    assert counts == {"addition": 5, "countdown": 7}
 
 
 def test_builtin_recipes_load_and_say_what_they_are_for():

@@ -113,6 +113,10 @@ def test_plugin_task_reward_rises(random_policy, tmp_path):
         "group": 8, "max_new_tokens": 8, "lr": 1e-2, "format_weight": 0.0, "progress": False, "device": "cpu",
         "ckpt_every": 0})
     rows = read_metrics(out / "metrics.jsonl")
+    heldout = [(r["step"], r["heldout_digits"]) for r in rows if "heldout_digits" in r]
+    assert [step for step, _ in heldout] == [0, 10, 12]  # before training, every eval_every steps, at the end
+    assert all(0 <= accuracy <= 1 for _, accuracy in heldout)
+    rows = [r for r in rows if r["step"] > 0]
     first, last = sum(r["reward"] for r in rows[:3]) / 3, sum(r["reward"] for r in rows[-3:]) / 3
     assert last > first + 0.1, [round(r["reward"], 3) for r in rows]
     assert {"entropy", "kl", "clip_frac", "groups_kept", "response_length"} <= set(rows[0])
@@ -131,7 +135,7 @@ def test_jsonl_task_through_rl_and_eval_with_kl_and_resume(random_policy, tmp_pa
     rl({**opts, "steps": 2})
     last = rl({**opts, "steps": 3, "resume": True})
     rows = read_metrics(tmp_path / "rl" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3] and last["step"] == 3
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and last["step"] == 3  # step 0: held-out accuracy only
     straight = rl({**opts, "steps": 3, "out": str(tmp_path / "straight")})
     assert straight["reward"] == last["reward"]  # seeded rollouts: resume replays the same problems
     results = evaluate([random_policy, str(tmp_path / "rl" / "final")], [str(path)], n=5, k=2, max_new_tokens=6,
@@ -154,7 +158,7 @@ def test_replay_keeps_training_worked_solutions(random_policy, tmp_path):
     rl({"init": random_policy, "task": f"{task_file}:Digits", "replay": "addition", "replay_rows": 8,
         "difficulty": 1, "out": str(tmp_path / "rl"), "steps": 8, "prompts": 2, "group": 4, "max_new_tokens": 4,
         "lr": 1e-2, "dynamic_sampling": False, "progress": False, "device": "cpu", "ckpt_every": 0})
-    rows = read_metrics(tmp_path / "rl" / "metrics.jsonl")
+    rows = [r for r in read_metrics(tmp_path / "rl" / "metrics.jsonl") if r["step"] > 0]
     losses = [r["replay_loss"] for r in rows]
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(r["response_length"] <= 4 for r in rows)
@@ -167,7 +171,7 @@ def test_grpo_step_where_one_rank_keeps_no_group_finishes(random_policy, tmp_pat
     torchrun(["rl", "--init", random_policy, "--task", f"{tmp_path / 'rank_task.py'}:RankTask", "--out", str(out),
               "--steps", "2", "--prompts", "4", "--group", "4", "--max-new-tokens", "6", "--max-draws", "1",
               "--ckpt-every", "0", "--device", "cpu", "--no-progress"])
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(0 < r["groups_kept"] <= 2 for r in rows)  # rank 0 kept some, rank 1 none
     assert all(r["grad_norm"] > 0 for r in rows)

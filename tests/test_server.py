@@ -12,6 +12,20 @@ KEY = "sekrit"
 ASK = [{"role": "user", "content": "What is 12 + 30?"}]
 
 
+@pytest.fixture(scope="module")
+def looping_server(tokenizer):
+    """A server of a model whose greedy output loops three tokens, by construction (test_engine.looping_model)."""
+    from conftest import start_server
+    from test_engine import looping_model
+
+    from nanoseek.engine import Engine
+    from nanoseek.server import create_app
+
+    url, stop = start_server(create_app(Engine(looping_model(tokenizer), tokenizer, max_batch=2), "loop"))
+    yield url
+    stop()
+
+
 @pytest.fixture
 def client(live_server):
     url, _ = live_server
@@ -130,9 +144,31 @@ def test_error_responses(live_server, client):
     assert r.status_code == 400
 
 
+def test_repetition_stop_finish_reason(looping_server):
+    from nanoseek.engine import DEFAULT_REPETITION_STOP
+
+    url = looping_server
+    body = {"model": "loop", "messages": ASK, "max_tokens": 150, "temperature": 0}
+    r = post(url, "/v1/chat/completions", body, key=None).json()  # on by default
+    assert r["choices"][0]["finish_reason"] == "repetition"
+    assert r["usage"]["completion_tokens"] == DEFAULT_REPETITION_STOP
+    plain = {"model": "loop", "prompt": "12 + 30 =", "max_tokens": 150, "temperature": 0, "repetition_stop": 9}
+    r = post(url, "/v1/completions", plain, key=None)
+    assert r.json()["choices"][0]["finish_reason"] == "repetition" and r.json()["usage"]["completion_tokens"] == 9
+    r = post(url, "/v1/chat/completions", {**body, "repetition_stop": 0}, key=None).json()
+    assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 150
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["repetition"]
+    r = post(url, "/v1/chat/completions", {**body, "repetition_stop": -1}, key=None)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "repetition_stop"
+    assert "greater than or equal to 0" in r.json()["error"]["message"]
+
+
 def test_at_capacity_429_and_disconnects_free_slots(endless_server):
     url = endless_server
-    body = {"model": "endless", "messages": ASK, "stream": True, "max_tokens": 1500, "temperature": 0}
+    body = {"model": "endless", "messages": ASK, "stream": True, "max_tokens": 1500, "temperature": 0,
+            "repetition_stop": 0}  # the random model loops: let every stream run
     streams = []
     with httpx.Client(timeout=60) as http:
         for _ in range(2):  # 2 requests x n=2 choices take all 4 slots

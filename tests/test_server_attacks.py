@@ -21,8 +21,8 @@ from nanoseek.server import allowed_hosts, create_app, uvicorn_config
 
 SLOTS = 4
 ASK = [{"role": "user", "content": "What is 12 + 30?"}]
-CHAT = {"model": "endless", "messages": ASK, "max_tokens": 4, "temperature": 0}
-COMPLETE = {"model": "endless", "prompt": "hi", "max_tokens": 4, "temperature": 0}
+CHAT = {"model": "endless", "messages": ASK, "max_tokens": 4, "temperature": 0, "repetition_stop": 0}
+COMPLETE = {"model": "endless", "prompt": "hi", "max_tokens": 4, "temperature": 0, "repetition_stop": 0}
 
 
 def endless_engine(tokenizer):

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from nanoseek.tasks import builtin_tasks, get_task, parse_completion, split_of, task_documents
+from nanoseek.tasks import builtin_tasks, chat_documents, get_task, parse_completion, split_of, task_documents
 from nanoseek.tasks.countdown import evaluate_expression
+from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, smalltalk_turn
 from nanoseek.tokenizer import split_thinking
 
 
@@ -111,18 +112,34 @@ def test_addition_trace_needs_only_the_line_before():
 
 
 def test_countdown_trace_of_three_numbers_always_reaches_the_answer():
-    """The worked solution never falls back to a bare answer for three numbers, and reads as it claims."""
+    """The worked solution never falls back to a bare answer for three numbers; every line is an attempt whose
+    steps compute what they say, each using values still at hand; only the last line makes the target."""
     cd = get_task("countdown")
     rng = random.Random(11)
+    firsts, misses = set(), 0
     for _ in range(500):
         p = cd.make(rng, 3)
         reasoning, answer = cd.solve(p)
         assert "..." not in reasoning
         assert cd.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
-        for line in reasoning.split("\n"):
-            if "=" in line:  # "a op b=~value" lines compute what they say, ones digit first
-                expr, value = line.split("=~")
-                assert evaluate_expression(expr)[0] == int(value[::-1])
+        if reasoning.endswith("is given"):
+            continue
+        lines = reasoning.split("\n")
+        assert len(set(lines)) == len(lines)  # no attempt written twice
+        misses += len(lines) - 1
+        firsts.add((p.question, lines[0]))
+        for k, line in enumerate(lines):
+            values = list(p.data["numbers"])
+            for step in line.split(","):
+                expr, value = step.split("=")
+                result, used = evaluate_expression(expr)
+                assert result == int(value)
+                for n in used:
+                    values.remove(n)  # each value used once, from the numbers or an earlier step of the line
+                values.append(int(value))
+            assert (int(value) == p.data["target"]) == (k == len(lines) - 1)
+    assert misses > 100  # attempts that miss come before the one that makes it
+    assert cd.solve(p) == cd.solve(p)  # one worked solution per problem
 
 
 @pytest.mark.parametrize("completion", ["a\n</think>\n\n42", "a</think>42</think>", "a</think>\n</think>42",
@@ -151,3 +168,37 @@ def test_task_documents_are_worked_training_problems():
         assert text == f"{question}\n{reply['reasoning_content']}\nAnswer: {a + b}"  # the same problem
     with pytest.raises(ValueError, match="kind must be 'chat' or 'text'"):
         list(task_documents("addition", 1, "prose"))
+
+
+def test_sft_conversations_train_only_their_last_turn(tokenizer):
+    """Multi-turn SFT documents: earlier turns are other problems (or smalltalk) with their answers only,
+    weight 0; the last turn carries its reasoning and is the only one the mask trains."""
+    docs = [m for _, m in chat_documents(["addition", "countdown"], {"addition": 30, "countdown": 30}, seed=3,
+                                         difficulties={"addition": [2], "countdown": [3]}, turns=3, smalltalk=20)]
+    assert len(docs) == 80 and {len(m) for m in docs} == {2, 4, 6}  # one to three turns
+    for messages in docs:
+        *history, question, last = messages
+        assert question["role"] == "user" and last.get("reasoning_content") and "weight" not in last
+        assert all(m["weight"] == 0 and "reasoning_content" not in m for m in history if m["role"] == "assistant")
+        ids, mask = tokenizer.render_chat(messages)
+        trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+        assert trained == f"<think>\n{last['reasoning_content']}\n</think>\n\n{last['content']}<｜end▁of▁sentence｜>"
+    questions = [m[-2]["content"] for m in docs]
+    assert sum("Countdown" in m[-1]["content"] for m in docs) >= 5  # smalltalk says what the model can do
+    assert sum(q.startswith("What is") for q in questions) == 30 and sum("make" in q for q in questions) >= 30
+
+
+def test_smalltalk_describes_the_tasks_trained():
+    rng = random.Random(0)
+    turns = [smalltalk_turn([get_task("addition")], rng) for _ in range(200)]
+    assert all(reasoning and answer for _, reasoning, answer in turns)
+    about = [answer for _, _, answer in turns if "I can" in answer]
+    assert about and all("add whole numbers" in a and "Countdown" not in a for a in about)
+    assert set(HELD_OUT_PROMPTS).isdisjoint(q.lower().rstrip("?!.") for q, _, _ in turns)
+
+
+def test_countdown_steps_are_checked_one_by_one():
+    cd = get_task("countdown")
+    p = cd.make(random.Random(2), 3)
+    assert cd.check_steps(p, "14+6=20,20-2=18\n14-6=8,8+2=11\n</think>\n\n14") == (3, 4)
+    assert cd.check_steps(p, "no steps here\n</think>\n\n14") == (0, 0)

@@ -19,6 +19,7 @@ from nanoseek.tasks.arithmetic import Addition, Arithmetic
 from nanoseek.tasks.countdown import Countdown
 from nanoseek.tasks.custom import JsonlTask
 from nanoseek.tasks.equations import LinearEquation
+from nanoseek.tasks.smalltalk import smalltalk_turn
 from nanoseek.tasks.sorting import SortNumbers
 from nanoseek.tasks.task import (  # noqa: F401  what a task file of your own imports from nanoseek.tasks
     NOT_WELL_FORMED,
@@ -79,3 +80,38 @@ def task_documents(spec, n, kind="chat", seed=0, difficulty=None, checker="exact
             yield "chat", as_chat(problem, reasoning, answer)
         else:
             yield "text", f"{problem.question}\n{reasoning}\nAnswer: {answer}"
+
+
+def chat_documents(specs, counts, seed=0, difficulties=None, turns=1, smalltalk=0, checker="exact"):
+    """SFT conversations as ("chat", messages): counts[spec] worked problems of each task and `smalltalk` plain
+    conversational turns, in a random order, each asked after 0 to turns - 1 earlier turns (see with_history)."""
+    rng = random.Random(seed)
+    finals = []
+    for i, spec in enumerate(specs):
+        level = (difficulties or {}).get(spec) or None
+        finals += [m for _, m in task_documents(spec, counts[spec], "chat", seed * 100 + i + 1, level, checker)]
+    finals += smalltalk_chats([get_task(spec, checker) for spec in specs], smalltalk, rng)
+    rng.shuffle(finals)
+    yield from with_history(finals, turns, rng)
+
+
+def smalltalk_chats(tasks, n, rng):
+    """n plain conversational turns about a model trained on `tasks`, as one-turn chats."""
+    chats = []
+    for _ in range(n):
+        question, reasoning, answer = smalltalk_turn(tasks, rng)
+        chats.append([{"role": "user", "content": question},
+                      {"role": "assistant", "content": answer, "reasoning_content": reasoning}])
+    return chats
+
+
+def with_history(finals, turns, rng):
+    """Each one-turn chat of finals as ("chat", messages), asked after 0 to turns - 1 earlier turns drawn from
+    finals. Earlier turns carry only their answers, as chat clients send a conversation back, and are not
+    trained on (weight 0): the model learns to answer the latest question, whatever came before it."""
+    for messages in finals:
+        history = []
+        for _ in range(rng.randint(0, turns - 1)):
+            question, reply = rng.choice(finals)
+            history += [question, {"role": "assistant", "content": reply["content"], "weight": 0}]
+        yield "chat", history + messages

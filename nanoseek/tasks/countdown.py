@@ -1,12 +1,13 @@
 """Countdown: reach a target from 3-5 numbers, each used at most once, with + - * /.
 
-The worked solution tries each number as the last one used: what the other two must make for it, then
-those two combined with + - *, until a result is the target or one of the values needed. Answers are
-arithmetic expressions, parsed with `ast` into a tree of numbers and the four operators only, and computed
-with exact fractions: nothing is ever evaluated as code.
+The worked solution is a few attempts, one a line, each combining two values at a time ("14+6=20,20-2=18"),
+drawn at random until one makes the target: which way to try first is the model's choice, and RL can sharpen
+it. Answers are arithmetic expressions, parsed with `ast` into a tree of numbers and the four operators only,
+and computed with exact fractions: nothing is ever evaluated as code.
 """
 
 import ast
+import random
 from collections import Counter
 from fractions import Fraction
 
@@ -76,48 +77,82 @@ def search(numbers, target, limit=100_000):
     return found[1:-1] if found and found.startswith("(") and found.endswith(")") else found
 
 
-def last_steps(target, c):
-    """The ways c can be the last number used: (what the other numbers must make, the answer with it as x)."""
-    ways = []
-    if target > c:
-        ways.append((target - c, f"x+{c}"))
-    ways.append((target + c, f"x-{c}"))
-    if c > target:
-        ways.append((c - target, f"{c}-x"))
-    if c > 1 and target % c == 0:
-        ways.append((target // c, f"x*{c}"))
+def combine(x, y):
+    """The ways to combine two (value, expression) items into a whole number, as (step, value, expression):
+    the larger value first for - and /, division only when exact and by more than 1."""
+    (a, ea), (b, eb) = sorted([x, y], key=lambda item: -item[0])
+    ways = [(f"{a}+{b}", a + b, f"({ea}+{eb})"), (f"{a}-{b}", a - b, f"({ea}-{eb})"),
+            (f"{a}*{b}", a * b, f"({ea}*{eb})")]
+    if b > 1 and a % b == 0:
+        ways.append((f"{a}/{b}", a // b, f"({ea}/{eb})"))
     return ways
 
 
-def ones_first(n):
-    """A number the trace computes, written from its ones digit up behind a "~" (~52 is 25): each digit then
-    depends only on the digits of the operands at that place and on the digit before it."""
-    return "~" + str(n)[::-1]
+def random_attempt(numbers, rng):
+    """Two values at a time combined at random until one is left: a list of (step, value, expression)."""
+    items, steps = [(n, str(n)) for n in numbers], []
+    while len(items) > 1:
+        i, j = rng.sample(range(len(items)), 2)
+        step = rng.choice(combine(items[i], items[j]))
+        items = [items[k] for k in range(len(items)) if k not in (i, j)] + [step[1:]]
+        steps.append(step)
+    return steps
 
 
-def worked_solution(numbers, target):
-    """(trace, answer): for each number c in turn, what the other two must make for c to come last, then
-    the other two combined with + - *, until a result is the target or one of those values.
+def reaching(numbers, target, rng):
+    """Steps that make target, found by a search that tries pairs and operations in a random order; None when
+    no way exists."""
 
-        21: ~73+21, ~97-21        (37 + 21 or 79 - 21 make 58)
-        13+24=~73                 -> (13+24)+21
-    """
+    def walk(items, steps):
+        pairs = [(i, j) for i in range(len(items)) for j in range(i + 1, len(items))]
+        for i, j in rng.sample(pairs, len(pairs)):
+            rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+            ways = combine(items[i], items[j])
+            for step in rng.sample(ways, len(ways)):
+                if step[1] == target:
+                    return steps + [step]
+                found = len(rest) and walk(rest + [step[1:]], steps + [step])
+                if found:
+                    return found
+        return None
+
+    return walk([(n, str(n)) for n in numbers], [])
+
+
+def worked_solution(numbers, target, rng, max_misses=2):
+    """(trace, answer): a few random combinations that miss the target (0 to max_misses), then one that makes
+    it; one attempt a line, each step combining two values:
+
+        14+6=20,20-2=18           (misses 10: try another way)
+        14-6=8,8+2=10             -> (14-6)+2
+
+    Attempts are drawn at random, so which one comes first is a choice the model learns (and RL can sharpen),
+    and every line computes what it says."""
     if target in numbers:
         return f"{target} is given", str(target)
-    lines = []
-    for k, c in enumerate(numbers):
-        a, b = [n for i, n in enumerate(numbers) if i != k][:2]
-        ways = last_steps(target, c)
-        lines.append(f"{c}: " + ", ".join(form.replace("x", ones_first(v)) for v, form in ways))
-        big, small = max(a, b), min(a, b)
-        for expr, value in ((f"{a}+{b}", a + b), (f"{big}-{small}", big - small), (f"{a}*{b}", a * b)):
-            lines.append(f"{expr}={ones_first(value)}")
-            if value == target:
-                return "\n".join(lines), expr
-            for v, form in ways:
-                if value == v:
-                    return "\n".join(lines), form.replace("x", f"({expr})")
-    return "\n".join(lines + ["..."]), search(numbers, target)
+    hit = reaching(numbers, target, rng)
+    if hit is None:
+        return "...", search(numbers, target)
+    line = lambda attempt: ",".join(f"{step}={value}" for step, value, _ in attempt)  # noqa: E731
+    misses, wanted = [], rng.randint(0, max_misses)
+    for _ in range(10 * wanted):  # distinct attempts, none making the target: a line is never written twice
+        attempt = random_attempt(numbers, rng)
+        if len(misses) < wanted and all(v != target for _, v, _ in attempt) and line(attempt) not in misses:
+            misses.append(line(attempt))
+    return "\n".join(misses + [line(hit)]), hit[-1][2][1:-1]
+
+
+def steps_right(reasoning):
+    """(steps that compute what they say, steps) in a trace of "a op b=value" steps, comma- or line-separated."""
+    steps = [step for line in reasoning.split("\n") for step in line.split(",") if "=" in step]
+    right = 0
+    for step in steps:
+        expr, _, value = step.partition("=")
+        try:
+            right += evaluate_expression(expr)[0] == int(value)
+        except (ValueError, RecursionError):
+            pass
+    return right, len(steps)
 
 
 class Countdown(GeneratedTask):
@@ -139,7 +174,12 @@ class Countdown(GeneratedTask):
                 return Problem(q, str(target), difficulty, {"numbers": numbers, "target": target})
 
     def solve(self, problem):
-        return worked_solution(problem.data["numbers"], problem.data["target"])
+        rng = random.Random(problem.question)  # one worked solution per problem, chosen at random among all
+        return worked_solution(problem.data["numbers"], problem.data["target"], rng)
+
+    def check_steps(self, problem, completion):
+        """(right, all) steps of the reasoning: each a rule can check on its own."""
+        return steps_right(parse_completion(completion)[0])
 
     def score(self, problem, completion):
         _, answer, ok = parse_completion(completion)

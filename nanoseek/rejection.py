@@ -1,0 +1,263 @@
+"""Rejection sampling and SFT (DeepSeek-R1's third stage, after GRPO).
+
+The RL model answers each of `problems` training problems `samples` times through the engine; a completion is
+accepted when the task's rule checker finds its answer right and its form <reasoning></think><answer>, and at
+most `keep` distinct accepted ones per problem are kept. Those, with worked solutions of the replay tasks and
+plain conversational turns, become chat data on which the SFT trainer fine-tunes the same model.
+
+    out/samples.jsonl  one line per problem: the question, the completions kept, how many sampled and accepted
+    out/data/          the fine-tuning conversations, as `nanoseek data` writes them
+    out/final/         the fine-tuned model; step checkpoints, metrics.jsonl and loss.png as loop.py writes them
+
+--resume reuses samples.jsonl and data/ as they are and continues training from the newest checkpoint in out.
+Under torchrun every rank samples its share of the problems (seeds follow the problem, not the rank); all train.
+"""
+
+import gc
+import json
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from nanoseek import checkpoint, data
+from nanoseek.device import barrier, from_rank0, policy, start_ranks
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.loop import options_from
+from nanoseek.rl import task_list
+from nanoseek.tasks import Problem, as_chat, parse_completion, smalltalk_chats, task_documents, with_history
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train import train
+
+OPTIONS = {  # every option of rs: (default, meaning)
+    "init": (None, "checkpoint to sample from and fine-tune (the RL model)"),
+    "out": (None, "output directory"),
+    "task": ("countdown", "built-in task, problems.jsonl, or file.py:ClassName; several, comma-separated, take turns"),
+    "checker": ("exact", "answer checker for a JSONL task: exact, numeric or math"),
+    "difficulty": (0, "problem difficulty (0: the task's whole range)"),
+    "problems": (600, "training-split problems to sample"),
+    "samples": (8, "completions sampled per problem"),
+    "temperature": (1.0, "sampling temperature"),
+    "max_new_tokens": (256, "longest completion"),
+    "keep": (2, "distinct accepted completions kept per problem at most"),
+    "replay": ("addition", "tasks whose worked solutions are mixed into the fine-tuning data, comma-separated "
+                           "(empty: none)"),
+    "replay_problems": (200, "worked solutions per replay task"),
+    "smalltalk": (0, "plain conversational turns mixed in: greetings, who the model is, what it cannot do"),
+    "turns": (1, "most turns in a conversation: earlier turns are other conversations' questions and answers"),
+    "val_fraction": (0.02, "share of the conversations held out (at least one)"),
+    "steps": (60, "fine-tuning optimizer steps"),
+    "batch": (16, "sequences per fine-tuning step"),
+    "seq": (256, "tokens per sequence"),
+    "lr": (3e-4, "peak fine-tuning learning rate"),
+    "warmup": (5, "linear warmup steps"),
+    "optimizer": ("muon", "muon or adamw (see optim.py)"),
+    "eval_every": (0, "steps between held-out evaluations (0: only at the end)"),
+    "ckpt_every": (0, "steps between checkpoints (0: only at the end)"),
+    "seed": (0, "seed for problems, sampling and data order"),
+    "resume": (False, "reuse out/samples.jsonl and out/data, and continue from the newest checkpoint in --out"),
+    "device": (None, "cpu or cuda (default: cuda when available)"),
+    "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
+    "progress": (True, "show a progress bar"),
+}
+DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
+FINE_TUNING = ("steps", "batch", "seq", "lr", "warmup", "optimizer", "eval_every", "ckpt_every", "seed", "device",
+               "dtype", "progress")  # options passed on to train.train
+BATCH = 256  # sequences the engine decodes together
+
+
+# ----------------------------------------------------------------------------- sampling and checking
+
+
+def draw_problems(o, tasks):
+    """(index, task, problem) of the o.problems training problems, the tasks taking turns; the same on every rank."""
+    rng = random.Random(o.seed)
+    drawn = []
+    for i in range(o.problems):
+        task = tasks[i % len(tasks)]
+        drawn.append((i, task, task.sample(rng, "train", o.difficulty or None)))
+    return drawn
+
+
+def sample_seed(seed, problem, sample, samples):
+    """The seed of one completion: set by the run's seed and the problem's index, whatever the rank or batch."""
+    return (seed * 1_000_003 + problem * samples + sample) & 0x7FFFFFFFFFFFFFFF
+
+
+def accepted(reward):
+    return reward.accuracy == 1 and reward.format == 1
+
+
+def judge(task, problem, completions, keep):
+    """The line of samples.jsonl for one problem: its first `keep` distinct accepted completions (finished,
+    not cut at max_new_tokens) and counts."""
+    texts = [s.text for s in completions if s.finish_reason == "stop" and accepted(task.score(problem, s.text))]
+    kept = list(dict.fromkeys(texts))[:keep]
+    return {"task": task.name, "question": problem.question, "answer": problem.answer,
+            "difficulty": problem.difficulty, "completions": kept, "sampled": len(completions),
+            "accepted": len(texts)}
+
+
+def sample(o, compute, mine, show):
+    """(index, samples.jsonl line) for each of `mine` (index, task, problem), sampled o.samples times each."""
+    model, tokenizer = checkpoint.load(o.init)
+    if tokenizer is None:
+        raise ValueError(f"{o.init} has no tokenizer")
+    per_batch = max(1, BATCH // o.samples)  # problems whose completions decode together
+    engine = Engine(model.to(compute.device), tokenizer, max_batch=min(BATCH, per_batch * o.samples))
+    lines = []
+    with tqdm(total=len(mine), disable=not show, desc="rs sampling", dynamic_ncols=True) as bar:
+        for start in range(0, len(mine), per_batch):
+            batch = mine[start : start + per_batch]
+            prompts = [tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for _, _, p in batch]
+            params = [SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature,
+                                     seed=sample_seed(o.seed, i, j, o.samples))
+                      for i, _, _ in batch for j in range(o.samples)]
+            with compute.autocast():
+                seqs = engine.generate([p for p in prompts for _ in range(o.samples)], params)
+            for k, (i, task, problem) in enumerate(batch):
+                lines.append((i, judge(task, problem, seqs[k * o.samples : (k + 1) * o.samples], o.keep)))
+            bar.update(len(batch))
+    return lines
+
+
+def sample_all(o, compute, rank, world):
+    """samples.jsonl's lines, in problem order: each rank samples problems rank, rank + world, ..."""
+    tasks = task_list(o.task, o.checker)
+    if not tasks:
+        raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
+    mine = draw_problems(o, tasks)[rank::world]
+    lines = sample(o, compute, mine, show=rank == 0 and o.progress) if mine else []
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, lines)
+        lines = [line for part in parts for line in part]
+    return [line for _, line in sorted(lines, key=lambda pair: pair[0])]
+
+
+def write_jsonl(path, lines):
+    """Write beside, fsync, rename: a reader finds the whole file or the one before it."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def counts(lines):
+    return {"problems": len(lines), "sampled": sum(r["sampled"] for r in lines),
+            "accepted": sum(r["accepted"] for r in lines), "kept": sum(len(r["completions"]) for r in lines),
+            "problems_solved": sum(r["accepted"] > 0 for r in lines)}
+
+
+# ----------------------------------------------------------------------------- the fine-tuning data
+
+
+def kept_chats(lines):
+    """Each kept completion as a one-turn chat: its problem, then the completion's reasoning and answer."""
+    chats = []
+    for r in lines:
+        problem = Problem(r["question"], r["answer"], r["difficulty"])
+        for text in r["completions"]:
+            reasoning, answer, _ = parse_completion(text)
+            chats.append(as_chat(problem, reasoning, answer))
+    return chats
+
+
+def conversations(o, lines):
+    """("chat", messages) to fine-tune on: the kept completions, worked solutions of the replay tasks and
+    smalltalk turns, shuffled, each after 0 to turns - 1 earlier turns (see tasks.with_history)."""
+    rng = random.Random(o.seed)
+    finals = kept_chats(lines)
+    replay = [spec.strip() for spec in o.replay.split(",") if spec.strip()]
+    for i, spec in enumerate(replay):
+        docs = task_documents(spec, o.replay_problems, "chat", o.seed * 100 + i + 1, o.difficulty or None, o.checker)
+        finals += [messages for _, messages in docs]
+    if o.smalltalk:
+        finals += smalltalk_chats(task_list(o.task, o.checker) + task_list(o.replay, o.checker), o.smalltalk, rng)
+    rng.shuffle(finals)
+    return list(with_history(finals, o.turns, rng))
+
+
+def build_data(o, lines, out_dir):
+    """Write the conversations to out_dir with the model's tokenizer; at least one is held out, since the
+    trainer's final evaluation reads the held-out split."""
+    docs = conversations(o, lines)
+    if len(docs) < 2:
+        raise ValueError(f"only {len(docs)} conversation to fine-tune on: sample more problems (--problems, "
+                         "--samples) or mix in worked solutions (--replay)")
+    data.build(None, Tokenizer.load(o.init), out_dir, max(o.val_fraction, 1 / len(docs)), documents=docs)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def check(o):
+    if not o.init or not o.out:
+        raise ValueError("--init (the RL checkpoint) and --out are required")
+    for name in ("problems", "samples", "keep", "turns"):
+        if getattr(o, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def no_accepted_error(c):
+    return ValueError(
+        f"rejection sampling: the model solves none of the {c['problems']} sampled problems (none of "
+        f"{c['sampled']} completions was right and well formed); sample more (--samples), start from a stronger "
+        "model (--init: more SFT or GRPO) or make the problems easier (--difficulty)")
+
+
+def run_stage(o, rank, world, compute):
+    os.makedirs(o.out, exist_ok=True)
+    samples_file, data_dir = os.path.join(o.out, "samples.jsonl"), os.path.join(o.out, "data")
+    t0, seconds = time.perf_counter(), 0.0
+    if not (o.resume and from_rank0(os.path.exists(samples_file))):
+        lines = sample_all(o, compute, rank, world)
+        if rank == 0:
+            write_jsonl(samples_file, lines)
+        seconds = time.perf_counter() - t0
+        gc.collect()  # the sampling model and its engine are gone before training starts
+        if compute.device_type == "cuda":
+            torch.cuda.empty_cache()
+        barrier()
+    c = counts(read_jsonl(samples_file))
+    if rank == 0:
+        print(f"rejection sampling: kept {c['kept']} of {c['sampled']} completions ({c['accepted']} accepted) "
+              f"from {c['problems_solved']} of {c['problems']} problems")
+    if not c["accepted"]:  # nothing of the model's own to keep: the mixed-in conversations alone, or an error
+        if not (o.replay.strip() or o.smalltalk):
+            raise no_accepted_error(c)
+        if rank == 0:
+            print(f"warning: {no_accepted_error(c)}; fine-tuning on the replayed and smalltalk conversations alone")
+    if rank == 0 and not (o.resume and os.path.exists(os.path.join(data_dir, "manifest.json"))):
+        build_data(o, read_jsonl(samples_file), data_dir)
+    barrier()
+    options = {k: getattr(o, k) for k in FINE_TUNING}
+    train({**options, "init": o.init, "data": data_dir, "out": o.out, "resume": o.resume}, "sft")
+    meta = checkpoint.load_meta(os.path.join(o.out, "final"))
+    return {**c, "steps": meta["step"], "tokens": meta["tokens_seen"], "seconds_sampling": seconds}
+
+
+def rejection_sampling(options: dict):
+    """Sample, check, keep and fine-tune with `options` (keys of DEFAULTS). Returns the counts (problems, sampled,
+    accepted, kept, problems_solved), the fine-tuning's steps and tokens, and seconds_sampling (0 when resumed
+    samples were reused)."""
+    o = options_from(options, DEFAULTS, "rs")
+    check(o)
+    compute = policy(o.device, o.dtype)
+    joined = dist.is_initialized()  # `nanoseek run` keeps one process group over its stages
+    rank, world = start_ranks(compute.device)
+    try:
+        return run_stage(o, rank, world, compute)
+    finally:
+        if dist.is_initialized() and not joined:
+            dist.destroy_process_group()

@@ -1,0 +1,88 @@
+"""Plain conversational turns for SFT: a greeting, who the model is, what it can do, and a polite answer to
+what it cannot do. Generated from templates and from the recipe's own tasks (their names and a sample
+question each), never downloaded, with a one-line thought before each reply."""
+
+import random
+
+# what a built-in task lets the model do, said in a reply; a task of the user's own is named as it is
+CAN_DO = {
+    "addition": "add whole numbers",
+    "arithmetic": "add, subtract and multiply whole numbers",
+    "countdown": "solve Countdown puzzles (reach a target from a few numbers with + - * /)",
+    "equations": "solve linear equations",
+    "sorting": "sort lists of numbers",
+}
+
+GREETINGS = ["hello", "hi", "hey", "hi there", "hello there", "good morning", "good afternoon", "good evening",
+             "greetings", "howdy", "hey there", "hello nanoseek", "hi nanoseek", "yo", "hiya", "morning"]
+WHO = ["who are you", "what are you", "what is your name", "what's your name", "are you a person",
+       "are you human", "are you a robot", "tell me about yourself", "introduce yourself", "who made you",
+       "what model are you", "are you chatgpt", "who am i talking to", "what should i call you"]
+WHAT = ["what can you do", "how can you help me", "what are you good at", "help", "what can i ask you",
+        "what do you know", "what are your skills", "how do i use you", "what kind of questions can you answer",
+        "can you help me", "what tasks can you do", "show me what you can do"]
+THANKS = ["thanks", "thank you", "thank you very much", "great, thanks", "ok thanks", "nice", "cool", "awesome",
+          "perfect", "that's right", "good job", "well done", "ok", "bye", "goodbye", "see you"]
+# requests outside what the model learned: it says so politely instead of guessing
+CANNOT = ["write a poem about the sea", "what's the weather like today", "tell me a joke",
+          "translate hello into french", "what is the capital of france", "write a python function that sorts a list",
+          "give me a cake recipe",
+          "what's in the news", "tell me a story", "what time is it", "who won the world cup", "explain gravity",
+          "summarize this article", "recommend a good book", "what is the meaning of life", "how do i cook rice",
+          "write an email to my boss", "what is love", "can you browse the web", "sing me a song",
+          "what year is it", "how tall is mount everest", "draw a cat", "what do you think about politics",
+          "teach me spanish", "what is bitcoin", "how do airplanes fly", "play a game with me",
+          "what's your favourite colour", "do you have feelings", "help me with my homework essay",
+          "what's the best programming language", "how far is the moon", "write a song", "who is the president"]
+# never trained on: the report asks these to see that replies stay short
+HELD_OUT_PROMPTS = ["describe a sunset", "what is photosynthesis", "can you speak german", "how old are you",
+                    "write a haiku about autumn", "what's the population of tokyo", "tell me a fun fact",
+                    "how do i fix my bike", "what is a black hole", "do you like music", "who wrote hamlet",
+                    "plan a trip to rome", "what should i eat for dinner", "explain machine learning",
+                    "is it going to rain tomorrow", "write a limerick", "how many legs does a spider have",
+                    "what is the speed of light", "give me some advice", "let's talk about football"]
+
+
+def styled(rng, prompt):
+    """The prompt as people type it: capitalised or not, with or without its punctuation."""
+    if rng.random() < 0.5:
+        prompt = prompt[0].upper() + prompt[1:]
+    if prompt.lower().startswith(("who", "what", "how", "are", "can", "do", "is")):
+        return prompt + rng.choice(["?", "?", ""])
+    return prompt + rng.choice(["", "!", "."])
+
+
+def abilities(tasks, rng):
+    """'I can add whole numbers (like "What is 12 + 7?") and solve ...' for the tasks given."""
+    parts = []
+    for task in tasks:
+        example = task.sample(rng, "train").question
+        doing = CAN_DO.get(task.name, f"solve {task.name} problems")
+        parts.append(f'{doing} (like "{example}")')
+    return "I can " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
+
+
+def smalltalk_turn(tasks, rng):
+    """(question, reasoning, answer) of one plain conversational turn about the model trained on `tasks`."""
+    kind = rng.choice(["greeting", "who", "what", "thanks", "cannot", "cannot"])
+    if kind == "greeting":
+        return (styled(rng, rng.choice(GREETINGS)), "A greeting.",
+                rng.choice(["Hello! I am nanoseek, a small reasoning model. Ask me a question.",
+                            "Hi! I am nanoseek. Give me a problem to solve.", "Hello! How can I help?"]))
+    if kind == "who":
+        return (styled(rng, rng.choice(WHO)), "A question about me.",
+                "I am nanoseek, a small reasoning model trained from scratch. I think before I answer. "
+                + abilities(tasks, rng))
+    if kind == "what":
+        return styled(rng, rng.choice(WHAT)), "A question about what I can do.", abilities(tasks, rng)
+    if kind == "thanks":
+        return (styled(rng, rng.choice(THANKS)), "A reply to my answer.",
+                rng.choice(["You're welcome!", "Glad to help. Ask me another one.", "Happy to help!"]))
+    return (styled(rng, rng.choice(CANNOT)), "Something I did not learn to do.",
+            "Sorry, I can't help with that: I am a small model. " + abilities(tasks, rng))
+
+
+def smalltalk_texts(tasks, n, seed=0):
+    """n turns as plain text, for training the tokenizer on the words of the replies."""
+    rng = random.Random(seed)
+    return ["\n".join(smalltalk_turn(tasks, rng)) for _ in range(n)]

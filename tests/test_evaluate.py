@@ -1,0 +1,116 @@
+"""Evaluation beyond greedy pass@1: pass@k on the first k_n problems, truncation counted and warned about, an
+automatic token budget from the worked solutions, each problem asked as the second turn of a chat, and what the
+report card makes of them."""
+
+import json
+import os
+
+import pytest
+
+from nanoseek import checkpoint
+from nanoseek import evaluate as evaluation
+from nanoseek.evaluate import OPTIONS, evaluate, markdown_table, token_budget
+from nanoseek.model import DeepSeekV3, config_for_size
+from nanoseek.report import write_report
+from nanoseek.tasks import as_chat, get_task
+from nanoseek.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory, tokenizer):
+    cfg = config_for_size(2, vocab_size=448)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    path = tmp_path_factory.mktemp("eval_policy") / "init"
+    checkpoint.save(path, DeepSeekV3(cfg).init_weights(0), tokenizer)
+    return str(path)
+
+
+def test_pass_at_k_on_the_first_k_n_problems(policy):
+    assert "k_n" in OPTIONS and "second_turn" in OPTIONS
+    r = evaluate([policy], ["addition"], n=6, k=2, k_n=3, max_new_tokens=3, device="cpu")[policy]["addition"]
+    assert r["all"]["n"] == 6 and r["all"]["pass@2_n"] == 3 and 0.0 <= r["all"]["pass@2"] <= 1.0
+    assert sum(s.get("pass@2_n", 0) for s in r["by_difficulty"].values()) == 3
+    assert [e["sample_correct"] is not None for e in r["examples"]] == [True, True, True]
+
+
+def test_truncated_traces_are_counted_and_warned_about(policy, tmp_path):
+    results = evaluate([policy], ["addition"], n=4, max_new_tokens=1, device="cpu", out=str(tmp_path))
+    assert results[policy]["addition"]["all"]["truncated"] == 1.0
+    assert results[policy]["addition"]["max_new_tokens"] == 1
+    table = markdown_table(results, 1)
+    assert "truncated 100%" in table
+    warning = [line for line in table.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "100% of" in warning[0] and "addition traces hit max_new_tokens=1" in warning[0]
+    assert (tmp_path / "eval.md").read_text() == table
+
+
+def test_automatic_budget_covers_the_longest_worked_solution(policy, tokenizer):
+    task = get_task("countdown")
+    problems = evaluation.test_problems(task, 4, seed=0)
+    longest = 0
+    for p in problems:
+        full = tokenizer.render_chat(as_chat(p, *task.solve(p)))[0]
+        longest = max(longest, len(full) - len(tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0]))
+    results = evaluate([policy], ["countdown"], n=4, max_new_tokens=0, device="cpu")
+    budget = results[policy]["countdown"]["max_new_tokens"]
+    assert budget >= max(64, longest) and budget == token_budget(task, problems, tokenizer)
+
+
+def test_tasks_without_worked_solutions_get_the_fallback_budget(tokenizer):
+    class Unsolvable:
+        def solve(self, problem):
+            raise NotImplementedError
+
+    problems = evaluation.test_problems(get_task("addition"), 2)
+    assert token_budget(Unsolvable(), problems, tokenizer) == 256
+    assert token_budget(object(), problems, tokenizer) == 256
+
+
+def test_second_turn_asks_after_another_task_and_its_bare_answer(policy, monkeypatch):
+    seen = []  # (messages, prompt ids) of every generation prompt rendered
+    render = Tokenizer.render_chat
+
+    def recording(self, messages, add_generation_prompt=False):
+        ids, mask = render(self, messages, add_generation_prompt)
+        if add_generation_prompt:
+            seen.append((messages, ids, self))
+        return ids, mask
+
+    monkeypatch.setattr(Tokenizer, "render_chat", recording)
+    results = evaluate([policy], ["addition", "countdown"], n=3, max_new_tokens=2, second_turn=True, device="cpu")
+    for task in ("addition", "countdown"):
+        second = results[policy][task]["second_turn"]
+        assert second["n"] == 3 and "pass@1_ci" in second and "truncated" in second
+    multi = [(m, ids, tok) for m, ids, tok in seen if len(m) == 3]
+    assert len(multi) == 6  # each task's 3 problems, once each
+    countdown = [p.question for p in evaluation.test_problems(get_task("countdown"), 3, seed=1)]
+    addition = [p.question for p in evaluation.test_problems(get_task("addition"), 3, seed=0)]
+    for messages, ids, tok in multi:
+        assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+        assert "reasoning_content" not in messages[1] and messages[1]["content"]
+        assert ids.count(tok.user_id) == 2 and ids.count(tok.think_id) == 1  # two user turns, no old thinking
+    firsts = [m for m, _, _ in multi if m[2]["content"] in addition]  # addition asked second, after countdown
+    assert [m[2]["content"] for m in firsts] == addition and [m[0]["content"] for m in firsts] == countdown
+    assert "Second turn" in markdown_table(results, 1)
+
+
+def test_report_shows_rejection_sampling_second_turns_and_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    paths = {s: str(out / s) for s in ("tokenizer", "pretrain", "sft", "rl", "rs", "eval")}
+    row = {"difficulty": 1, "correct": 1.0, "format": 1.0, "truncated": False, "thinking_tokens": 5,
+           "sample_correct": None, "question": "What is 1 + 1?", "completion": "1 + 1 = 2</think>2",
+           "reason": "correct", "generated_tokens": 7}
+    results = {os.path.join(paths[s], "final"): {"addition": evaluation.task_results([row], [row], 1, 64, 1.0)}
+               for s in ("rl", "rs")}
+    evaluation.write_results(results, 1, paths["eval"])
+    os.makedirs(paths["rs"])
+    (out / "rs" / "loss.png").write_bytes(b"")
+    (out / "stages.json").write_text(json.dumps(
+        {"rs": {"seconds": 3.0, "steps": 2, "tokens": 1000, "kept": 5, "sampled": 16}}))
+    report = open(write_report({"path": "x.toml", "run": {"out": str(out), "device": "cpu", "dtype": "auto"}},
+                               paths)).read()
+    assert "| rs | 3 s | 1,000 | 2 | kept 5 of 16 sampled completions |" in report
+    assert "![rejection-sampling SFT loss](rs/loss.png)" in report
+    assert "| task | checkpoint | first turn pass@1 | second turn pass@1 |" in report
+    assert "| addition | rs/final | 100.0% [20.7, 100.0] | 100.0% [20.7, 100.0] |" in report
+    assert f"Greedy completions of `{os.path.join(paths['rs'], 'final')}`" in report
