@@ -17,8 +17,9 @@ from math import comb
 
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import DEFAULT_REPETITION_STOP, Engine, SamplingParams
 from nanoseek.tasks import as_chat, get_task
+from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS
 
 OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default, meaning)
     "task": (["countdown"], "tasks (built-in names, .jsonl, file.py:Class)"),
@@ -288,3 +289,24 @@ def plot(results, file):
     fig.savefig(file, dpi=100, format="png")
     plt.close(fig)
 
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+GREETINGS = ("hello", "who are you?", "what can you do?")
+
+
+def chat_replies(ckpt, prompts=GREETINGS + tuple(HELD_OUT_PROMPTS), max_tokens=256, device=None, dtype=None):
+    """Greedy one-turn replies of a checkpoint, stopped as `nanoseek chat` stops them (the repetition stop on):
+    [{prompt, completion, finish_reason, tokens}]. The default prompts are a greeting, two questions about the
+    model and 20 requests it never trained on."""
+    compute = policy(device, dtype)
+    model, tokenizer = load(ckpt, compute.device)
+    engine = Engine(model, tokenizer, max_batch=32)
+    ids = [tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, repetition_stop=DEFAULT_REPETITION_STOP)
+    with compute.autocast():
+        seqs = engine.generate(ids, params)
+    return [{"prompt": p, "completion": s.text, "finish_reason": s.finish_reason, "tokens": len(s.tokens)}
+            for p, s in zip(prompts, seqs)]

@@ -43,6 +43,8 @@ OPTIONS = {  # every option of rs: (default, meaning)
     "temperature": (1.0, "sampling temperature"),
     "max_new_tokens": (256, "longest completion"),
     "keep": (2, "distinct accepted completions kept per problem at most"),
+    "require_steps": (False, "accept only completions whose every reasoning step is right as well (a process "
+                             "check, for tasks with check_steps)"),
     "replay": ("addition", "tasks whose worked solutions are mixed into the fine-tuning data, comma-separated "
                            "(empty: none)"),
     "replay_problems": (200, "worked solutions per replay task"),
@@ -91,11 +93,20 @@ def accepted(reward):
     return reward.accuracy == 1 and reward.format == 1
 
 
-def judge(task, problem, completions, keep):
-    """The line of samples.jsonl for one problem: its first `keep` distinct accepted completions (finished,
-    not cut at max_new_tokens) and counts."""
-    texts = [s.text for s in completions if s.finish_reason == "stop" and accepted(task.score(problem, s.text))]
-    kept = list(dict.fromkeys(texts))[:keep]
+def steps_all_right(task, problem, text):
+    """Whether every reasoning step computes what it says (always, for a task without check_steps)."""
+    if not hasattr(task, "check_steps"):
+        return True
+    right, steps = task.check_steps(problem, text)
+    return right == steps
+
+
+def judge(task, problem, completions, keep, require_steps=False):
+    """The line of samples.jsonl for one problem: its `keep` shortest distinct accepted completions (finished,
+    not cut at max_new_tokens; with require_steps, every step right too) and counts."""
+    texts = [s.text for s in completions if s.finish_reason == "stop" and accepted(task.score(problem, s.text))
+             and (not require_steps or steps_all_right(task, problem, s.text))]
+    kept = sorted(dict.fromkeys(texts), key=len)[:keep]  # the shortest: the fewest attempts before a right one
     return {"task": task.name, "question": problem.question, "answer": problem.answer,
             "difficulty": problem.difficulty, "completions": kept, "sampled": len(completions),
             "accepted": len(texts)}
@@ -119,7 +130,8 @@ def sample(o, compute, mine, show):
             with compute.autocast():
                 seqs = engine.generate([p for p in prompts for _ in range(o.samples)], params)
             for k, (i, task, problem) in enumerate(batch):
-                lines.append((i, judge(task, problem, seqs[k * o.samples : (k + 1) * o.samples], o.keep)))
+                completions = seqs[k * o.samples : (k + 1) * o.samples]
+                lines.append((i, judge(task, problem, completions, o.keep, o.require_steps)))
             bar.update(len(batch))
     return lines
 

@@ -90,6 +90,7 @@ def write_report(recipe, paths):
             for ex in r["examples"][:2]:
                 lines += [f"**{task}**: {ex['question']}", "", "```", ex["completion"].strip(), "```",
                           f"→ {ex['reason']}", ""]
+    lines += chat_section(_load(os.path.join(paths["eval"], "chat.json")))
     report = os.path.join(out, "report.md")
     with open(report + ".tmp", "w") as f:  # written beside and renamed: a reader never sees half a report
         f.write("\n".join(lines))
@@ -97,3 +98,21 @@ def write_report(recipe, paths):
         os.fsync(f.fileno())
     os.replace(report + ".tmp", report)
     return report
+
+
+def chat_section(chat):
+    """The final model's greedy replies to a greeting and two questions about it, and how its replies to
+    requests it never trained on ended (an answer, the repetition stop, or the token limit)."""
+    if not chat:
+        return []
+    replies = chat["replies"]
+    lines = ["## Chat", "", f"Greedy one-turn replies of `{chat['checkpoint']}`, stopped as `nanoseek chat` stops "
+             "them:", ""]
+    for r in replies[:3]:
+        lines += [f"**you**: {r['prompt']}", "", "```", r["completion"].strip(), "```", ""]
+    others = replies[3:]
+    ends = {reason: sum(r["finish_reason"] == reason for r in others) for reason in ("stop", "repetition", "length")}
+    lines += [f"{len(others)} requests it never trained on (\"describe a sunset\", \"who wrote hamlet\", ...): "
+              f"{ends['stop']} answered and stopped, {ends['repetition']} stopped for repeating themselves, "
+              f"{ends['length']} ran to the token limit; longest reply {max(r['tokens'] for r in others)} tokens.", ""]
+    return lines

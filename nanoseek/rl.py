@@ -21,6 +21,7 @@ from nanoseek.device import all_reduce, any_rank, policy, start_ranks
 from nanoseek.engine import Engine, SamplingParams, Sequence
 from nanoseek.evaluate import evaluate_model, test_problems
 from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
+from nanoseek.optim import build_optimizer
 from nanoseek.tasks import Reward, as_chat, get_task
 from nanoseek.train import optimizer_tensors, restore_optimizer
 
@@ -39,7 +40,8 @@ OPTIONS = {  # every option of rl: (default, meaning)
                    "so that a skill learned in SFT is not lost"),
     "replay_rows": (16, "worked solutions per step for --replay"),
     "temperature": (1.0, "sampling temperature of the rollouts"),
-    "lr": (1e-4, "AdamW learning rate"),
+    "optimizer": ("adamw", "adamw: AdamW on every weight; muon: Muon on the hidden matrices, AdamW on the rest"),
+    "lr": (1e-4, "learning rate"),
     "weight_decay": (0.0, "AdamW weight decay"),
     "mu": (1, "update passes over each batch of rollouts"),
     "eps_low": (0.2, "PPO clip below 1"),
@@ -169,8 +171,7 @@ class GRPO:
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                                     betas=(0.9, 0.99), fused=True)
+        self.opt = build_optimizer(self.model, o.optimizer, o.lr, o.weight_decay, (0.9, 0.99))
         self.engine = Engine(self.model, self.tokenizer, max_batch=max(1, o.prompts // self.world) * o.group)
         self.start_step = 0
         if point:

@@ -11,7 +11,7 @@ from nanoseek import checkpoint
 from nanoseek import evaluate as evaluation
 from nanoseek.evaluate import OPTIONS, evaluate, markdown_table, token_budget
 from nanoseek.model import DeepSeekV3, config_for_size
-from nanoseek.report import write_report
+from nanoseek.report import chat_section, write_report
 from nanoseek.tasks import as_chat, get_task
 from nanoseek.tokenizer import Tokenizer
 
@@ -114,3 +114,14 @@ def test_report_shows_rejection_sampling_second_turns_and_the_last_checkpoint(tm
     assert "| task | checkpoint | first turn pass@1 | second turn pass@1 |" in report
     assert "| addition | rs/final | 100.0% [20.7, 100.0] | 100.0% [20.7, 100.0] |" in report
     assert f"Greedy completions of `{os.path.join(paths['rs'], 'final')}`" in report
+
+
+def test_chat_replies_end_as_the_terminal_chat_ends_them(policy, tmp_path):
+    """A greeting, two questions about the model and 20 requests it never trained on, greedy, with the
+    repetition stop on: every reply ends (stop, repetition or the limit), and the report counts how."""
+    replies = evaluation.chat_replies(policy, max_tokens=40, device="cpu")
+    assert [r["prompt"] for r in replies[:3]] == ["hello", "who are you?", "what can you do?"] and len(replies) == 23
+    assert all(r["finish_reason"] in ("stop", "repetition", "length") and r["tokens"] <= 40 for r in replies)
+    text = "\n".join(chat_section({"checkpoint": policy, "replies": replies}))
+    ends = sum(r["finish_reason"] == "length" for r in replies[3:])
+    assert "**you**: hello" in text and f"{ends} ran to the token limit" in text

@@ -43,7 +43,8 @@ def test_smoke_recipe_end_to_end(tmp_path):
     assert [line for line in logs if line.endswith("running")] == [
         f"[{s}] running" for s in ("tokenizer", "data", "pretrain", "sft", "rl", "rs", "eval", "report")]
     report = (out / "report.md").read_text()
-    for section in ("## Stages", "## Held-out accuracy", "## Curves", "## Expert load balance", "## Transcripts"):
+    for section in ("## Stages", "## Held-out accuracy", "## Curves", "## Expert load balance", "## Transcripts",
+                    "## Chat"):
         assert section in report
     assert "![pretraining loss](pretrain/loss.png)" in report and (out / "eval" / "eval.png").exists()
     timings = json.loads((out / "stages.json").read_text())

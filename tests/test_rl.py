@@ -3,6 +3,7 @@ tiny seeded policy whose reward rises."""
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from nanoseek import checkpoint
 from nanoseek.evaluate import evaluate, pass_at_k, wilson
 from nanoseek.loop import read_metrics
 from nanoseek.model import DeepSeekV3, config_for_size
-from nanoseek.rl import group_advantages, grpo_loss, rl
+from nanoseek.rl import group_advantages, grpo_loss, rl, steps_share
+from nanoseek.tasks import get_task
 
 DIGITS_TASK = '''
 from nanoseek.tasks import Problem, Reward
@@ -176,3 +178,11 @@ def test_grpo_step_where_one_rank_keeps_no_group_finishes(random_policy, tmp_pat
     assert all(0 < r["groups_kept"] <= 2 for r in rows)  # rank 0 kept some, rank 1 none
     assert all(r["grad_norm"] > 0 for r in rows)
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_process_reward_is_the_share_of_right_steps():
+    countdown, addition = get_task("countdown"), get_task("addition")
+    p = countdown.make(random.Random(2), 3)
+    assert steps_share(countdown, p, "14+6=~02,20-2=~81\n14-6=8,8+2=~11\n</think>\n\n14") == 0.75
+    assert steps_share(countdown, p, "no steps\n</think>\n\n14") == 0.0
+    assert steps_share(addition, addition.make(random.Random(2), 2), "1+1+0=02 2\n</think>\n\n2") == 0.0

@@ -52,11 +52,12 @@ def styled(rng, prompt):
     return prompt + rng.choice(["", "!", "."])
 
 
-def abilities(tasks, rng):
-    """'I can add whole numbers (like "What is 12 + 7?") and solve ...' for the tasks given."""
+def abilities(tasks):
+    """'I can add whole numbers (like "What is 12 + 7?") and solve ...' for the tasks given, each with one fixed
+    example question (a sentence the model can learn word for word)."""
     parts = []
     for task in tasks:
-        example = task.sample(rng, "train").question
+        example = task.sample(random.Random(task.name), "train", min(max(task.difficulties), 3)).question
         doing = CAN_DO.get(task.name, f"solve {task.name} problems")
         parts.append(f'{doing} (like "{example}")')
     return "I can " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
@@ -72,14 +73,14 @@ def smalltalk_turn(tasks, rng):
     if kind == "who":
         return (styled(rng, rng.choice(WHO)), "A question about me.",
                 "I am nanoseek, a small reasoning model trained from scratch. I think before I answer. "
-                + abilities(tasks, rng))
+                + abilities(tasks))
     if kind == "what":
-        return styled(rng, rng.choice(WHAT)), "A question about what I can do.", abilities(tasks, rng)
+        return styled(rng, rng.choice(WHAT)), "A question about what I can do.", abilities(tasks)
     if kind == "thanks":
         return (styled(rng, rng.choice(THANKS)), "A reply to my answer.",
                 rng.choice(["You're welcome!", "Glad to help. Ask me another one.", "Happy to help!"]))
     return (styled(rng, rng.choice(CANNOT)), "Something I did not learn to do.",
-            "Sorry, I can't help with that: I am a small model. " + abilities(tasks, rng))
+            "Sorry, I can't help with that: I am a small model. " + abilities(tasks))
 
 
 def smalltalk_texts(tasks, n, seed=0):
