@@ -183,6 +183,6 @@ def test_grpo_step_where_one_rank_keeps_no_group_finishes(random_policy, tmp_pat
 def test_process_reward_is_the_share_of_right_steps():
     countdown, addition = get_task("countdown"), get_task("addition")
     p = countdown.make(random.Random(2), 3)
-    assert steps_share(countdown, p, "14+6=~02,20-2=~81\n14-6=8,8+2=~11\n</think>\n\n14") == 0.75
+    assert steps_share(countdown, p, "14+6=20,20-2=18\n14-6=8,8+2=11\n</think>\n\n14") == 0.75
     assert steps_share(countdown, p, "no steps\n</think>\n\n14") == 0.0
     assert steps_share(addition, addition.make(random.Random(2), 2), "1+1+0=02 2\n</think>\n\n2") == 0.0

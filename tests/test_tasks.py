@@ -133,11 +133,11 @@ def test_countdown_trace_of_three_numbers_always_reaches_the_answer():
             for step in line.split(","):
                 expr, value = step.split("=")
                 result, used = evaluate_expression(expr)
-                assert value.startswith("~") and result == int(value[:0:-1])  # ones digit first
+                assert result == int(value)
                 for n in used:
                     values.remove(n)  # each value used once, from the numbers or an earlier step of the line
-                values.append(int(value[:0:-1]))
-            assert (int(value[:0:-1]) == p.data["target"]) == (k == len(lines) - 1)
+                values.append(int(value))
+            assert (int(value) == p.data["target"]) == (k == len(lines) - 1)
     assert misses > 100  # attempts that miss come before the one that makes it
     assert cd.solve(p) == cd.solve(p)  # one worked solution per problem
 
@@ -200,5 +200,5 @@ def test_smalltalk_describes_the_tasks_trained():
 def test_countdown_steps_are_checked_one_by_one():
     cd = get_task("countdown")
     p = cd.make(random.Random(2), 3)
-    assert cd.check_steps(p, "14+6=~02,20-2=~81\n14-6=8,8+2=~11\n</think>\n\n14") == (3, 4)
+    assert cd.check_steps(p, "14+6=20,20-2=18\n14-6=8,8+2=11\n</think>\n\n14") == (3, 4)
     assert cd.check_steps(p, "no steps here\n</think>\n\n14") == (0, 0)

@@ -119,14 +119,12 @@ def reaching(numbers, target, rng):
     return walk([(n, str(n)) for n in numbers], [])
 
 
-def worked_solution(numbers, target, rng, max_misses=4):
+def worked_solution(numbers, target, rng, max_misses=2):
     """(trace, answer): a few random combinations that miss the target (0 to max_misses), then one that makes
     it; one attempt a line, each step combining two values:
 
-        14+6=~02,20-2=~81         (misses 10: try another way)
-        14-6=~8,8+2=~01           -> (14-6)+2
-
-    Computed numbers are written ones digit first (~81 is 18), the order in which they are worked out.
+        14+6=20,20-2=18           (misses 10: try another way)
+        14-6=8,8+2=10             -> (14-6)+2
 
     Attempts are drawn at random, so which one comes first is a choice the model learns (and RL can sharpen),
     and every line computes what it says."""
@@ -135,25 +133,13 @@ def worked_solution(numbers, target, rng, max_misses=4):
     hit = reaching(numbers, target, rng)
     if hit is None:
         return "...", search(numbers, target)
-    line = lambda attempt: ",".join(f"{step}={ones_first(value)}" for step, value, _ in attempt)  # noqa: E731
+    line = lambda attempt: ",".join(f"{step}={value}" for step, value, _ in attempt)  # noqa: E731
     misses, wanted = [], rng.randint(0, max_misses)
     for _ in range(10 * wanted):  # distinct attempts, none making the target: a line is never written twice
         attempt = random_attempt(numbers, rng)
         if len(misses) < wanted and all(v != target for _, v, _ in attempt) and line(attempt) not in misses:
             misses.append(line(attempt))
     return "\n".join(misses + [line(hit)]), hit[-1][2][1:-1]
-
-
-def ones_first(n):
-    """A number the trace computes, written from its ones digit up behind a "~" (~74 is 47): each digit then
-    depends only on the operands' digits at that place and the carry from the digit before it."""
-    return "~" + str(n)[::-1]
-
-
-def read_number(text):
-    """An integer written plainly or ones digit first ("~74" is 47); ValueError otherwise."""
-    text = text.strip()
-    return int(text[1:][::-1]) if text.startswith("~") and text[1:].isdigit() else int(text)
 
 
 def steps_right(reasoning):
@@ -163,7 +149,7 @@ def steps_right(reasoning):
     for step in steps:
         expr, _, value = step.partition("=")
         try:
-            right += evaluate_expression(expr)[0] == read_number(value)
+            right += evaluate_expression(expr)[0] == int(value)
         except (ValueError, RecursionError):
             pass
     return right, len(steps)
