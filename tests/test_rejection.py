@@ -118,8 +118,8 @@ def test_keeps_only_accepted_distinct_completions_and_trains_on_exactly_them(ran
     even = [r for r in lines if int(r["question"].split()[1]) % 2 == 0]
     assert len(lines) == 6 and 0 < len(even) < 6
     for r in lines:
-        if r in even:  # duplicates, the wrong answer and the badly formed one are gone; the first two kept
-            assert r["completions"] == ["bright</think>2", "brave</think>6"] and r["accepted"] == 4
+        if r in even:  # duplicates, the wrong answer and the badly formed one are gone; the two shortest kept
+            assert r["completions"] == ["bold</think>4", "brave</think>6"] and r["accepted"] == 4
         else:
             assert r["completions"] == [] and r["accepted"] == 0
         assert r["sampled"] == 6
@@ -128,7 +128,7 @@ def test_keeps_only_accepted_distinct_completions_and_trains_on_exactly_them(ran
 
     tok = Tokenizer.load(random_policy)
     expected = [rendered(tok, r["question"], reasoning, answer)
-                for r in even for reasoning, answer in (("bright", "2"), ("brave", "6"))]
+                for r in even for reasoning, answer in (("bold", "4"), ("brave", "6"))]
     assert sorted(documents(out / "data", tok.bos_id)) == sorted(expected)
     assert result["steps"] == 2 and result["tokens"] == 2 * 4 * 64
     assert weights_changed(random_policy, out / "final")

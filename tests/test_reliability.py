@@ -27,7 +27,7 @@ def command(stage, data, out, steps, init=None, task=None):
     if stage == "rl":
         args = ["rl", "--init", init, "--task", task, "--out", str(out), "--steps", str(steps), "--prompts", "2",
                 "--group", "4", "--max-new-tokens", "12", "--device", "cpu", "--no-progress", "--ckpt-every", "1",
-                "--lr", "0.001", "--resume"]
+                "--lr", "0.001", "--resume", "--eval-every", "0"]  # the held-out curve: test_rl
     else:
         args = [stage, "--data", data, "--out", str(out), "--steps", str(steps), "--ckpt-every", "1", "--keep", "2",
                 "--eval-every", "0", "--no-progress", "--resume", "--min-lr-ratio", "1"]  # no decay: the

@@ -185,7 +185,8 @@ def test_sft_conversations_train_only_their_last_turn(tokenizer):
         assert trained == f"<think>\n{last['reasoning_content']}\n</think>\n\n{last['content']}<｜end▁of▁sentence｜>"
     questions = [m[-2]["content"] for m in docs]
     assert sum("Countdown" in m[-1]["content"] for m in docs) >= 5  # smalltalk says what the model can do
-    assert sum(q.startswith("What is") for q in questions) == 30 and sum("make" in q for q in questions) >= 30
+    assert sum(bool(re.match(r"What is \d", q)) for q in questions) == 30
+    assert sum(q.startswith("Using the numbers") for q in questions) == 30
 
 
 def test_smalltalk_describes_the_tasks_trained():
