@@ -203,3 +203,16 @@ def torchrun(args, timeout=900, module=True):
         pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s:\n{out[-5000:]}")
     assert proc.returncode == 0, out[-10000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def random_policy(tmp_path_factory, tokenizer):
+    """A size-2 model with random weights and the session's tokenizer, saved as a checkpoint (its path)."""
+    from nanoseek import checkpoint
+    from nanoseek.model import DeepSeekV3, config_for_size
+
+    cfg = config_for_size(2, vocab_size=448)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    path = tmp_path_factory.mktemp("policy") / "init"
+    checkpoint.save(path, DeepSeekV3(cfg).init_weights(0), tokenizer)
+    return str(path)

@@ -5,38 +5,26 @@ report card makes of them."""
 import json
 import os
 
-import pytest
-
-from nanoseek import checkpoint
 from nanoseek import evaluate as evaluation
 from nanoseek.evaluate import OPTIONS, evaluate, markdown_table, token_budget
-from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.report import chat_section, write_report
 from nanoseek.tasks import as_chat, get_task
 from nanoseek.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory, tokenizer):
-    cfg = config_for_size(2, vocab_size=448)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-    path = tmp_path_factory.mktemp("eval_policy") / "init"
-    checkpoint.save(path, DeepSeekV3(cfg).init_weights(0), tokenizer)
-    return str(path)
-
-
-def test_pass_at_k_on_the_first_k_n_problems(policy):
+def test_pass_at_k_on_the_first_k_n_problems(random_policy):
     assert "k_n" in OPTIONS and "second_turn" in OPTIONS
-    r = evaluate([policy], ["addition"], n=6, k=2, k_n=3, max_new_tokens=3, device="cpu")[policy]["addition"]
+    results = evaluate([random_policy], ["addition"], n=6, k=2, k_n=3, max_new_tokens=3, device="cpu")
+    r = results[random_policy]["addition"]
     assert r["all"]["n"] == 6 and r["all"]["pass@2_n"] == 3 and 0.0 <= r["all"]["pass@2"] <= 1.0
     assert sum(s.get("pass@2_n", 0) for s in r["by_difficulty"].values()) == 3
     assert [e["sample_correct"] is not None for e in r["examples"]] == [True, True, True]
 
 
-def test_truncated_traces_are_counted_and_warned_about(policy, tmp_path):
-    results = evaluate([policy], ["addition"], n=4, max_new_tokens=1, device="cpu", out=str(tmp_path))
-    assert results[policy]["addition"]["all"]["truncated"] == 1.0
-    assert results[policy]["addition"]["max_new_tokens"] == 1
+def test_truncated_traces_are_counted_and_warned_about(random_policy, tmp_path):
+    results = evaluate([random_policy], ["addition"], n=4, max_new_tokens=1, device="cpu", out=str(tmp_path))
+    assert results[random_policy]["addition"]["all"]["truncated"] == 1.0
+    assert results[random_policy]["addition"]["max_new_tokens"] == 1
     table = markdown_table(results, 1)
     assert "truncated 100%" in table
     warning = [line for line in table.splitlines() if line.startswith("warning:")]
@@ -44,15 +32,15 @@ def test_truncated_traces_are_counted_and_warned_about(policy, tmp_path):
     assert (tmp_path / "eval.md").read_text() == table
 
 
-def test_automatic_budget_covers_the_longest_worked_solution(policy, tokenizer):
+def test_automatic_budget_covers_the_longest_worked_solution(random_policy, tokenizer):
     task = get_task("countdown")
     problems = evaluation.test_problems(task, 4, seed=0)
     longest = 0
     for p in problems:
         full = tokenizer.render_chat(as_chat(p, *task.solve(p)))[0]
         longest = max(longest, len(full) - len(tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0]))
-    results = evaluate([policy], ["countdown"], n=4, max_new_tokens=0, device="cpu")
-    budget = results[policy]["countdown"]["max_new_tokens"]
+    results = evaluate([random_policy], ["countdown"], n=4, max_new_tokens=0, device="cpu")
+    budget = results[random_policy]["countdown"]["max_new_tokens"]
     assert budget >= max(64, longest) and budget == token_budget(task, problems, tokenizer)
 
 
@@ -66,7 +54,7 @@ def test_tasks_without_worked_solutions_get_the_fallback_budget(tokenizer):
     assert token_budget(object(), problems, tokenizer) == 256
 
 
-def test_second_turn_asks_after_another_task_and_its_bare_answer(policy, monkeypatch):
+def test_second_turn_asks_after_another_task_and_its_bare_answer(random_policy, monkeypatch):
     seen = []  # (messages, prompt ids) of every generation prompt rendered
     render = Tokenizer.render_chat
 
@@ -77,9 +65,10 @@ def test_second_turn_asks_after_another_task_and_its_bare_answer(policy, monkeyp
         return ids, mask
 
     monkeypatch.setattr(Tokenizer, "render_chat", recording)
-    results = evaluate([policy], ["addition", "countdown"], n=3, max_new_tokens=2, second_turn=True, device="cpu")
+    results = evaluate([random_policy], ["addition", "countdown"], n=3, max_new_tokens=2, second_turn=True,
+                       device="cpu")
     for task in ("addition", "countdown"):
-        second = results[policy][task]["second_turn"]
+        second = results[random_policy][task]["second_turn"]
         assert second["n"] == 3 and "pass@1_ci" in second and "truncated" in second
     multi = [(m, ids, tok) for m, ids, tok in seen if len(m) == 3]
     assert len(multi) == 6  # each task's 3 problems, once each
@@ -116,12 +105,12 @@ def test_report_shows_rejection_sampling_second_turns_and_the_last_checkpoint(tm
     assert f"Greedy completions of `{os.path.join(paths['rs'], 'final')}`" in report
 
 
-def test_chat_replies_end_as_the_terminal_chat_ends_them(policy, tmp_path):
+def test_chat_replies_end_as_the_terminal_chat_ends_them(random_policy, tmp_path):
     """A greeting, two questions about the model and 20 requests it never trained on, greedy, with the
     repetition stop on: every reply ends (stop, repetition or the limit), and the report counts how."""
-    replies = evaluation.chat_replies(policy, max_tokens=40, device="cpu")
+    replies = evaluation.chat_replies(random_policy, max_tokens=40, device="cpu")
     assert [r["prompt"] for r in replies[:3]] == ["hello", "who are you?", "what can you do?"] and len(replies) == 23
     assert all(r["finish_reason"] in ("stop", "repetition", "length") and r["tokens"] <= 40 for r in replies)
-    text = "\n".join(chat_section({"checkpoint": policy, "replies": replies}))
+    text = "\n".join(chat_section({"checkpoint": random_policy, "replies": replies}))
     ends = sum(r["finish_reason"] == "length" for r in replies[3:])
     assert "**you**: hello" in text and f"{ends} ran to the token limit" in text

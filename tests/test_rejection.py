@@ -12,7 +12,6 @@ import torch
 
 from nanoseek import checkpoint, rejection
 from nanoseek.cli import build_parser, cmd_rs
-from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.rejection import rejection_sampling
 from nanoseek.tasks import Problem, as_chat, get_task, parse_completion
 from nanoseek.tokenizer import Tokenizer
@@ -52,14 +51,6 @@ class Never(EvenStart):
 EVEN_ANSWERS = ["bright</think>2", "awful</think>3", "bright</think>2", "bold, no answer", "brave</think>6",
                 "bold</think>4"]
 
-
-@pytest.fixture(scope="module")
-def random_policy(tmp_path_factory, tokenizer):
-    cfg = config_for_size(2, vocab_size=448)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-    path = tmp_path_factory.mktemp("policy") / "init"
-    checkpoint.save(path, DeepSeekV3(cfg).init_weights(0), tokenizer)
-    return str(path)
 
 
 @pytest.fixture

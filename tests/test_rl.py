@@ -9,10 +9,8 @@ import pytest
 import torch
 from conftest import torchrun
 
-from nanoseek import checkpoint
 from nanoseek.evaluate import evaluate, pass_at_k, wilson
 from nanoseek.loop import read_metrics
-from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.rl import group_advantages, grpo_loss, rl, steps_share
 from nanoseek.tasks import get_task
 
@@ -97,14 +95,6 @@ def test_pass_at_k_and_wilson():
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
 
-
-@pytest.fixture(scope="module")
-def random_policy(tmp_path_factory, tokenizer):
-    cfg = config_for_size(2, vocab_size=448)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-    path = tmp_path_factory.mktemp("policy") / "init"
-    checkpoint.save(path, DeepSeekV3(cfg).init_weights(0), tokenizer)
-    return str(path)
 
 
 def test_plugin_task_reward_rises(random_policy, tmp_path):
