@@ -114,7 +114,9 @@ def load_recipe(name_or_path, overrides=None):
         values = {}
         for key, (default, _) in fields.items():
             value = given.get(key, default)
-            if default is not None and value is not None and not _same_type(value, default):
+            counts = key in PER_TASK and isinstance(value, dict)
+            well_typed = _counts_by_task(value) if counts else _same_type(value, default)
+            if default is not None and value is not None and not well_typed:
                 raise RecipeError(f"{path}: [{section}] {key} should be {type(default).__name__}, "
                                   f"got {value!r}")
             values[key] = value
@@ -133,9 +135,11 @@ def load_recipe(name_or_path, overrides=None):
 PER_TASK = ("pretrain_problems", "sft_problems")  # a count for every task, or a table of counts by task
 
 
+def _counts_by_task(value):
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
+
+
 def _same_type(value, default):
-    if isinstance(default, int) and isinstance(value, dict):
-        return all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(default, bool)
     if isinstance(default, float):

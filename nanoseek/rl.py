@@ -203,7 +203,7 @@ class GRPO:
                 completions = seqs[i * o.group : (i + 1) * o.group]
                 rewards = [task.score(problem, s.text) for s in completions]
                 totals = [o.accuracy_weight * r.accuracy + o.format_weight * r.format
-                          + o.step_weight * steps_share(task, problem, s.text)
+                          + (o.step_weight * steps_share(task, problem, s.text) if o.step_weight else 0.0)
                           - (o.overlong_penalty if s.finish_reason == "length" else 0.0)
                           for r, s in zip(rewards, completions)]
                 seen += 1

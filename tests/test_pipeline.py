@@ -133,6 +133,8 @@ def test_recipe_errors_list_what_is_valid(tmp_path):
         load_recipe("smoke", {"run.stages": ["pretrain", "sft"], "eval.stages": ["sft", "rs"]})
     counts = load_recipe("smoke", {"data.sft_problems": {"addition": 5, "countdown": 7}})["data"]["sft_problems"]
     assert counts == {"addition": 5, "countdown": 7}
+    with pytest.raises(RecipeError, match=r"\[pretrain\] steps should be int"):  # a table only for counts by task
+        load_recipe("smoke", {"pretrain.steps": {"addition": 5}})
 
 
 def test_builtin_recipes_load_and_say_what_they_are_for():
