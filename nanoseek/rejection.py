@@ -106,7 +106,7 @@ def judge(task, problem, completions, keep, require_steps=False):
     not cut at max_new_tokens; with require_steps, every step right too) and counts."""
     texts = [s.text for s in completions if s.finish_reason == "stop" and accepted(task.score(problem, s.text))
              and (not require_steps or steps_all_right(task, problem, s.text))]
-    kept = sorted(dict.fromkeys(texts), key=len)[:keep]  # the shortest: the fewest attempts before a right one
+    kept = sorted(dict.fromkeys(texts), key=len)[:keep]  # the shortest: the least reasoning that was enough
     return {"task": task.name, "question": problem.question, "answer": problem.answer,
             "difficulty": problem.difficulty, "completions": kept, "sampled": len(completions),
             "accepted": len(texts)}

@@ -42,6 +42,7 @@ OPTIONS = {  # every option of rl: (default, meaning)
     "temperature": (1.0, "sampling temperature of the rollouts"),
     "optimizer": ("adamw", "adamw: AdamW on every weight; muon: Muon on the hidden matrices, AdamW on the rest"),
     "lr": (1e-4, "learning rate"),
+    "warmup": (0, "steps over which the learning rate rises linearly to --lr (Adam's first steps are full-size)"),
     "weight_decay": (0.0, "AdamW weight decay"),
     "mu": (1, "update passes over each batch of rollouts"),
     "eps_low": (0.2, "PPO clip below 1"),
@@ -104,9 +105,10 @@ def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, beta
     return loss, {"kl": float((kl * mask).sum().detach() / n), "clip_frac": float(clip_frac)}
 
 
-def token_logprobs(model, ids, completion_mask):
-    """Log-probabilities (N, T - 1) of ids[:, 1:] and the mean entropy over completion tokens."""
-    logits = model(ids)[:, :-1].float()
+def token_logprobs(model, ids, completion_mask, temperature=1.0):
+    """Log-probabilities (N, T - 1) of ids[:, 1:] under the policy that samples at `temperature` (logits / T),
+    and that policy's mean entropy over completion tokens."""
+    logits = model(ids)[:, :-1].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
     with torch.no_grad():
@@ -150,6 +152,8 @@ class GRPO:
         self.rank0 = self.rank == 0
         if not o.init or not o.out:
             raise ValueError("--init (an SFT checkpoint) and --out are required")
+        if o.temperature <= 0:
+            raise ValueError(f"--temperature {o.temperature}: GRPO samples its groups, give a temperature above 0")
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
         self.tasks, self.replay_tasks = task_list(o.task, o.checker), task_list(o.replay, o.checker)
@@ -242,12 +246,12 @@ class GRPO:
         ids, mask, adv = self._batch(kept)
         target_mask = mask[:, 1:]
         with torch.no_grad(), self.compute.autocast():  # with one pass the policy that sampled is the one updated
-            old_logp = token_logprobs(self.model, ids, mask)[0] if o.mu > 1 else None
-            ref_logp = token_logprobs(self.ref, ids, mask)[0] if self.ref is not None else None
+            old_logp = token_logprobs(self.model, ids, mask, o.temperature)[0] if o.mu > 1 else None
+            ref_logp = token_logprobs(self.ref, ids, mask, o.temperature)[0] if self.ref is not None else None
         self.model.train()
         for _ in range(o.mu):
             with self.compute.autocast():
-                logp, entropy = token_logprobs(self.net, ids, mask)
+                logp, entropy = token_logprobs(self.net, ids, mask, o.temperature)
             if old_logp is None:
                 old_logp = logp.detach()
             loss, stats = grpo_loss(logp, old_logp, adv, target_mask, o.eps_low, o.eps_high, o.beta, ref_logp)
@@ -314,6 +318,8 @@ class GRPO:
                 t0 = time.perf_counter()
                 kept, seen, generated = self.rollouts(step)
                 rollout_seconds = time.perf_counter() - t0
+                for group in self.opt.param_groups:
+                    group["lr"] = o.lr * min(1.0, (step + 1) / o.warmup) if o.warmup else o.lr
                 stats = self.update(kept, step)
                 sums = {  # over this rank's kept groups, then summed over the ranks
                     "reward": sum(t for g in kept for t in g.totals),
@@ -329,6 +335,7 @@ class GRPO:
                 last = {"step": step + 1, "reward": sums["reward"] / n, "accuracy": sums["accuracy"] / n,
                         "format": sums["format"] / n, "response_length": sums["response_length"] / n,
                         "groups_kept": int(sums["groups_kept"]), "groups_seen": int(sums["groups_seen"]),
+                        "lr": self.opt.param_groups[0]["lr"],
                         "seconds": time.perf_counter() - t0, "rollout_seconds": rollout_seconds,
                         "rollout_tokens_per_s": generated / rollout_seconds, **stats}
                 if o.eval_every and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import torchrun
 
+from nanoseek import checkpoint
 from nanoseek.evaluate import evaluate, pass_at_k, wilson
 from nanoseek.loop import read_metrics
-from nanoseek.rl import group_advantages, grpo_loss, rl, steps_share
+from nanoseek.rl import group_advantages, grpo_loss, rl, steps_share, token_logprobs
 from nanoseek.tasks import get_task
 
 DIGITS_TASK = '''
@@ -123,11 +124,12 @@ def test_jsonl_task_through_rl_and_eval_with_kl_and_resume(random_policy, tmp_pa
     path.write_text("\n".join(json.dumps({"question": f"What is {i} squared?", "answer": i * i}) for i in range(50)))
     opts = {"init": random_policy, "task": str(path), "checker": "numeric", "out": str(tmp_path / "rl"),
             "prompts": 2, "group": 4, "max_new_tokens": 6, "beta": 0.05, "mu": 2, "dynamic_sampling": False,
-            "format_weight": 0.5, "progress": False, "device": "cpu", "ckpt_every": 1}
+            "format_weight": 0.5, "lr": 1e-3, "warmup": 2, "progress": False, "device": "cpu", "ckpt_every": 1}
     rl({**opts, "steps": 2})
     last = rl({**opts, "steps": 3, "resume": True})
     rows = read_metrics(tmp_path / "rl" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and last["step"] == 3  # step 0: held-out accuracy only
+    assert [r["lr"] for r in rows[1:]] == pytest.approx([5e-4, 1e-3, 1e-3])  # warmup, resumed at its step
     straight = rl({**opts, "steps": 3, "out": str(tmp_path / "straight")})
     assert straight["reward"] == last["reward"]  # seeded rollouts: resume replays the same problems
     results = evaluate([random_policy, str(tmp_path / "rl" / "final")], [str(path)], n=5, k=2, max_new_tokens=6,
@@ -140,6 +142,26 @@ def test_bad_rl_options(random_policy, tmp_path):
         rl({"init": random_policy, "out": str(tmp_path), "gamma": 1})
     with pytest.raises(ValueError, match="unknown task"):
         rl({"init": random_policy, "out": str(tmp_path), "task": "chess", "device": "cpu"})
+    with pytest.raises(ValueError, match="temperature above 0"):
+        rl({"init": random_policy, "out": str(tmp_path), "temperature": 0, "device": "cpu"})
+
+
+def test_logprobs_are_those_of_the_policy_at_the_rollout_temperature(random_policy):
+    """The loss's log-probabilities are of the policy that sampled: at T = 1 the plain log-softmax, at T = 0.3
+    the log-softmax of logits / 0.3, so two tokens' log-odds at one position grow by 1 / 0.3."""
+    model = checkpoint.load(random_policy)[0].eval()
+    ids, mask = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(0)), torch.ones(2, 16)
+    ids[1, :-1] = ids[0, :-1]  # the same prefix; the last tokens differ
+    ids[1, -1] = (ids[0, -1] + 1) % 60 + 3
+    with torch.no_grad():
+        plain = torch.log_softmax(model(ids)[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        at_1, _ = token_logprobs(model, ids, mask, 1.0)
+        sharp, _ = token_logprobs(model, ids, mask, 0.3)
+    assert torch.allclose(at_1, plain, atol=1e-5)
+    odds_at_1, odds_sharp = at_1[0, -1] - at_1[1, -1], sharp[0, -1] - sharp[1, -1]
+    assert abs(float(odds_at_1)) > 1e-3
+    assert torch.allclose(odds_sharp, odds_at_1 / 0.3, rtol=1e-4)
+    assert not torch.allclose(sharp, at_1)
 
 
 def test_replay_keeps_training_worked_solutions(random_policy, tmp_path):

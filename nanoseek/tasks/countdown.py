@@ -1,9 +1,10 @@
 """Countdown: reach a target from 3-5 numbers, each used at most once, with + - * /.
 
-The worked solution is a few attempts, one a line, each combining two values at a time ("14+6=20,20-2=18"),
-drawn at random until one makes the target: which way to try first is the model's choice, and RL can sharpen
-it. Answers are arithmetic expressions, parsed with `ast` into a tree of numbers and the four operators only,
-and computed with exact fractions: nothing is ever evaluated as code.
+The worked solution is the steps of one way to the target, each combining two values at a time
+("14-6=8,8+2=10"), the way drawn at random among those a search finds: which way to take is the model's
+choice, and RL sharpens it towards the ways it computes right. Answers are arithmetic expressions, parsed
+with `ast` into a tree of numbers and the four operators only, and computed with exact fractions: nothing is
+ever evaluated as code.
 """
 
 import ast
@@ -88,17 +89,6 @@ def combine(x, y):
     return ways
 
 
-def random_attempt(numbers, rng):
-    """Two values at a time combined at random until one is left: a list of (step, value, expression)."""
-    items, steps = [(n, str(n)) for n in numbers], []
-    while len(items) > 1:
-        i, j = rng.sample(range(len(items)), 2)
-        step = rng.choice(combine(items[i], items[j]))
-        items = [items[k] for k in range(len(items)) if k not in (i, j)] + [step[1:]]
-        steps.append(step)
-    return steps
-
-
 def reaching(numbers, target, rng):
     """Steps that make target, found by a search that tries pairs and operations in a random order; None when
     no way exists."""
@@ -119,27 +109,21 @@ def reaching(numbers, target, rng):
     return walk([(n, str(n)) for n in numbers], [])
 
 
-def worked_solution(numbers, target, rng, max_misses=2):
-    """(trace, answer): a few random combinations that miss the target (0 to max_misses), then one that makes
-    it; one attempt a line, each step combining two values:
+def worked_solution(numbers, target, rng):
+    """(trace, answer): the steps of one way to make the target, each combining two values, on one line:
 
-        14+6=20,20-2=18           (misses 10: try another way)
         14-6=8,8+2=10             -> (14-6)+2
 
-    Attempts are drawn at random, so which one comes first is a choice the model learns (and RL can sharpen),
-    and every line computes what it says."""
+    The way is drawn at random (a search over pairs and operations in a random order), so which one to take
+    is a choice the model learns and RL can sharpen; every step computes what it says. Traces of attempts that
+    miss before the one that hits measured worse (docs/SPEEDRUN.md): the small model could not tell reliably
+    whether the line it had written made the target, so it stopped on misses and went on past hits."""
     if target in numbers:
         return f"{target} is given", str(target)
     hit = reaching(numbers, target, rng)
     if hit is None:
         return "...", search(numbers, target)
-    line = lambda attempt: ",".join(f"{step}={value}" for step, value, _ in attempt)  # noqa: E731
-    misses, wanted = [], rng.randint(0, max_misses)
-    for _ in range(10 * wanted):  # distinct attempts, none making the target: a line is never written twice
-        attempt = random_attempt(numbers, rng)
-        if len(misses) < wanted and all(v != target for _, v, _ in attempt) and line(attempt) not in misses:
-            misses.append(line(attempt))
-    return "\n".join(misses + [line(hit)]), hit[-1][2][1:-1]
+    return ",".join(f"{step}={value}" for step, value, _ in hit), hit[-1][2][1:-1]
 
 
 def steps_right(reasoning):
