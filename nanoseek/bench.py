@@ -12,12 +12,12 @@ import torch
 from nanoseek import checkpoint
 from nanoseek.data import Loader, build, sequential_batches
 from nanoseek.device import policy
+from nanoseek.hardware import matmul_peak_flops
 from nanoseek.model import (
     DeepSeekV3,
     config_for_size,
     document_mask,
     flops_per_token,
-    matmul_peak_flops,
     param_counts,
     positions_in_documents,
     round_up,
@@ -168,7 +168,7 @@ def bench_train(size=4, batch=8, seq=256, steps=100, sweep=False, lrs=None, peer
                     sec, curve = runs[side][lr]
                     say(f"{side} at peak lr {lr:g}: held-out loss {curve[-1][1]:.4f} after {steps} steps, "
                         f"{sec * 1000:.0f} ms/step")
-    peak = matmul_peak_flops(device, dtype)
+    peak = matmul_peak_flops(device, dtype)  # the same peak on both sides: only the ratio matters
     flops = flops_per_token(cfg, active, seq)
     target = min(curve[-1][1] for _, curve in runs["transformers"].values())
     out = {"size": size, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "eval_every": eval_every,

@@ -69,15 +69,14 @@ def chat(path, temperature=0.7, max_tokens=512, repetition_stop=DEFAULT_REPETITI
         out.write(f"\n{dim}thinking: ")
         thinking = ThinkingStream()
         event = None
-        with compute.autocast():  # autocast is per thread: the engine computes in this loop
-            for event in engine.stream(prompt, params):
-                was_answering = thinking.answering
-                reasoning, answer = thinking.add(event.text)
-                out.write(reasoning)
-                if thinking.answering and not was_answering:
-                    out.write(f"{reset}\n\nnanoseek> ")
-                out.write(answer)
-                out.flush()
+        for event in engine.stream(prompt, params):
+            was_answering = thinking.answering
+            reasoning, answer = thinking.add(event.text)
+            out.write(reasoning)
+            if thinking.answering and not was_answering:
+                out.write(f"{reset}\n\nnanoseek> ")
+            out.write(answer)
+            out.flush()
         if not thinking.answering:
             out.write(reset)
         if event is not None and event.seq.finish_reason == "repetition":

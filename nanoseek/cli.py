@@ -187,8 +187,13 @@ def cmd_run(args):
             print(f"{name:<{width}}  {purpose}")
         return
 
+    main_run(args.recipe, force=args.force or (), overrides=recipe_overrides(args.set), stop_after=args.stop_after)
+
+
+def recipe_overrides(items):
+    """--set section.key=value ... as {"section.key": value}, values read as JSON where they parse."""
     overrides = {}
-    for item in args.set or []:
+    for item in items or []:
         key, _, value = item.partition("=")
         if "." not in key or not _:
             raise ValueError(f"--set takes section.key=value, got {item!r}")
@@ -196,7 +201,17 @@ def cmd_run(args):
             overrides[key] = json.loads(value)
         except ValueError:
             overrides[key] = value
-    main_run(args.recipe, force=args.force or (), overrides=overrides, stop_after=args.stop_after)
+    return overrides
+
+
+def cmd_plan(args):
+    from nanoseek.pipeline import load_recipe
+    from nanoseek.plan import PlanError, plan_recipe
+
+    text, problem = plan_recipe(load_recipe(args.recipe, recipe_overrides(args.set)), args.gpu, args.gpus)
+    print(text)
+    if problem:
+        raise PlanError(problem)
 
 
 def build_parser():
@@ -241,6 +256,13 @@ def build_parser():
     s.add_argument("--set", nargs="+", action="extend", help="override recipe values: section.key=value (JSON values)")
     s.add_argument("--stop-after", help="stop after this stage")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("plan", help="memory, FLOPs and time per rank for each stage of a recipe, before any work")
+    s.add_argument("--recipe", default="cpu", help="a built-in recipe's name or a .toml file")
+    s.add_argument("--gpu", help="plan for this GPU (H100, H200, A100, L40S, L4, RTX 4090; default: this machine)")
+    s.add_argument("--gpus", type=int, default=1, help="ranks (GPUs) the run uses")
+    s.add_argument("--set", nargs="+", action="extend", help="override recipe values: section.key=value (JSON values)")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
     s.add_argument("ckpt")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanoseek.device import policy
 from nanoseek.model import DeepSeekV3
 
 COMPILE = os.environ.get("NANOSEEK_COMPILE", "1") != "0"  # compile the decode step; NANOSEEK_COMPILE=0: eager
@@ -178,14 +179,17 @@ def compile_options(device):
 
 
 class Engine:
-    def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=False, compile=None):
+    def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=False, compile=None,
+                 dtype=None):
+        """dtype: the compute dtype, auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32. The
+        engine runs the model under its autocast and keeps its latent cache in it; callers wrap nothing."""
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
-        p = next(model.parameters())
-        self.device = p.device
-        shape = (max_batch, self.max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, p.dtype, p.device)
+        self.device = next(model.parameters()).device
+        self.compute = policy(str(self.device), dtype)
+        shape = (max_batch, self.max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.compute.dtype, self.device)
         self.cache = LatentCache(cfg.num_hidden_layers, *shape)
         self.speculative = speculative and len(model.mtp) > 0
         self.mtp_cache = LatentCache(1, *shape) if self.speculative else None
@@ -249,7 +253,8 @@ class Engine:
             if self.speculative and known > start:
                 self._mtp_forward(h[:, : known - start], ids[:, start + 1 : known + 1], rows, starts)
         h_last = torch.stack(h_last)
-        logits = self.model.lm_head(h_last).float()
+        with self.compute.autocast():
+            logits = self.model.lm_head(h_last).float()
         for i, s in enumerate(seqs):
             s.next_logits = logits[i]
             s.mtp_states = [h_last[i]] if self.speculative else []
@@ -311,7 +316,8 @@ class Engine:
         starts = [s.length - n for s, n in zip(seqs, pending)]
         h_mtp = self._mtp_forward(h_prev, next_ids, self._rows(seqs), starts)
         last = torch.tensor(pending, device=self.device) - 1
-        drafts = self.model.lm_head(h_mtp[torch.arange(len(seqs)), last]).argmax(-1).tolist()
+        with self.compute.autocast():
+            drafts = self.model.lm_head(h_mtp[torch.arange(len(seqs)), last]).argmax(-1).tolist()
         ids = torch.tensor([[s.tokens[-1], d] for s, d in zip(seqs, drafts)], device=self.device)
         h, logits = self._forward(ids, self._rows(seqs), self._starts(seqs), self.decode_step)  # (B, 2, D), (B, 2, V)
         agrees = (logits[:, 0].argmax(-1) == torch.tensor(drafts, device=self.device)).tolist()
@@ -347,7 +353,8 @@ class Engine:
         starts = torch.tensor(starts, device=self.device)
         for t in (ids, starts, rows):  # and any batch size: one graph for 1 sequence, one for more
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        return run(self.model, ids, starts, rows, self.cache.latent, self.cache.rope)
+        with self.compute.autocast():
+            return run(self.model, ids, starts, rows, self.cache.latent, self.cache.rope)
 
     def _mtp_forward(self, h, next_ids, rows, starts):
         """MTP module over (B, T) positions: main hidden states h and the embeddings of the tokens after them."""
@@ -357,7 +364,8 @@ class Engine:
         positions = starts[:, None] + torch.arange(h.shape[1], device=self.device)
         cos, sin = self.model.rope_cos[positions], self.model.rope_sin[positions]
         emb = self.model.model.embed_tokens(next_ids)
-        _, normed = module(h, emb, cos, sin, None, self.mtp_cache.views(rows, starts)[0])
+        with self.compute.autocast():
+            _, normed = module(h, emb, cos, sin, None, self.mtp_cache.views(rows, starts)[0])
         return normed
 
     def _sample(self, seqs: list[Sequence]) -> list[int]:

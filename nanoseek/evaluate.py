@@ -162,14 +162,13 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
         model, tokenizer = load(ckpt, compute.device)
         if tokenizer is None:
             raise ValueError(f"{ckpt} has no tokenizer; evaluate checkpoints made by nanoseek")
-        engine = Engine(model, tokenizer, max_batch=32)
+        engine = Engine(model, tokenizer, max_batch=32, dtype=dtype)
         results[ckpt] = {}
         for task, mine, history in zip(loaded, problems, histories):
             budget = max_new_tokens or token_budget(task, mine, tokenizer)
             start = time.perf_counter()
-            with compute.autocast():
-                rows = evaluate_model(engine, task, mine, k, budget, seed, k_n)
-                rows2 = evaluate_model(engine, task, mine, 1, budget, conversations=history) if history else []
+            rows = evaluate_model(engine, task, mine, k, budget, seed, k_n)
+            rows2 = evaluate_model(engine, task, mine, 1, budget, conversations=history) if history else []
             seconds = time.perf_counter() - start
             results[ckpt][task.name] = task_results(rows, rows2, k, budget, seconds)
     if out:
@@ -303,10 +302,9 @@ def chat_replies(ckpt, prompts=GREETINGS + tuple(HELD_OUT_PROMPTS), max_tokens=2
     model and 20 requests it never trained on."""
     compute = policy(device, dtype)
     model, tokenizer = load(ckpt, compute.device)
-    engine = Engine(model, tokenizer, max_batch=32)
+    engine = Engine(model, tokenizer, max_batch=32, dtype=dtype)
     ids = [tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, repetition_stop=DEFAULT_REPETITION_STOP)
-    with compute.autocast():
-        seqs = engine.generate(ids, params)
+    seqs = engine.generate(ids, params)
     return [{"prompt": p, "completion": s.text, "finish_reason": s.finish_reason, "tokens": len(s.tokens)}
             for p, s in zip(prompts, seqs)]

@@ -6,12 +6,15 @@ they run as one grouped matmul (checkpoint.py converts to and from per-expert te
 """
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+LOGIT_ELEMENTS = 2**27  # at most this many logits (512 MB in fp32) exist at once in a loss: see logit_chunk
 
 
 @dataclass
@@ -266,11 +269,25 @@ class Gate(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, experts, scores
 
+    @torch.no_grad()
+    def balance(self, load, speed):
+        """Aux-loss-free balancing after a step: the bias of experts given fewer tokens than the mean (load (E,))
+        rises by `speed`, of those given more falls; a layer no token reached (load 0) stays as it is."""
+        self.e_score_correction_bias += speed * torch.sign(load.mean() - load)
 
-@torch.compiler.disable  # runs eagerly under torch.compile: the traced kernel accepts bf16 only
+
 def grouped_mm(x, w, offsets, counts):
-    """x (N, in) sorted by group, w (G, in, out), both of one dtype: row block g of x times w[g]."""
-    if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+    """x (N, in) sorted by group, w (G, in, out), both of one dtype: row block g of x times w[g].
+
+    torch.compile traces F.grouped_mm for bf16 (one graph on a GPU); other dtypes take an eager path."""
+    if hasattr(F, "grouped_mm") and x.dtype == torch.bfloat16:
+        return F.grouped_mm(x, w, offs=offsets)
+    return eager_grouped_mm(x, w, offsets, counts)
+
+
+@torch.compiler.disable  # the traced kernel accepts bf16 only
+def eager_grouped_mm(x, w, offsets, counts):
+    if hasattr(F, "grouped_mm") and x.device.type == "cpu":
         return F.grouped_mm(x, w, offs=offsets)
     return torch.cat([xg @ w[g] for g, xg in enumerate(x.split(counts.tolist()))])
 
@@ -290,34 +307,38 @@ class MoE(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(E, D, 2 * inter))  # per expert: [gate_proj.T | up_proj.T]
         self.down = nn.Parameter(torch.empty(E, inter, D))  # per expert: down_proj.T
         self.shared_experts = MLP(D, inter * cfg.n_shared_experts) if cfg.n_shared_experts else None
-        self.expert_load = None  # tokens routed to each expert in the last forward, for load balancing
 
-    def forward(self, x):
+    def forward(self, x, routing=None):
+        """x (..., D) -> (..., D); with a dict `routing`, routing[self] = Routing of this forward (training's
+        load balancing reads it)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, experts, scores = self.gate(x)
         if not self.training and experts.numel() <= self.gathered_below:
             y = self.gathered_experts(x, weights, experts)
         else:
-            y = self.sorted_experts(x, weights, experts, scores)
+            y, load = self.sorted_experts(x, weights, experts)
+            if routing is not None:
+                routing[self] = Routing(load, scores, experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
 
-    def sorted_experts(self, x, weights, experts, scores):
-        """Routed experts over tokens x (N, D) sorted by expert, one grouped matmul for all; records the
-        expert load and router choices the balancing needs."""
-        self.expert_load = torch.bincount(experts.flatten(), minlength=self.n_experts)
-        self.router_scores, self.router_choice = scores, experts  # for the sequence-wise balance loss
-        order = experts.flatten().argsort(stable=True)  # (N * k): assignments grouped by expert
+    def sorted_experts(self, x, weights, experts):
+        """Routed experts over tokens x (N, D) sorted by expert, one grouped matmul for all; -> (output (N, D),
+        tokens routed to each expert (E,))."""
+        picks = experts.flatten()
+        load = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, picks, torch.ones_like(picks))  # bincount, with a shape torch.compile knows
+        order = picks.argsort(stable=True)  # (N * k): assignments grouped by expert
         token = order // experts.shape[1]
-        offsets = self.expert_load.cumsum(0).to(torch.int32)
+        offsets = load.cumsum(0).to(torch.int32)
         dtype = compute_dtype(x)  # both operands of each grouped matmul in it, as torchtitan does
-        h = grouped_mm(x[token].to(dtype), self.gate_up.to(dtype), offsets, self.expert_load)
+        h = grouped_mm(x[token].to(dtype), self.gate_up.to(dtype), offsets, load)
         gate, up = h.split(self.inter, dim=-1)
-        h = grouped_mm(F.silu(gate) * up, self.down.to(dtype), offsets, self.expert_load)
+        h = grouped_mm(F.silu(gate) * up, self.down.to(dtype), offsets, load)
         h = h.to(x.dtype) * weights.flatten()[order].unsqueeze(1).to(x.dtype)  # weighted and summed in x's dtype
-        return torch.zeros_like(x).index_add_(0, token, h)
+        return torch.zeros_like(x).index_add_(0, token, h), load
 
     gathered_below = 129  # inference with at most this many (token, expert) picks (decoding): gathered_experts
 
@@ -335,13 +356,21 @@ class MoE(nn.Module):
         return y.view(*experts.shape, -1).sum(1)
 
 
-def sequence_balance_loss(moe: MoE, batch: int) -> torch.Tensor:
-    """DeepSeek-V3's complementary sequence-wise balance loss for the last forward of `moe`.
+class Routing(NamedTuple):
+    """What one MoE layer's router did in a training forward."""
+
+    load: torch.Tensor  # (E,) tokens routed to each expert
+    scores: torch.Tensor  # (N, E) sigmoid affinities, float32
+    choice: torch.Tensor  # (N, k) the experts each token went to
+
+
+def sequence_balance_loss(routing: Routing, batch: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss of one MoE layer's routing in a forward.
 
     Per sequence: sum over experts of f_i * P_i, with f_i = E / (k T) * tokens routed to i and
     P_i = mean over tokens of the normalised affinity s_i / sum_j s_j; averaged over sequences.
     """
-    scores, choice = moe.router_scores, moe.router_choice  # (B T, E), (B T, k)
+    scores, choice = routing.scores, routing.choice  # (B T, E), (B T, k)
     E, k = scores.shape[1], choice.shape[1]
     scores = scores.view(batch, -1, E)
     T = scores.shape[1]
@@ -365,9 +394,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, routing=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, routing) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class SharedHead(nn.Module):
@@ -387,10 +417,11 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h, emb, cos, sin, mask, cache=None):  # h: previous depth's states, emb: next tokens'
-        """-> (hidden states for the next depth, normed hidden states for the output head)."""
+    def forward(self, h, emb, cos, sin, mask, cache=None, routing=None):
+        """h: the previous depth's states, emb: the next tokens' embeddings -> (hidden states for the next
+        depth, normed hidden states for the output head)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        h = self.block(h, cos, sin, mask, cache)
+        h = self.block(h, cos, sin, mask, cache, routing)
         return h, self.shared_head.norm(h)
 
 
@@ -439,9 +470,10 @@ class DeepSeekV3(nn.Module):
     def _positions(self, input_ids, attention_mask, position_ids, document_ids=None):
         B, T = input_ids.shape
         limit = self.config.max_position_embeddings
-        if document_ids is not None:
+        if document_ids is not None:  # positions within a row of T tokens: below T
             position_ids = positions_in_documents(document_ids)
-        if T > limit or (position_ids is not None and T and int(position_ids.max()) >= limit):
+        given = position_ids is not None and document_ids is None
+        if T > limit or (given and T and int(position_ids.max()) >= limit):
             raise ValueError(
                 f"sequence of {T} tokens reaches past the model's context of "
                 f"{self.config.max_position_embeddings} positions; shorten the input"
@@ -451,12 +483,12 @@ class DeepSeekV3(nn.Module):
         mask = _mask(attention_mask, T) if document_ids is None else document_mask(document_ids)
         return self.rope_cos[position_ids], self.rope_sin[position_ids], mask
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, document_ids=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, document_ids=None, routing=None):
         """Final-norm hidden states (B, T, D) and the rope/mask context the MTP modules reuse."""
         cos, sin, mask = self._positions(input_ids, attention_mask, position_ids, document_ids)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, mask, routing=routing)
         return self.model.norm(x), (cos, sin, mask)
 
     def forward_cached(self, input_ids, position_ids, caches):
@@ -469,35 +501,39 @@ class DeepSeekV3(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, targets=None, mtp_weight=0.0,
-                document_ids=None):
+                document_ids=None, hidden=False, routing=None):
         """input_ids (B, T) -> logits (B, T, vocab); attention_mask (B, T) marks real tokens with 1.
 
         document_ids (B, T) packs several documents in a row: a token attends only to earlier tokens of its
         own document and positions restart at each document (see data.Loader).
         With targets (B, T), where targets[t] is the token after input_ids[t] and -100 is ignored, returns
         (loss, main loss, per-depth MTP losses) instead: loss = main + mtp_weight * mean of the MTP losses.
+        With hidden=True, returns the final-norm hidden states (B, T, D) for a caller that applies lm_head
+        in chunks (rl.token_logprobs). With a dict `routing`, each MoE layer the forward runs puts its Routing
+        there under itself.
         """
-        h, ctx = self.hidden_states(input_ids, attention_mask, position_ids, document_ids)
+        h, ctx = self.hidden_states(input_ids, attention_mask, position_ids, document_ids, routing)
+        if hidden:
+            return h
         if targets is None:
             return self.lm_head(h)
-        main = F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        main = chunked_cross_entropy(h, self.lm_head.weight, targets)
         mtp_losses = []
         if mtp_weight > 0:
-            for k, hk in enumerate(self.mtp_hidden_states(h, input_ids, ctx), start=1):
-                logits = self.lm_head(hk)  # (B, T - k, V): position t predicts targets[t + k]
-                later = mtp_targets(targets, document_ids, k)
-                mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), later.flatten(), ignore_index=-100))
+            for k, hk in enumerate(self.mtp_hidden_states(h, input_ids, ctx, routing), start=1):
+                later = mtp_targets(targets, document_ids, k)  # position t of hk predicts targets[t + k]
+                mtp_losses.append(chunked_cross_entropy(hk, self.lm_head.weight, later))
         total = main + mtp_weight * sum(mtp_losses) / len(mtp_losses) if mtp_losses else main
         return total, main, mtp_losses
 
-    def mtp_hidden_states(self, h, input_ids, ctx):
+    def mtp_hidden_states(self, h, input_ids, ctx, routing=None):
         """Yield, per MTP depth k = 1..D, hidden states (B, T - k, D) whose position t predicts token t + k + 1."""
         cos, sin, mask = ctx
         for k, module in enumerate(self.mtp, start=1):
             T = h.shape[1] - 1
             emb = self.model.embed_tokens(input_ids[:, k : k + T])
             m = None if mask is None else mask[..., :T, :T]
-            h, normed = module(h[:, :T], emb, cos[:, :T], sin[:, :T], m)
+            h, normed = module(h[:, :T], emb, cos[:, :T], sin[:, :T], m, routing=routing)
             yield normed
 
 
@@ -511,6 +547,29 @@ def _mask(attention_mask, T):
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     mask = causal & attention_mask.bool()[:, None, None, :]
     return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+def logit_chunk(vocab_size):
+    """Tokens whose logits a loss holds at once: LOGIT_ELEMENTS / vocab."""
+    return max(1, LOGIT_ELEMENTS // vocab_size)
+
+
+def chunked_cross_entropy(h, head_weight, targets):
+    """Mean cross-entropy of logits h @ head_weight.T (fp32) against targets (-100 ignored), h (B, T, D).
+
+    Past logit_chunk tokens the logits are made chunk by chunk and made again in the backward (activation
+    checkpointing), so a large vocabulary never holds (tokens x vocab) in fp32 at once."""
+    h, targets = h.flatten(0, 1), targets.flatten()
+    chunk = logit_chunk(head_weight.shape[0])
+    if h.shape[0] <= chunk:
+        return F.cross_entropy(F.linear(h, head_weight).float(), targets, ignore_index=-100)
+    total = sum(checkpoint(_summed_cross_entropy, hc, head_weight, tc, use_reentrant=False)
+                for hc, tc in zip(h.split(chunk), targets.split(chunk)))
+    return total / (targets != -100).sum()
+
+
+def _summed_cross_entropy(h, head_weight, targets):
+    return F.cross_entropy(F.linear(h, head_weight).float(), targets, ignore_index=-100, reduction="sum")
 
 
 def mtp_targets(targets, document_ids, k):
@@ -568,17 +627,3 @@ def flops_per_token(cfg: Config, active_params, seq_len):
     embed = cfg.vocab_size * cfg.hidden_size
     attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
     return 6 * (active_params - embed) + attn
-
-
-def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10):
-    """Measured peak of this machine, the denominator of MFU: best FLOP/s of an n x n matmul."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    best = float("inf")
-    for _ in range(reps + 2):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best

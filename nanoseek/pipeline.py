@@ -33,6 +33,7 @@ from nanoseek import rejection as rejection_module
 from nanoseek import rl as rl_module
 from nanoseek import train as train_module
 from nanoseek.device import barrier, from_rank0, policy, start_ranks
+from nanoseek.plan import PlanError, plan_recipe
 from nanoseek.tasks import chat_documents, get_task, task_documents
 from nanoseek.tasks.smalltalk import smalltalk_texts
 
@@ -336,6 +337,11 @@ def _write_json(path, obj):
 
 def main_run(recipe_name, force=(), overrides=None, stop_after=None):
     recipe = load_recipe(recipe_name, overrides)
+    text, problem = plan_recipe(recipe, gpus=int(os.environ.get("WORLD_SIZE", "1")))
+    if os.environ.get("RANK", "0") == "0":
+        print(text + "\n", flush=True)
+    if problem:  # before any work
+        raise PlanError(problem)
     t0 = time.time()
     paths = run(recipe, force=force, stop_after=stop_after)
     if os.environ.get("RANK", "0") != "0":

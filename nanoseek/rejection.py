@@ -118,7 +118,8 @@ def sample(o, compute, mine, show):
     if tokenizer is None:
         raise ValueError(f"{o.init} has no tokenizer")
     per_batch = max(1, BATCH // o.samples)  # problems whose completions decode together
-    engine = Engine(model.to(compute.device), tokenizer, max_batch=min(BATCH, per_batch * o.samples))
+    engine = Engine(model.to(compute.device), tokenizer, max_batch=min(BATCH, per_batch * o.samples),
+                    dtype=o.dtype)
     lines = []
     with tqdm(total=len(mine), disable=not show, desc="rs sampling", dynamic_ncols=True) as bar:
         for start in range(0, len(mine), per_batch):
@@ -127,8 +128,7 @@ def sample(o, compute, mine, show):
             params = [SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature,
                                      seed=sample_seed(o.seed, i, j, o.samples))
                       for i, _, _ in batch for j in range(o.samples)]
-            with compute.autocast():
-                seqs = engine.generate([p for p in prompts for _ in range(o.samples)], params)
+            seqs = engine.generate([p for p in prompts for _ in range(o.samples)], params)
             for k, (i, task, problem) in enumerate(batch):
                 completions = seqs[k * o.samples : (k + 1) * o.samples]
                 lines.append((i, judge(task, problem, completions, o.keep, o.require_steps)))

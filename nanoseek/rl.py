@@ -11,16 +11,19 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from nanoseek import checkpoint
 from nanoseek.device import all_reduce, any_rank, policy, start_ranks
 from nanoseek.engine import Engine, SamplingParams, Sequence
 from nanoseek.evaluate import evaluate_model, test_problems
 from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
+from nanoseek.model import logit_chunk
 from nanoseek.optim import build_optimizer
 from nanoseek.tasks import Reward, as_chat, get_task
 from nanoseek.train import optimizer_tensors, restore_optimizer
@@ -30,7 +33,8 @@ OPTIONS = {  # every option of rl: (default, meaning)
     "task": ("countdown", "built-in task, problems.jsonl, or file.py:ClassName; several, comma-separated, "
                           "take turns (a skill already learned stays in practice)"),
     "checker": ("exact", "answer checker for a JSONL task: exact, numeric or math"),
-    "difficulty": (0, "problem difficulty (0: the task's whole range)"),
+    "difficulty": ([], "difficulties to draw problems from, e.g. those the SFT data had (empty: the task's whole "
+                       "range)"),
     "out": (None, "output directory"),
     "steps": (50, "GRPO steps"),
     "prompts": (8, "problems per step, over all ranks"),
@@ -45,6 +49,8 @@ OPTIONS = {  # every option of rl: (default, meaning)
     "warmup": (0, "steps over which the learning rate rises linearly to --lr (Adam's first steps are full-size)"),
     "weight_decay": (0.0, "AdamW weight decay"),
     "mu": (1, "update passes over each batch of rollouts"),
+    "micro_batch": (0, "rollouts per forward in the update, gradients accumulated (0: all of this rank's at once); "
+                       "bounds the update's memory, not its result"),
     "eps_low": (0.2, "PPO clip below 1"),
     "eps_high": (0.28, "PPO clip above 1 (clip-higher)"),
     "beta": (0.0, "k3 KL penalty to the starting model (0: no reference model)"),
@@ -83,12 +89,13 @@ def group_advantages(rewards: torch.Tensor, mode="std"):
     return centred / (rewards.std(dim=1, keepdim=True) + 1e-4)
 
 
-def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None):
-    """Token-level GRPO objective (to minimise) and its statistics.
+def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None, n_tokens=None):
+    """Token-level GRPO objective (to minimise) and its statistics (0-d tensors).
 
     logp, old_logp, ref_logp, mask: (N, T) per completion token; advantages: (N,) per completion.
-    loss = sum over tokens of -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3, / number of tokens,
-    with r = exp(logp - old_logp) and k3 = exp(ref - logp) - (ref - logp) - 1.
+    loss = sum over tokens of -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3, / n_tokens,
+    with r = exp(logp - old_logp) and k3 = exp(ref - logp) - (ref - logp) - 1. n_tokens defaults to the mask's
+    count; a micro-batch passes the whole step's, so its losses and statistics add up to the step's.
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
@@ -99,23 +106,48 @@ def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, beta
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
-    n = mask.sum().clamp(min=1)
+    n = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
     loss = (per_token * mask).sum() / n
-    clip_frac = (((clipped < unclipped) & mask.bool()).sum() / n).detach()
-    return loss, {"kl": float((kl * mask).sum().detach() / n), "clip_frac": float(clip_frac)}
+    clip_frac = ((clipped < unclipped) & mask.bool()).sum() / n
+    return loss, {"kl": (kl * mask).sum().detach() / n, "clip_frac": clip_frac.detach()}
 
 
-def token_logprobs(model, ids, completion_mask, temperature=1.0):
+def token_logprobs(net, ids, completion_mask, temperature=1.0):
     """Log-probabilities (N, T - 1) of ids[:, 1:] under the policy that samples at `temperature` (logits / T),
-    and that policy's mean entropy over completion tokens."""
-    logits = model(ids)[:, :-1].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    and that policy's entropy summed over completion tokens (a 0-d tensor, no gradient).
+
+    The logits are made logit_chunk tokens at a time along the sequence, and made again in the backward, so
+    (N, T, vocab) never exists in fp32 at once."""
+    h = net(ids, hidden=True)[:, :-1]  # (N, T - 1, D); through the wrapper, so DDP sees the forward
+    head = getattr(net, "module", net).lm_head.weight
+    width = max(1, logit_chunk(head.shape[0]) // ids.shape[0])  # positions per chunk
+    grad = torch.is_grad_enabled()
+    pieces = [recompute_in_backward(_chunk_logprobs, hc, head, tc, temperature, use_reentrant=False) if grad
+              else _chunk_logprobs(hc, head, tc, temperature)
+              for hc, tc in zip(h.split(width, dim=1), ids[:, 1:].split(width, dim=1))]
+    logp = torch.cat([lp for lp, _ in pieces], dim=1)
+    entropy = torch.cat([e for _, e in pieces], dim=1)
+    return logp, (entropy * completion_mask[:, 1:]).sum()
+
+
+def _chunk_logprobs(h, head, targets, temperature):
+    """h (N, C, D), targets (N, C) -> log-probabilities (N, C) and entropies (N, C, no gradient)."""
+    logp_all = F.log_softmax(F.linear(h, head).float() / temperature, dim=-1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        mask = completion_mask[:, 1:]
-        mean_entropy = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-    return logp, mean_entropy
+    return logp_all.gather(-1, targets[..., None]).squeeze(-1), entropy
+
+
+def micro_batches(ids, mask, advantages, rows):
+    """(ids, mask, advantages) split into pieces of `rows` rows (0: one piece), each cut after its last
+    completion token (rows are padded on the right, so what a scored token sees does not change)."""
+    rows = rows or ids.shape[0]
+    pieces = []
+    for i in range(0, ids.shape[0], rows):
+        m = mask[i : i + rows]
+        width = max(2, int(m.any(0).nonzero().max()) + 1 if m.any() else 2)
+        pieces.append((ids[i : i + rows, :width], m[:, :width], advantages[i : i + rows]))
+    return pieces
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -157,6 +189,9 @@ class GRPO:
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
         self.tasks, self.replay_tasks = task_list(o.task, o.checker), task_list(o.replay, o.checker)
+        levels = o.difficulty if isinstance(o.difficulty, list) else [o.difficulty] * bool(o.difficulty)
+        levels = [int(d) for d in levels]  # from the command line they come as text
+        self.difficulty = levels[0] if len(levels) == 1 else levels or None  # what Task.sample takes
         if not self.tasks:
             raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
         point = resume_point(o.out) if o.resume else None
@@ -176,7 +211,8 @@ class GRPO:
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model)
         self.opt = build_optimizer(self.model, o.optimizer, o.lr, o.weight_decay, (0.9, 0.99))
-        self.engine = Engine(self.model, self.tokenizer, max_batch=max(1, o.prompts // self.world) * o.group)
+        self.engine = Engine(self.model, self.tokenizer, max_batch=max(1, o.prompts // self.world) * o.group,
+                             dtype=o.dtype)
         self.start_step = 0
         if point:
             self.start_step = point.meta["step"]
@@ -190,18 +226,16 @@ class GRPO:
         o = self.o
         per_rank = o.prompts // self.world
         kept, draws, seen, generated = [], 0, 0, 0
-        difficulty = o.difficulty or None
         while len(kept) < per_rank and draws <= (o.max_draws if o.dynamic_sampling else 0):
             rng = random.Random(hash((o.seed, step, draws, self.rank)) & 0xFFFFFFFF)
             tasks = [self.tasks[(self.rank * per_rank + i) % len(self.tasks)] for i in range(per_rank)]
-            problems = [task.sample(rng, "train", difficulty) for task in tasks]
+            problems = [task.sample(rng, "train", self.difficulty) for task in tasks]
             prompts = [self.tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in problems]
             params = [SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature,
                                      seed=(o.seed * 7919 + step * 104729 + draws * 1299709 + self.rank * 15485863
                                            + i) & 0x7FFFFFFF)
                       for i in range(per_rank * o.group)]
-            with self.compute.autocast():
-                seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
+            seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
             generated += sum(len(s.tokens) for s in seqs)
             for i, (task, problem) in enumerate(zip(tasks, problems)):
                 completions = seqs[i * o.group : (i + 1) * o.group]
@@ -225,7 +259,7 @@ class GRPO:
         rows = []
         for i in range(o.replay_rows):
             task = self.replay_tasks[i % len(self.replay_tasks)]
-            problem = task.sample(rng, "train", o.difficulty or None)
+            problem = task.sample(rng, "train", self.difficulty)
             rows.append(self.tokenizer.render_chat(as_chat(problem, *task.solve(problem))))
         width = max(len(ids) for ids, _ in rows)
         x = torch.full((len(rows), width), self.tokenizer.pad_id)
@@ -236,37 +270,46 @@ class GRPO:
         return self.net(x.to(self.device), targets=y.to(self.device))[1]
 
     def update(self, kept, step):
-        """mu passes of the clipped objective over this step's rollouts (plus the replay loss); statistics.
+        """mu passes of the clipped objective over this step's rollouts, micro_batch rows per forward with
+        gradients accumulated (the update does not depend on the micro-batch), then the replay loss; statistics.
 
         Ranks agree first: when no rank kept a group, none trains; otherwise every rank runs the same
         passes, one that kept none on an empty batch (zero loss and gradient), so DDP's all-reduce finds it."""
         o = self.o
         if not any_rank(bool(kept)):
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-        ids, mask, adv = self._batch(kept)
-        target_mask = mask[:, 1:]
+        batches = micro_batches(*self._batch(kept), o.micro_batch)
+        n_tokens = sum(mask[:, 1:].sum() for _, mask, _ in batches).clamp(min=1)
         with torch.no_grad(), self.compute.autocast():  # with one pass the policy that sampled is the one updated
-            old_logp = token_logprobs(self.model, ids, mask, o.temperature)[0] if o.mu > 1 else None
-            ref_logp = token_logprobs(self.ref, ids, mask, o.temperature)[0] if self.ref is not None else None
+            old = [token_logprobs(self.model, ids, mask, o.temperature)[0] if o.mu > 1 else None
+                   for ids, mask, _ in batches]
+            ref = [token_logprobs(self.ref, ids, mask, o.temperature)[0] if self.ref is not None else None
+                   for ids, mask, _ in batches]
         self.model.train()
         for _ in range(o.mu):
-            with self.compute.autocast():
-                logp, entropy = token_logprobs(self.net, ids, mask, o.temperature)
-            if old_logp is None:
-                old_logp = logp.detach()
-            loss, stats = grpo_loss(logp, old_logp, adv, target_mask, o.eps_low, o.eps_high, o.beta, ref_logp)
+            totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+            for i, (ids, mask, adv) in enumerate(batches):
+                sync = self.world == 1 or (i == len(batches) - 1 and not self.replay_tasks)
+                with (nullcontext() if sync else self.net.no_sync()), self.compute.autocast():
+                    logp, entropy = token_logprobs(self.net, ids, mask, o.temperature)
+                    old_logp = logp.detach() if old[i] is None else old[i]
+                    loss, stats = grpo_loss(logp, old_logp, adv, mask[:, 1:], o.eps_low, o.eps_high, o.beta,
+                                            ref[i], n_tokens)
+                    loss.backward()
+                for key, value in {"loss": loss.detach(), "entropy": entropy / n_tokens, **stats}.items():
+                    totals[key] = totals[key] + value
             if self.replay_tasks:
                 with self.compute.autocast():
                     replay = self.replay_loss(step)
-                stats["replay_loss"] = float(replay.detach())
-                loss = loss + replay
-            loss.backward()
+                    replay.backward()
+                totals["replay_loss"] = replay.detach()
+                totals["loss"] = totals["loss"] + totals["replay_loss"]
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))
             if math.isfinite(float(grad_norm)):
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         self.model.eval()
-        return {"loss": float(loss.detach()), "entropy": entropy, "grad_norm": float(grad_norm), **stats}
+        return {**{key: float(value) for key, value in totals.items()}, "grad_norm": float(grad_norm)}
 
     def _batch(self, kept):
         """Token ids (N, T), completion mask (N, T) and advantages (N,) of the kept groups on the device;
@@ -294,9 +337,8 @@ class GRPO:
             return {}
         accuracy = {}
         for task in {t.name: t for t in self.tasks + self.replay_tasks}.values():
-            problems = test_problems(task, self.o.eval_n, self.o.seed, self.o.difficulty or None)
-            with self.compute.autocast():
-                rows = evaluate_model(self.engine, task, problems, max_new_tokens=self.o.max_new_tokens)
+            problems = test_problems(task, self.o.eval_n, self.o.seed, self.difficulty)
+            rows = evaluate_model(self.engine, task, problems, max_new_tokens=self.o.max_new_tokens)
             accuracy[f"heldout_{task.name}"] = sum(r["correct"] for r in rows) / len(rows)
         return accuracy
 

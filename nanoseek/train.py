@@ -19,12 +19,12 @@ import torch.distributed as dist
 from nanoseek import checkpoint
 from nanoseek.data import DataError, Loader, load_manifest, sequential_batches
 from nanoseek.device import all_reduce, policy, start_ranks
+from nanoseek.hardware import peak_flops
 from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.model import (
     DeepSeekV3,
     config_for_size,
     flops_per_token,
-    matmul_peak_flops,
     param_counts,
     round_up,
     sequence_balance_loss,
@@ -40,7 +40,8 @@ OPTIONS = {  # every option of pretrain and sft: (default, meaning)
     "out": (None, "output directory"),
     "steps": (200, "optimizer steps"),
     "batch": (16, "sequences per optimizer step, over all ranks and micro-steps"),
-    "grad_accum": (1, "micro-steps per optimizer step"),
+    "device_batch": (0, "rows per forward on each rank; gradients accumulate over batch / (device_batch x ranks) "
+                        "micro-steps (0: a rank's whole share of the batch in one forward)"),
     "seq": (256, "tokens per sequence"),
     "rows": ("documents", "documents: rows of whole documents, each attending to itself only; "
                           "windows: plain windows of the token stream (long free text)"),
@@ -131,8 +132,7 @@ class Trainer:
         self.device, self.dtype = self.compute.device, self.compute.dtype
         self.rank, self.world = start_ranks(self.device)
         self.rank0 = self.rank == 0
-        if o.batch % (o.grad_accum * self.world):
-            raise ValueError(f"--batch {o.batch} must divide by --grad-accum {o.grad_accum} x {self.world} ranks")
+        self.accum = micro_steps(o.batch, o.device_batch, self.world)
         if not o.data or not o.out:
             raise ValueError("--data and --out are required")
         self.start_step, self.tokens_seen = 0, 0
@@ -167,9 +167,8 @@ class Trainer:
         self.flops = flops_per_token(self.model.config, self.params[1], o.seq)
         self.net = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
         self.opt = build_optimizer(self.model, o.optimizer, o.lr, o.weight_decay, (o.beta1, o.beta2))
-        micro = o.batch // o.grad_accum
-        self.loader = Loader(o.data, "train", o.seq, micro, seed=o.seed, rank=self.rank, world=self.world,
-                             rows=o.rows)
+        self.loader = Loader(o.data, "train", o.seq, o.batch // self.accum, seed=o.seed, rank=self.rank,
+                             world=self.world, rows=o.rows)
         if point:
             self._restore(point)
 
@@ -242,7 +241,12 @@ class Trainer:
         return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, self.held_out_bytes)}
 
     def _to_device(self, x, y, docs):
-        return x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
+        """The batch on the device; on CUDA from pinned memory without waiting, so the copy overlaps the work
+        already queued."""
+        if self.compute.device_type != "cuda":
+            return x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
+        x, y, docs = (t if t is None else t.pin_memory().to(self.device, non_blocking=True) for t in (x, y, docs))
+        return x, y, docs
 
     def run(self):
         o = self.o
@@ -254,41 +258,16 @@ class Trainer:
 
     def _loop(self, run):
         o = self.o
-        moes = self.model.moe_layers()
-        peak = matmul_peak_flops(self.device, self.dtype)
+        peak, source = peak_flops(self.device, self.dtype)
+        run.say(f"MFU against the {source}: {peak / 1e12:.1f} TFLOP/s")
         bad_in_row, last = 0, {}
         for step in range(self.start_step, o.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, o)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            sums = torch.zeros(2 + len(self.model.mtp), device=self.device)  # loss, main loss, MTP loss per depth
-            loads = torch.zeros(len(moes), moes[0].n_experts if moes else 0, device=self.device)
-            batches = [self._to_device(*self.loader.next_batch()) for _ in range(o.grad_accum)]
-            depths = len(self.model.mtp) if o.mtp_weight > 0 else 0
-            counts = [target_counts(y, docs, depths) for _, y, docs in batches]
-            total = all_reduce(sum(counts)).clamp(min=1)  # targets of each loss over every rank and micro-step
-            for micro, (x, y, docs) in enumerate(batches):
-                for m in moes:
-                    m.expert_load = None  # MoE layers this forward does not reach (MTP off) stay None
-                sync = micro == o.grad_accum - 1 or self.world == 1 or o.fsdp
-                share = counts[micro] / total  # this micro-batch's part of each loss's mean over the global batch
-                with (nullcontext() if sync else self.net.no_sync()), self.compute.autocast():
-                    _, main_loss, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs)
-                    parts = torch.stack([main_loss, *mtp]) * share
-                    loss = parts[0] + (o.mtp_weight * parts[1:].mean() if mtp else 0.0)
-                    if o.balance_alpha > 0:
-                        balance = sum(sequence_balance_loss(m, x.shape[0]) for m in moes if m.expert_load is not None)
-                        loss = loss + o.balance_alpha * balance / (o.grad_accum * self.world)
-                    (loss * self.world).backward()  # ranks average their gradients: each gives its share of the sum
-                sums[: 1 + len(parts)] += torch.cat([loss[None], parts]).detach().float()
-                for i, m in enumerate(moes):
-                    if m.expert_load is not None:
-                        loads[i] += m.expert_load
-            sums = all_reduce(sums)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))
-            finite = math.isfinite(float(sums[0])) and math.isfinite(float(grad_norm))
-            if not finite:
+            sums, grad_norm, loads = self.train_step()
+            if not (math.isfinite(float(sums[0])) and math.isfinite(float(grad_norm))):
                 self.opt.zero_grad(set_to_none=True)
                 bad_in_row += 1
                 run.say(f"step {step}: non-finite loss or gradient; step skipped ({bad_in_row} in a row)")
@@ -302,11 +281,8 @@ class Trainer:
             bad_in_row = 0
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            loads = all_reduce(loads)
-            with torch.no_grad():  # aux-loss-free balancing: push under-loaded experts up, over-loaded down
-                for m, load in zip(moes, loads):
-                    if load.sum() > 0:
-                        m.gate.e_score_correction_bias += o.bias_update_speed * torch.sign(load.mean() - load)
+            for m, load in zip(self.model.moe_layers(), loads):
+                m.gate.balance(load, o.bias_update_speed)
             step_tokens = o.batch * o.seq
             self.tokens_seen += step_tokens
             dt = time.perf_counter() - t0
@@ -323,6 +299,52 @@ class Trainer:
                     mfu=f"{100 * last['mfu']:.1f}%")
             run.end_step(step + 1, last, self.save)
         return last
+
+    def train_step(self):
+        """Forward and backward over this step's batch, device_batch rows at a time, gradients summed so that
+        they are the whole batch's mean; -> (loss, main loss, MTP losses) summed over ranks, the clipped
+        gradient norm and the tokens routed to each expert (MoE layer, expert), summed over ranks."""
+        o = self.o
+        moes = self.model.moe_layers()
+        sums = torch.zeros(2 + len(self.model.mtp), device=self.device)  # loss, main loss, MTP loss per depth
+        loads = torch.zeros(len(moes), moes[0].n_experts if moes else 0, device=self.device)
+        batches = [self._to_device(*self.loader.next_batch()) for _ in range(self.accum)]
+        depths = len(self.model.mtp) if o.mtp_weight > 0 else 0
+        counts = [target_counts(y, docs, depths) for _, y, docs in batches]
+        total = all_reduce(sum(counts)).clamp(min=1)  # targets of each loss over every rank and micro-step
+        for micro, (x, y, docs) in enumerate(batches):
+            sync = micro == self.accum - 1 or self.world == 1 or o.fsdp
+            share = counts[micro] / total  # this micro-batch's part of each loss's mean over the global batch
+            routing = {}  # MoE layer -> its Routing in this forward (MTP's layers only when MTP trains)
+            with (nullcontext() if sync else self.net.no_sync()), self.compute.autocast():
+                _, main_loss, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs,
+                                             routing=routing)
+                parts = torch.stack([main_loss, *mtp]) * share
+                loss = parts[0] + (o.mtp_weight * parts[1:].mean() if mtp else 0.0)
+                if o.balance_alpha > 0:
+                    balance = sum(sequence_balance_loss(r, x.shape[0]) for r in routing.values())
+                    loss = loss + o.balance_alpha * balance / (self.accum * self.world)
+                (loss * self.world).backward()  # ranks average their gradients: each gives its share of the sum
+            sums[: 1 + len(parts)] += torch.cat([loss[None], parts]).detach().float()
+            for i, m in enumerate(moes):
+                if m in routing:
+                    loads[i] += routing[m].load
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))
+        return all_reduce(sums), grad_norm, all_reduce(loads)
+
+
+def micro_steps(batch, device_batch, world):
+    """Forwards per optimizer step on each rank: batch / (device_batch x world), with a message when the
+    numbers do not divide."""
+    if batch % world:
+        raise ValueError(f"--batch {batch} must divide over {world} ranks")
+    per_rank = batch // world
+    if device_batch <= 0:
+        return 1
+    if per_rank % device_batch:
+        raise ValueError(f"--batch {batch} over {world} rank(s) is {per_rank} rows per rank, which "
+                         f"--device-batch {device_batch} does not divide: pick a divisor of {per_rank}")
+    return per_rank // device_batch
 
 
 def _full(t):

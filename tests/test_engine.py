@@ -360,3 +360,23 @@ def test_compiled_decode_step_gives_the_same_tokens(peaky):
     eager = Engine(model, tok, speculative=False, compile=False)
     eager.stop_ids = set()
     assert [s.tokens for s in engine.generate(PROMPTS, seeded)] == [s.tokens for s in eager.generate(PROMPTS, seeded)]
+
+
+def test_the_engine_owns_its_compute_dtype(peaky):
+    """Engine(dtype="bfloat16") keeps a bf16 latent cache and runs the model under its own autocast: its
+    log-probabilities are the same whether the caller wraps autocast or not, and not those of float32."""
+    model, tok, _ = peaky
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=True)
+
+    def logprobs(dtype, caller_autocast=False):
+        engine = Engine(model, tok, max_batch=2, speculative=False, dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=caller_autocast):
+            seqs = engine.generate(PROMPTS[:2], params)
+        return engine, [s.logprobs for s in seqs]
+
+    engine, bf16 = logprobs("bfloat16")
+    assert engine.cache.latent[0].dtype == torch.bfloat16
+    assert logprobs("bfloat16", caller_autocast=True)[1] == bf16
+    fp32_engine, fp32 = logprobs("float32")
+    assert fp32_engine.cache.latent[0].dtype == torch.float32 and fp32 != bf16
+    assert Engine(model, tok, max_batch=1).compute.dtype == torch.float32  # auto on a CPU

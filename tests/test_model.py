@@ -87,21 +87,25 @@ def test_grouped_experts_equal_naive_loop():
     model = DeepSeekV3(cfg).init_weights(0)
     moe = model.model.layers[0].mlp
     x = torch.randn(23, cfg.hidden_size)
+    routing = {}
     with torch.no_grad():
-        torch.testing.assert_close(moe(x), naive_moe(moe, x), rtol=1e-5, atol=1e-6)
-    assert int(moe.expert_load.sum()) == 23 * cfg.num_experts_per_tok
+        torch.testing.assert_close(moe(x, routing), naive_moe(moe, x), rtol=1e-5, atol=1e-6)
+    load, scores, choice = routing[moe]
+    assert int(load.sum()) == 23 * cfg.num_experts_per_tok and scores.shape == (23, cfg.n_routed_experts)
+    assert torch.equal(load, torch.bincount(choice.flatten(), minlength=cfg.n_routed_experts))
 
 
 def moe_pass(moe, x, autocast):
     """Output, routing and gradients of one forward and backward, under bfloat16 autocast or not."""
     moe.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
+    routing = {}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = moe(x)
+        y = moe(x, routing)
     probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     (y.float() * probe).sum().backward()
     grads = {name: p.grad for name, p in moe.named_parameters()}
-    return y.detach().float(), moe.router_choice, moe.router_scores, x.grad.float(), grads
+    return y.detach().float(), routing[moe].choice, routing[moe].scores, x.grad.float(), grads
 
 
 @pytest.mark.parametrize("kernel", ["grouped_mm", "per-expert loop"])
@@ -207,3 +211,48 @@ def test_packed_row_equals_each_document_alone(seed):
             _, _, (mtp,) = model(d[None], targets=torch.cat([d[1:], torch.tensor([-100])])[None], mtp_weight=1.0)
             total, count = total + float(mtp) * (len(d) - 2), count + len(d) - 2
     assert abs(float(mtp_packed) - total / count) < 1e-5
+
+
+def test_loss_in_chunks_equals_the_whole(monkeypatch):
+    """With the logits made a few tokens at a time (and again in the backward) the losses and the gradient are
+    those of the whole (tokens x vocab) at once, with documents packed, ignored targets and MTP on."""
+    import nanoseek.model
+
+    torch.manual_seed(0)
+    model = DeepSeekV3(config_for_size(2, vocab_size=320)).init_weights(0).train()
+    x, y = torch.randint(0, 320, (2, 24)), torch.randint(0, 320, (2, 24))
+    y[:, :5] = -100
+    docs = (torch.arange(24) >= 10).long().expand(2, 24)
+    results = []
+    for elements in (nanoseek.model.LOGIT_ELEMENTS, 320 * 7):  # whole, then 7 tokens per chunk
+        monkeypatch.setattr(nanoseek.model, "LOGIT_ELEMENTS", elements)
+        model.zero_grad()
+        loss, main, mtp = model(x, targets=y, mtp_weight=0.3, document_ids=docs)
+        loss.backward()
+        results.append(([float(main), *map(float, mtp)], [p.grad.clone() for p in model.parameters()
+                                                           if p.grad is not None]))
+    (losses, grads), (losses_chunked, grads_chunked) = results
+    assert losses_chunked == pytest.approx(losses, rel=1e-5) and len(losses) == 2
+    for a, b in zip(grads_chunked, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_training_forward_has_no_graph_breaks():
+    """torch.compile sees one training forward of a MoE model (packed documents, MTP, the loss) as one graph in
+    bf16, the dtype of the GPU path: routing counts without host syncs, grouped_mm traced. (fp32 keeps an eager
+    grouped_mm: the traced kernel takes bf16 only.)"""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = DeepSeekV3(config_for_size(2, vocab_size=320)).init_weights(0).train()
+    x, docs = torch.randint(0, 320, (2, 32)), (torch.arange(32) // 10).expand(2, 32)
+
+    def step(x, docs):
+        routing = {}  # as the trainer passes it
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, targets=x, mtp_weight=0.3, document_ids=docs, routing=routing)[0]
+        return loss, [r.load for r in routing.values()]
+
+    explained = torch._dynamo.explain(step)(x, docs)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -66,7 +66,7 @@ FAST = {"max_new_tokens": 6, "batch": 4, "seq": 64, "warmup": 1, "lr": 1e-2, "pr
 class ScriptedEngine:
     """Stands in for the engine: a problem with an even number gets EVEN_ANSWERS, an odd one only wrong answers."""
 
-    def __init__(self, model, tokenizer, max_batch=16):
+    def __init__(self, model, tokenizer, max_batch=16, dtype=None):
         self.tokenizer = tokenizer
 
     def generate(self, prompts, params):

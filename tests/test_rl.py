@@ -11,8 +11,8 @@ from conftest import torchrun
 
 from nanoseek import checkpoint
 from nanoseek.evaluate import evaluate, pass_at_k, wilson
-from nanoseek.loop import read_metrics
-from nanoseek.rl import group_advantages, grpo_loss, rl, steps_share, token_logprobs
+from nanoseek.loop import options_from, read_metrics
+from nanoseek.rl import DEFAULTS, GRPO, group_advantages, grpo_loss, micro_batches, rl, steps_share, token_logprobs
 from nanoseek.tasks import get_task
 
 DIGITS_TASK = '''
@@ -198,3 +198,65 @@ def test_process_reward_is_the_share_of_right_steps():
     assert steps_share(countdown, p, "14+6=20,20-2=18\n14-6=8,8+2=11\n</think>\n\n14") == 0.75
     assert steps_share(countdown, p, "no steps\n</think>\n\n14") == 0.0
     assert steps_share(addition, addition.make(random.Random(2), 2), "1+1+0=02 2\n</think>\n\n2") == 0.0
+
+
+def test_grpo_update_does_not_depend_on_the_micro_batch(random_policy, tmp_path):
+    """The same rollouts updated with micro_batch 1, 4 and all (two passes, KL to the reference and the
+    replay loss on) give the same statistics of the last pass and the same gradient (Adam's step, ~lr for any
+    gradient, would blow float noise in gradients near 0 up to a sizeable part of lr)."""
+    start = checkpoint.load(random_policy)[0].state_dict()
+    kept, results = None, []
+    for micro in (0, 1, 4):
+        o = options_from({"init": random_policy, "out": str(tmp_path / f"rl{micro}"), "task": "addition",
+                          "difficulty": 1, "replay": "addition", "replay_rows": 4, "prompts": 2, "group": 4,
+                          "max_new_tokens": 12, "mu": 2, "beta": 0.1, "lr": 1e-2, "dynamic_sampling": False,
+                          "micro_batch": micro, "device": "cpu", "progress": False}, DEFAULTS, "rl")
+        trainer = GRPO(o)
+        if kept is None:  # the same rollouts for every micro-batch, with rewards that differ within groups
+            kept = [g._replace(totals=[float(i % 3) for i in range(len(g.totals))]) for g in trainer.rollouts(0)[0]]
+        grads, step, params = [], trainer.opt.step, list(trainer.model.parameters())
+        trainer.opt.step = lambda grads=grads, step=step, params=params: grads.append(
+            [p.grad.clone() for p in params if p.grad is not None]) or step()
+        stats = trainer.update(kept, 0)
+        moved = any(not torch.equal(w, start[k]) for k, w in trainer.model.state_dict().items())
+        results.append((stats, grads[0], moved))
+    (stats, grads, moved), rest = results[0], results[1:]
+    assert stats["loss"] != 0.0 and stats["kl"] > 0.0 and stats["replay_loss"] > 0.0 and moved
+    for other_stats, other_grads, _ in rest:
+        assert other_stats == pytest.approx(stats, rel=1e-4, abs=1e-6)
+        assert len(other_grads) == len(grads)
+        for a, b in zip(other_grads, grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_micro_batches_cut_rows_after_their_last_completion_token():
+    ids = torch.arange(1, 25).view(4, 6)
+    mask = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]).float()
+    pieces = micro_batches(ids, mask, torch.arange(4.0), 2)
+    assert [p[0].shape for p in pieces] == [(2, 4), (2, 3)]
+    assert torch.equal(pieces[1][0], ids[2:, :3]) and torch.equal(pieces[1][2], torch.tensor([2.0, 3.0]))
+    assert micro_batches(ids, mask, torch.arange(4.0), 0)[0][0].shape == (4, 4)
+
+
+def test_logprobs_in_chunks_equal_the_whole(random_policy, monkeypatch):
+    """With logits made a few positions at a time (and again in the backward) the log-probabilities, the
+    entropy and the gradient are those of the whole (N, T, vocab) at once."""
+    import nanoseek.rl
+
+    model = checkpoint.load(random_policy)[0].train()
+    ids = torch.randint(3, 60, (3, 20), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(20) >= 8).float().expand(3, 20)
+    results = []
+    for elements in (None, 3 * 448 * 4):  # whole, then 4 positions per chunk
+        if elements:
+            monkeypatch.setattr(nanoseek.rl, "logit_chunk", lambda vocab, elements=elements: elements // vocab)
+        model.zero_grad()
+        logp, entropy = token_logprobs(model, ids, mask, 0.7)
+        (logp * mask[:, 1:]).sum().backward()
+        results.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (logp, entropy, grads), (logp_c, entropy_c, grads_c) = results
+    torch.testing.assert_close(logp_c, logp)
+    torch.testing.assert_close(entropy_c, entropy)
+    assert len(grads) == len(grads_c) > 0
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -124,8 +124,10 @@ def test_sigterm_writes_a_checkpoint_and_exits(text_data, tmp_path):
     assert step >= 3 and step == len(read_metrics(metrics))
 
 
-@pytest.mark.parametrize("sharding, mtp_weight", [("ddp", 0.3), ("fsdp", 0.3), ("ddp", 0.0)])
-def test_two_gloo_ranks_match_one_process(text_data, tmp_path, sharding, mtp_weight):
+@pytest.mark.parametrize("sharding, mtp_weight, device_batch", [("ddp", 0.3, 2), ("fsdp", 0.3, 0), ("ddp", 0.0, 0)])
+def test_two_gloo_ranks_match_one_process(text_data, tmp_path, sharding, mtp_weight, device_batch):
+    """Two ranks (each in two micro-steps for device_batch 2, the gradient all-reduced on the last only) train
+    as one process does."""
     run(text_data, tmp_path / "one", steps=6, batch=8, mtp_weight=mtp_weight)
     two = tmp_path / "two"
     if sharding == "fsdp":  # stop half way and resume, so sharded checkpoints are exercised too
@@ -134,11 +136,28 @@ def test_two_gloo_ranks_match_one_process(text_data, tmp_path, sharding, mtp_wei
         torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=mtp_weight, fsdp=True, resume=True))
         nanoseek.load(two / "final")
     else:  # mtp_weight 0: the MTP weights get no gradient, which DDP must be told
-        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=mtp_weight))
+        torchrun(cli_args(text_data, two, 6, batch=8, mtp_weight=mtp_weight, device_batch=device_batch))
     one, two = losses(tmp_path / "one"), losses(two)
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
         assert abs(a - b) / abs(a) < 1e-4
+
+
+def test_micro_batch_does_not_change_training(text_data, tmp_path):
+    """batch 8 in one forward, in 4 of 2 rows and in 8 of 1: the same losses, gradient norms and held-out loss
+    step by step (Muon's orthogonalised steps make raw weights a poor thing to compare: they blow float noise
+    in small singular directions up to a step's size)."""
+    runs = []
+    for device_batch in (0, 2, 1):
+        out = tmp_path / f"db{device_batch}"
+        run(text_data, out, steps=4, batch=8, device_batch=device_batch, eval_every=2)
+        rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+        runs.append([(r["loss"], r["grad_norm"], r.get("val_loss", 0.0)) for r in rows])
+    assert len(runs[0]) == 4 and runs[0][-1][2] > 0
+    for other in runs[1:]:
+        assert [v for row in other for v in row] == pytest.approx([v for row in runs[0] for v in row], rel=1e-3)
+    with pytest.raises(ValueError, match="pick a divisor of 8"):
+        run(text_data, tmp_path / "bad", steps=1, batch=8, device_batch=3)
 
 
 def test_bias_update_lowers_expert_imbalance(text_data, tmp_path):

@@ -1,0 +1,50 @@
+"""What a device can do: datasheet peaks of common GPUs and the measured peak of this machine (MFU's
+denominator, and `nanoseek plan`'s)."""
+
+import time
+
+import torch
+
+MIB = 2**20
+GPUS = {  # name -> (dense bf16 tensor-core peak in FLOP/s from the maker's datasheet, memory as the driver reports it)
+    "H200": (989e12, 143771 * MIB),
+    "H100": (989e12, 81559 * MIB),  # SXM; the PCIe card peaks at 756e12
+    "A100": (312e12, 81920 * MIB),  # the 80 GB card; also sold with 40 GB
+    "L40S": (362e12, 46068 * MIB),
+    "L4": (121e12, 23034 * MIB),
+    "RTX 4090": (165e12, 24564 * MIB),  # with fp32 accumulation
+}
+
+
+def gpu_named(name):
+    """The GPUS entry whose name is in `name` (a device name such as "NVIDIA H100 80GB HBM3"), or None."""
+    key = name.upper().replace("GEFORCE ", "")
+    for gpu in GPUS:  # L40S before L4, so that an L40S is not taken for an L4
+        if gpu.upper() in key:
+            return gpu
+    return None
+
+
+def peak_flops(device="cpu", dtype=torch.float32):
+    """(FLOP/s, where the figure comes from): on a GPU in GPUS computing in bf16, its datasheet peak; else the
+    measured peak of an n x n matmul on the spot (on a large GPU far below its datasheet, so MFU would read high)."""
+    if str(device).startswith("cuda") and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(torch.device(device))
+        gpu = gpu_named(name)
+        if gpu:
+            return GPUS[gpu][0], f"{gpu} datasheet bf16 peak"
+    return matmul_peak_flops(device, dtype), "measured matmul peak"
+
+
+def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10):
+    """Measured peak of this machine: best FLOP/s of an n x n matmul."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for _ in range(reps + 2):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
