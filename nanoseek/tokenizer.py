@@ -54,6 +54,10 @@ class Tokenizer:
         """Plain text to ids; special-token strings in the text stay text."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode of many texts at once (tokenizers spreads a batch over the cores)."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids, skip_special_tokens=False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -176,8 +180,9 @@ def _merge_text(parts):
     return merged
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
-    """Train a byte-level BPE on an iterator of strings. vocab_size counts the 256 bytes and the special tokens."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, max_chars: int = 0) -> Tokenizer:
+    """Train a byte-level BPE on an iterator of strings, read as it goes: the first max_chars characters of them
+    (0: all). vocab_size counts the 256 bytes and the special tokens."""
     floor = 256 + len(SPECIAL_TOKENS)
     if vocab_size < floor:
         raise ValueError(f"vocab size {vocab_size} is too small: it must be at least {floor} (bytes + special tokens)")
@@ -190,7 +195,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(_first_chars(texts, max_chars) if max_chars else texts, trainer=trainer)
     return Tokenizer(tok)
 
 
@@ -200,3 +205,12 @@ def pre_tokenizer():
     return pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
+
+
+def _first_chars(texts, max_chars):
+    """The texts until max_chars characters are read, the last one cut at the limit."""
+    for text in texts:
+        yield text[:max_chars]
+        max_chars -= len(text)
+        if max_chars <= 0:
+            return
