@@ -79,6 +79,9 @@ def cmd_bench(args):
         r = bench.bench_grpo(args.ckpt, task=args.task, difficulty=args.difficulty, steps=args.steps or 10,
                              prompts=args.prompts, group=args.group, max_new_tokens=args.new_tokens, peer=args.peer)
         bench.print_grpo(r)
+    elif args.what == "data":
+        r = bench.bench_data(sizes_mb=tuple(args.sizes), vocab_size=args.vocab_size, repeats=args.repeats)
+        bench.print_data(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
@@ -290,7 +293,10 @@ def build_parser():
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("bench", help="benchmark against a peer and print the speedup")
-    s.add_argument("what", choices=["train", "decode", "grpo"])
+    s.add_argument("what", choices=["train", "decode", "grpo", "data"])
+    s.add_argument("--sizes", type=float, nargs="+", default=[20, 200], help="data: corpus sizes in MB")
+    s.add_argument("--vocab-size", type=int, default=8192, help="data: tokenizer vocabulary")
+    s.add_argument("--repeats", type=int, default=3, help="data: turns of each side (the median time is kept)")
     s.add_argument("--task", default="addition", help="grpo: task")
     s.add_argument("--difficulty", type=int, default=2, help="grpo: task difficulty")
     s.add_argument("--prompts", type=int, default=4, help="grpo: problems per step")

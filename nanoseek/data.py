@@ -25,7 +25,7 @@ from nanoseek.tokenizer import Tokenizer
 
 SHARD_TOKENS = 50_000_000  # tokens per shard file
 ENCODE_BATCH = 1000  # documents encoded together (tokenizers encodes a batch on every core)
-WRITE_TOKENS = 1 << 20  # tokens held before they are appended to their shard file
+WRITE_TOKENS = 1 << 18  # tokens held before they are appended to their shard file
 READ_CHARS = 1 << 20  # characters of a text file read at a time
 HF_KEYS = {"path": "a Hub id or a local directory or file", "name": "the dataset's configuration",
            "split": "the split to read", "column": "text (pretraining) or messages (chat, OpenAI style)",
