@@ -10,6 +10,7 @@ A data directory holds flat token arrays and a manifest:
 Text documents are [BOS] text [EOS]; chat documents are rendered with the chat template.
 """
 
+import array
 import glob
 import hashlib
 import itertools
@@ -263,7 +264,7 @@ def _write_shards(documents, tokenizer, root, dtype, val_every):
             encoded = tokenizer.encode_batch([doc for _, doc in batch])
             batch = [([tokenizer.bos_id, *ids, tokenizer.eos_id], None) for ids in encoded]
         else:
-            batch = [tokenizer.render_chat(doc) for _, doc in batch]
+            batch = tokenizer.render_chats([doc for _, doc in batch])
         for j, (ids, mask) in enumerate(batch, i - len(batch)):
             writers["val" if _in_val(j, val_every) else "train"].add(ids, mask)
     if kind is None:
@@ -308,9 +309,9 @@ class _ShardWriter:
         arrays = [np.fromiter(itertools.chain.from_iterable(self.ids), self.dtype, self.held)]
         if self.mask:
             arrays.append(np.fromiter(itertools.chain.from_iterable(self.mask), np.uint8, self.held))
-        for (f, sha), array in zip(self.files, arrays):
-            f.write(memoryview(array))
-            sha.update(memoryview(array))
+        for (f, sha), values in zip(self.files, arrays):
+            f.write(memoryview(values))
+            sha.update(memoryview(values))
         self.ids, self.mask, self.held = [], [], 0
 
     def _close_shard(self):
@@ -401,7 +402,7 @@ class Loader:
                 f"of {seq_len + 1 if rows == 'windows' else 2}+ tokens; add data or shorten --seq"
             )
         self.position = 0
-        self._epochs = []  # rows of each epoch packed so far: lists of piece indices
+        self._epochs = []  # rows of each epoch packed so far: (order, bounds) as _epoch says
 
     def _pieces(self, shard, tokens, bos_id):
         """(shard, start, n): inputs tokens[start:start + n], targets one token later, never past a document."""
@@ -419,37 +420,42 @@ class Loader:
         return np.stack([np.full_like(starts, shard), starts, np.minimum(L, doc_ends[doc] - 1 - starts)], 1)
 
     def __len__(self):
-        return len(self._epoch(0))
+        return len(self._epoch(0)[1]) - 1
 
     def _epoch(self, epoch):
-        """The rows of an epoch: pieces in a seeded order, each row filled until the next piece does not fit."""
+        """The rows of an epoch as (order, bounds): pieces in a seeded order, row k holding the pieces
+        order[bounds[k]:bounds[k + 1]], each row filled until the next piece does not fit."""
         while len(self._epochs) <= epoch:
             e = len(self._epochs)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
-            order = torch.randperm(len(self.pieces), generator=g).tolist() if self.shuffle else range(len(self.pieces))
-            rows, row, used = [], [], 0
-            for i in order:
-                n = int(self.pieces[i, 2])
-                if row and (self.rows == "windows" or used + n > self.seq_len):
-                    rows.append(row)
-                    row, used = [], 0
-                row.append(i)
-                used += n
-            rows.append(row)
-            self._epochs.append(rows)
+            order = torch.randperm(len(self.pieces), generator=g).numpy() if self.shuffle else \
+                np.arange(len(self.pieces))
+            if self.rows == "windows":
+                bounds = np.arange(len(order) + 1)
+            else:
+                bounds, used = array.array("q", [0]), 0
+                for k, n in enumerate(self.pieces[order, 2].tolist()):
+                    if k > bounds[-1] and used + n > self.seq_len:
+                        bounds.append(k)
+                        used = 0
+                    used += n
+                bounds.append(len(order))
+                bounds = np.frombuffer(bounds, dtype=np.int64)
+            self._epochs.append((order, bounds))
         return self._epochs[epoch]
 
     def row(self, k):
         """Row k of the endless sequence -> (inputs, targets, piece number per token), seq_len tokens each."""
         epoch = 0
-        while k >= len(self._epoch(epoch)):
-            k -= len(self._epoch(epoch))
+        while k >= len(self._epoch(epoch)[1]) - 1:
+            k -= len(self._epoch(epoch)[1]) - 1
             epoch += 1
+        order, bounds = self._epoch(epoch)
         x = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
         y = torch.full((self.seq_len,), -100, dtype=torch.long)
         doc = torch.full((self.seq_len,), -1, dtype=torch.long)
         at = 0
-        for number, i in enumerate(self._epoch(epoch)[k]):
+        for number, i in enumerate(order[bounds[k] : bounds[k + 1]].tolist()):
             shard, start, n = (int(v) for v in self.pieces[i])
             chunk = torch.from_numpy(self.tokens[shard][start : start + n + 1].astype(np.int64))
             x[at : at + n], y[at : at + n], doc[at : at + n] = chunk[:-1], chunk[1:], number

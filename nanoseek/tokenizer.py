@@ -64,7 +64,25 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt=False):
         """Messages in OpenAI format -> (ids, mask); mask is 1 on assistant tokens (thinking and EOS included)
         except those of a message with "weight": 0 (as in OpenAI's fine-tuning format)."""
-        parts = []  # (control id or text, is assistant)
+        return self.render_chats([messages], add_generation_prompt)[0]
+
+    def render_chats(self, conversations: list[list[dict]], add_generation_prompt=False):
+        """render_chat of many conversations, their text encoded in one batch."""
+        parts = [self._chat_parts(messages, add_generation_prompt) for messages in conversations]
+        texts = iter(self.encode_batch([piece for p in parts for piece, _ in p if isinstance(piece, str)]))
+        rendered = []
+        for p in parts:
+            ids, mask = [], []
+            for piece, is_assistant in p:
+                piece_ids = [piece] if isinstance(piece, int) else next(texts)
+                ids += piece_ids
+                mask += [int(is_assistant)] * len(piece_ids)
+            rendered.append((ids, mask))
+        return rendered
+
+    def _chat_parts(self, messages, add_generation_prompt):
+        """The conversation as (control id or text, is a trained assistant token) pieces."""
+        parts = []
         parts.append((self.bos_id, False))
         for m in messages:
             if m.get("role") == "system":
@@ -84,12 +102,7 @@ class Tokenizer:
                 raise ValueError(f"unknown chat role {role!r}: use 'system', 'user' or 'assistant'")
         if add_generation_prompt:
             parts += [(self.assistant_id, False), (self.think_id, False), ("\n", False)]
-        ids, mask = [], []
-        for piece, is_assistant in _merge_text(parts):
-            piece_ids = [piece] if isinstance(piece, int) else self.encode(piece)
-            ids += piece_ids
-            mask += [int(is_assistant)] * len(piece_ids)
-        return ids, mask
+        return _merge_text(parts)
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw prompt as every reader of a checkpoint encodes it: BOS, then the text (see save)."""

@@ -178,3 +178,13 @@ def test_shards_stream_in_flushes_and_close_at_the_shard_size(tmp_path, tokenize
     tokens = np.concatenate([np.fromfile(tmp_path / "parts" / s["file"], dtype=np.uint16) for s in parts])
     assert tokens.tobytes() == (tmp_path / "whole" / "train_000.bin").read_bytes()
     assert sum(s["documents"] for s in parts) == whole["splits"]["train"][0]["documents"] == len(TEXTS)
+
+
+def test_gpu_chat_recipe_streams_fineweb_smoltalk_and_gsm8k():
+    recipe = load_recipe("gpu-chat")
+    assert [(s["path"], s["name"], s["column"]) for s in recipe["data"]["hf"]] == [
+        ("HuggingFaceFW/fineweb-edu", "sample-10BT", "text"), ("HuggingFaceTB/smoltalk", "all", "messages")]
+    assert all(s["max_documents"] > 0 for s in recipe["data"]["hf"])  # a sample, never the whole corpus
+    assert recipe["data"]["tasks"] == recipe["eval"]["tasks"] == [recipe["rl"]["task"]]
+    task = get_task(recipe["rl"]["task"])  # read lazily: nothing is downloaded here
+    assert (task.path, task.config, task.name) == ("openai/gsm8k", "main", "gsm8k")
