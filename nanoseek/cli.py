@@ -8,14 +8,20 @@ import sys
 import torch
 
 
+def _hf_source(args):
+    """The Hugging Face source that --hf, --name, --split, --column and --max-documents name."""
+    from nanoseek.data import HF_KEYS
+
+    return {key: getattr(args, "hf" if key == "path" else key) for key in HF_KEYS}
+
+
 def cmd_tokenizer(args):
-    from nanoseek.data import HF_KEYS, document_texts, read_hf, read_texts
+    from nanoseek.data import document_texts, read_hf, read_texts
     from nanoseek.tokenizer import train_tokenizer
 
     if bool(args.input) == bool(args.hf):
         raise ValueError("give either --input files or --hf DATASET")
-    texts = read_texts(args.input) if args.input else document_texts(
-        read_hf({key: getattr(args, "hf" if key == "path" else key) for key in HF_KEYS}))
+    texts = read_texts(args.input) if args.input else document_texts(read_hf(_hf_source(args)))
     tok = train_tokenizer(texts, vocab_size=args.vocab_size, max_chars=args.max_chars)
     os.makedirs(args.out, exist_ok=True)
     tok.save(args.out)
@@ -88,7 +94,7 @@ def cmd_bench(args):
 
 
 def cmd_data(args):
-    from nanoseek.data import HF_KEYS, build, read_hf
+    from nanoseek.data import build, read_hf
     from nanoseek.tasks import task_documents
     from nanoseek.tokenizer import Tokenizer
 
@@ -100,7 +106,7 @@ def cmd_data(args):
         documents = (d for spec in args.task for d in task_documents(spec, args.n, args.kind, args.seed,
                                                                       args.difficulty or None, args.checker))
     if args.hf:
-        documents = read_hf({key: getattr(args, "hf" if key == "path" else key) for key in HF_KEYS})
+        documents = read_hf(_hf_source(args))
     manifest = build(args.input, tok, args.out, val_fraction=args.val_fraction, documents=documents)
     for split, shards in manifest["splits"].items():
         tokens, docs = sum(s["tokens"] for s in shards), sum(s["documents"] for s in shards)

@@ -8,6 +8,10 @@ A data directory holds flat token arrays and a manifest:
     data/val_000.bin ...      the held-out split
 
 Text documents are [BOS] text [EOS]; chat documents are rendered with the chat template.
+
+Everything streams, so memory does not grow with the corpus: files are read piece by piece (Parquet a batch of
+rows at a time), Hugging Face datasets row by row (nanoseek/hub.py), documents are encoded ENCODE_BATCH at a
+time, tokens appended to their shard as they come, and the loader indexes each shard with numpy.
 """
 
 import array

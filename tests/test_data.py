@@ -34,6 +34,17 @@ def test_text_jsonl_and_parquet_inputs_agree(tmp_path, tokenizer):
     assert len(sums) == 1
 
 
+def test_text_files_split_at_blank_lines_piece_by_piece(tmp_path, monkeypatch):
+    from nanoseek import data
+
+    text = "a\n\nb\n\n\nc\n\n\n\nd e\nf\n\n\n\n\ng\n\n" + "word " * 50 + "\n\nlast\n"
+    (tmp_path / "a.txt").write_text(text)
+    monkeypatch.setattr(data, "READ_CHARS", 3)  # blank lines cut by the pieces read
+    assert list(data._read_paragraphs(str(tmp_path / "a.txt"))) == text.split("\n\n")
+    assert [d for _, d in data.read_documents(str(tmp_path / "a.txt"))] == [
+        d.strip("\n") for d in text.split("\n\n") if d.strip()]
+
+
 def test_tokenizer_text_of_text_and_chat_files(tmp_path):
     (tmp_path / "a.txt").write_text("one\n\ntwo")
     (tmp_path / "b.jsonl").write_text(json.dumps({"messages": [

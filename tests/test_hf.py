@@ -188,3 +188,15 @@ def test_gpu_chat_recipe_streams_fineweb_smoltalk_and_gsm8k():
     assert recipe["data"]["tasks"] == recipe["eval"]["tasks"] == [recipe["rl"]["task"]]
     task = get_task(recipe["rl"]["task"])  # read lazily: nothing is downloaded here
     assert (task.path, task.config, task.name) == ("openai/gsm8k", "main", "gsm8k")
+
+
+def test_tokenizer_reads_only_its_sample():
+    from nanoseek.tokenizer import train_tokenizer
+
+    def texts():
+        yield "abc " * 10
+        yield "xyz " * 10
+        raise AssertionError("read past the sample")
+
+    tok = train_tokenizer(texts(), vocab_size=300, max_chars=42)  # all of the first text, 2 characters of the next
+    assert tok.encode("abc") == [tok.tok.token_to_id("abc")] and tok.tok.token_to_id("xyz") is None
