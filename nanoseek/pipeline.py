@@ -56,7 +56,8 @@ SECTIONS = {  # section -> key -> (default, meaning)
         "hf": ([], "Hugging Face datasets, streamed: [{ path, name, split, column, max_documents }]; column "
                    "\"text\" adds to the pretraining data, \"messages\" to the SFT data"),
         "vocab_size": (1024, "tokenizer vocabulary"),
-        "tokenizer_chars": (1_000_000_000, "the tokenizer trains on the first this many characters of the text"),
+        "tokenizer_chars": (1_000_000_000, "the tokenizer trains on the first this many characters of each source "
+                                           "(the tasks' text, the smalltalk, the corpus, each hf dataset)"),
         "val_fraction": data_module.OPTIONS["val_fraction"],
     },
     "eval": {
@@ -260,15 +261,14 @@ def _hf_docs(recipe, column):
 
 
 def stage_tokenizer(recipe, paths, device):
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.tokenizer import first_chars, train_tokenizer
 
     d = recipe["data"]
     smalltalk = smalltalk_texts([get_task(spec) for spec in d["tasks"]], d["smalltalk"], recipe["run"]["seed"])
-    texts = itertools.chain(data_module.document_texts(_text_docs(recipe)), smalltalk,
-                            data_module.read_texts(d["corpus"]),
-                            data_module.document_texts(itertools.chain(_hf_docs(recipe, "text"),
-                                                                       _hf_docs(recipe, "messages"))))
-    tok = train_tokenizer(texts, vocab_size=d["vocab_size"], max_chars=d["tokenizer_chars"])
+    sources = [data_module.document_texts(_text_docs(recipe)), smalltalk, data_module.read_texts(d["corpus"]),
+               *(data_module.document_texts(data_module.read_hf(source)) for source in d["hf"])]
+    texts = itertools.chain.from_iterable(first_chars(texts, d["tokenizer_chars"]) for texts in sources)
+    tok = train_tokenizer(texts, vocab_size=d["vocab_size"])
     tmp = paths["tokenizer"] + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save(tmp)

@@ -208,7 +208,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, max_chars: int
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_first_chars(texts, max_chars) if max_chars else texts, trainer=trainer)
+    tok.train_from_iterator(first_chars(texts, max_chars) if max_chars else texts, trainer=trainer)
     return Tokenizer(tok)
 
 
@@ -220,8 +220,9 @@ def pre_tokenizer():
     )
 
 
-def _first_chars(texts, max_chars):
-    """The texts until max_chars characters are read, the last one cut at the limit."""
+def first_chars(texts, max_chars):
+    """The texts until max_chars characters are read, the last one cut at the limit: a bounded sample of a
+    stream, read no further than needed."""
     for text in texts:
         yield text[:max_chars]
         max_chars -= len(text)
