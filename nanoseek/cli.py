@@ -8,11 +8,21 @@ import sys
 import torch
 
 
+def _hf_source(args):
+    """The Hugging Face source that --hf, --name, --split, --column and --max-documents name."""
+    from nanoseek.data import HF_KEYS
+
+    return {key: getattr(args, "hf" if key == "path" else key) for key in HF_KEYS}
+
+
 def cmd_tokenizer(args):
-    from nanoseek.data import read_texts
+    from nanoseek.data import document_texts, read_hf, read_texts
     from nanoseek.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(read_texts(args.input), vocab_size=args.vocab_size)
+    if bool(args.input) == bool(args.hf):
+        raise ValueError("give either --input files or --hf DATASET")
+    texts = read_texts(args.input) if args.input else document_texts(read_hf(_hf_source(args)))
+    tok = train_tokenizer(texts, vocab_size=args.vocab_size, max_chars=args.max_chars)
     os.makedirs(args.out, exist_ok=True)
     tok.save(args.out)
     print(f"tokenizer with {len(tok)} tokens written to {args.out}")
@@ -75,23 +85,28 @@ def cmd_bench(args):
         r = bench.bench_grpo(args.ckpt, task=args.task, difficulty=args.difficulty, steps=args.steps or 10,
                              prompts=args.prompts, group=args.group, max_new_tokens=args.new_tokens, peer=args.peer)
         bench.print_grpo(r)
+    elif args.what == "data":
+        r = bench.bench_data(sizes_mb=tuple(args.sizes), vocab_size=args.vocab_size, repeats=args.repeats)
+        bench.print_data(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
 
 
 def cmd_data(args):
-    from nanoseek.data import build
+    from nanoseek.data import build, read_hf
     from nanoseek.tasks import task_documents
     from nanoseek.tokenizer import Tokenizer
 
-    if bool(args.input) == bool(args.task):
-        raise ValueError("give either --input files or --task NAME")
+    if sum(map(bool, (args.input, args.task, args.hf))) != 1:
+        raise ValueError("give one of --input files, --task NAME or --hf DATASET")
     tok = Tokenizer.load(args.tokenizer)
     documents = None
     if args.task:
         documents = (d for spec in args.task for d in task_documents(spec, args.n, args.kind, args.seed,
                                                                       args.difficulty or None, args.checker))
+    if args.hf:
+        documents = read_hf(_hf_source(args))
     manifest = build(args.input, tok, args.out, val_fraction=args.val_fraction, documents=documents)
     for split, shards in manifest["splits"].items():
         tokens, docs = sum(s["tokens"] for s in shards), sum(s["documents"] for s in shards)
@@ -221,13 +236,16 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"nanoseek {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
+    from nanoseek.data import HF_KEYS
+    from nanoseek.data import OPTIONS as DATA_OPTIONS
+
     s = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with the chat format")
-    s.add_argument("--input", nargs="+", required=True, help="files or globs: .txt, .jsonl, .parquet")
+    s.add_argument("--input", nargs="+", help="files or globs: .txt, .jsonl, .parquet")
     s.add_argument("--vocab-size", type=int, default=4096, help="tokens, including 256 bytes and 7 special tokens")
     s.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
-    s.set_defaults(func=cmd_tokenizer)
+    s.add_argument("--max-chars", type=int, default=1_000_000_000, help="train on the first this many characters")
+    _add_options(s, {k: DATA_OPTIONS[k] for k in ("hf", *HF_KEYS) if k != "path"}, cmd_tokenizer)
 
-    from nanoseek.data import OPTIONS as DATA_OPTIONS
     from nanoseek.engine import DEFAULT_REPETITION_STOP
     from nanoseek.evaluate import OPTIONS as EVAL_OPTIONS
     from nanoseek.rejection import OPTIONS as RS_OPTIONS
@@ -303,7 +321,10 @@ def build_parser():
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("bench", help="benchmark against a peer and print the speedup")
-    s.add_argument("what", choices=["train", "decode", "grpo"])
+    s.add_argument("what", choices=["train", "decode", "grpo", "data"])
+    s.add_argument("--sizes", type=float, nargs="+", default=[20, 200], help="data: corpus sizes in MB")
+    s.add_argument("--vocab-size", type=int, default=8192, help="data: tokenizer vocabulary")
+    s.add_argument("--repeats", type=int, default=3, help="data: turns of each side (the median time is kept)")
     s.add_argument("--task", default="addition", help="grpo: task")
     s.add_argument("--difficulty", type=int, default=2, help="grpo: task difficulty")
     s.add_argument("--prompts", type=int, default=4, help="grpo: problems per step")

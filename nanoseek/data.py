@@ -8,10 +8,16 @@ A data directory holds flat token arrays and a manifest:
     data/val_000.bin ...      the held-out split
 
 Text documents are [BOS] text [EOS]; chat documents are rendered with the chat template.
+
+Everything streams, so memory does not grow with the corpus: files are read piece by piece (Parquet a batch of
+rows at a time), Hugging Face datasets row by row (nanoseek/hub.py), documents are encoded ENCODE_BATCH at a
+time, tokens appended to their shard as they come, and the loader indexes each shard with numpy.
 """
 
+import array
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -23,8 +29,19 @@ import torch
 from nanoseek.tokenizer import Tokenizer
 
 SHARD_TOKENS = 50_000_000  # tokens per shard file
+ENCODE_BATCH = 1000  # documents encoded together (tokenizers encodes a batch on every core)
+WRITE_TOKENS = 1 << 18  # tokens held before they are appended to their shard file
+READ_CHARS = 1 << 20  # characters of a text file read at a time
+HF_KEYS = {"path": "a Hub id or a local directory or file", "name": "the dataset's configuration",
+           "split": "the split to read", "column": "text (pretraining) or messages (chat, OpenAI style)",
+           "max_documents": "stop after this many documents (0: all)"}
 OPTIONS = {  # the options of `nanoseek data` beside --tokenizer and --out: (default, meaning)
     "input": ([], "files or globs: .txt, .jsonl ({text} or {messages}), .parquet"),
+    "hf": ("", "a Hugging Face dataset instead, streamed: a Hub id or a local directory or file"),
+    "name": ("", "--hf: " + HF_KEYS["name"]),
+    "split": ("train", "--hf: " + HF_KEYS["split"]),
+    "column": ("text", "--hf: " + HF_KEYS["column"]),
+    "max_documents": (0, "--hf: " + HF_KEYS["max_documents"]),
     "task": ([], "make data from tasks instead (worked solutions as <think> traces)"),
     "n": (10000, "--task: problems per task"),
     "kind": ("chat", "--task: chat (SFT) or text data"),
@@ -67,9 +84,14 @@ def read_corpus(patterns):
 
 
 def read_texts(patterns):
-    """The text of every document the patterns name, to train a tokenizer on: a text document whole, a
-    conversation message by message (its reasoning too)."""
-    for kind, doc in read_corpus(patterns):
+    """The text of every document the patterns name, to train a tokenizer on (see document_texts)."""
+    return document_texts(read_corpus(patterns))
+
+
+def document_texts(documents):
+    """The text of every ("text"|"chat", doc) document: a text document whole, a conversation message by message
+    (its reasoning too)."""
+    for kind, doc in documents:
         if kind == "text":
             yield doc
         else:
@@ -80,20 +102,29 @@ def read_texts(patterns):
 
 
 def read_documents(file):
-    """Yield ("text", str) or ("chat", messages) per document of a .txt, .jsonl or .parquet file."""
+    """Yield ("text", str) or ("chat", messages) per document of a .txt, .jsonl or .parquet file, streamed."""
     if file.endswith(".parquet"):
         yield from _read_parquet(file)
     elif file.endswith((".jsonl", ".json")):
         yield from _read_jsonl(file)
     else:  # plain text: documents are separated by blank lines
-        try:
-            with open(file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read {file} as UTF-8 text: {e}") from None
-        for doc in text.split("\n\n"):
+        for doc in _read_paragraphs(file):
             if doc.strip():
                 yield "text", doc.strip("\n")
+
+
+def _read_paragraphs(file):
+    """The pieces of a text file split at every blank line ("\n\n"), as str.split would give them, read a
+    READ_CHARS piece at a time."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            rest = ""
+            while chunk := f.read(READ_CHARS):
+                *done, rest = (rest + chunk).split("\n\n")
+                yield from done
+            yield rest
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {file} as UTF-8 text: {e}") from None
 
 
 def _read_jsonl(file):
@@ -116,19 +147,52 @@ def _read_jsonl(file):
 
 
 def _read_parquet(file):
+    import pyarrow.parquet as pq
+
     try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError("reading Parquet needs pyarrow: pip install pyarrow") from None
-    try:
-        table = pq.read_table(file)
+        parquet = pq.ParquetFile(file)
     except Exception as e:  # pyarrow raises its own error types for damaged files
         raise DataError(f"cannot read {file} as Parquet: {e}") from None
-    columns = set(table.column_names)
-    if not columns & {"text", "messages"}:
-        raise DataError(f"{file}: expected a 'text' or 'messages' column, found {sorted(columns)}")
-    for i, row in enumerate(table.to_pylist()):
-        yield _row_document(row, f"{file}: row {i}")
+    columns = [c for c in ("text", "messages") if c in parquet.schema_arrow.names]
+    if not columns:
+        raise DataError(f"{file}: expected a 'text' or 'messages' column, found {sorted(parquet.schema_arrow.names)}")
+    i = 0
+    for batch in parquet.iter_batches(batch_size=ENCODE_BATCH, columns=columns):
+        for row in batch.to_pylist():
+            yield _row_document(row, f"{file}: row {i}")
+            i += 1
+
+
+def check_hf_source(source, where="--hf"):
+    """A Hugging Face source ({path, name, split, column, max_documents}) with every key filled in."""
+    example = '{ path = "HuggingFaceFW/fineweb-edu", name = "sample-10BT", column = "text" }'
+    if not isinstance(source, dict) or not isinstance(source.get("path"), str) or not source["path"]:
+        raise DataError(f"{where}: a Hugging Face source is a table with a path, e.g. {example}")
+    unknown = sorted(set(source) - set(HF_KEYS))
+    if unknown:
+        raise DataError(f"{where}: unknown keys {unknown} in a Hugging Face source; valid keys: {sorted(HF_KEYS)}")
+    full = {"path": source["path"], **{key: source.get(key, OPTIONS[key][0]) for key in HF_KEYS if key != "path"}}
+    for key, value in list(full.items())[1:]:
+        if not isinstance(value, type(OPTIONS[key][0])) or isinstance(value, bool):
+            raise DataError(f"{where}: {key} should be {type(OPTIONS[key][0]).__name__}, got {value!r}")
+    if full["column"] not in ("text", "messages"):
+        raise DataError(f"{where}: column must be 'text' (pretraining) or 'messages' (chat), not {full['column']!r}")
+    return full
+
+
+def read_hf(source):
+    """Yield ("text", str) or ("chat", messages) per row of a Hugging Face dataset's column, streamed."""
+    from nanoseek.hub import open_dataset
+
+    source = check_hf_source(source)
+    path, column, limit = source["path"], source["column"], source["max_documents"]
+    rows = open_dataset(path, source["name"], source["split"])
+    for i, row in enumerate(rows):
+        if limit and i >= limit:
+            break
+        if column not in row:
+            raise DataError(f"{path}: no column {column!r}, its columns are {sorted(row)}; pick one with --column")
+        yield _row_document({column: row[column]}, f"{path} ({source['split']}): row {i}")
 
 
 def _row_document(row, where):
@@ -189,53 +253,86 @@ def build(inputs, tokenizer: Tokenizer, out_dir, val_fraction=0.01, documents=No
 
 
 def _write_shards(documents, tokenizer, root, dtype, val_every):
-    """Tokenize the documents into train and val shards under root; returns (kind, {split: shards})."""
+    """Tokenize the documents, ENCODE_BATCH at a time, into train and val shards under root; returns
+    (kind, {split: shards})."""
     writers = {split: _ShardWriter(root, split, dtype) for split in ("train", "val")}
-    kind = None
-    for i, (doc_kind, doc) in enumerate(documents):
-        if kind is None:
-            kind = doc_kind
-        elif doc_kind != kind:
-            raise DataError(f"document {i} is {doc_kind} but earlier ones are {kind}: keep text and chat data apart")
-        if doc_kind == "text":
-            ids, mask = [tokenizer.bos_id] + tokenizer.encode(doc) + [tokenizer.eos_id], None
+    kind, i = None, 0
+    for batch in _batches(documents, ENCODE_BATCH):
+        for doc_kind, _ in batch:
+            kind = kind or doc_kind
+            if doc_kind != kind:
+                raise DataError(f"document {i} is {doc_kind} but earlier ones are {kind}: keep text and chat data "
+                                "apart")
+            i += 1
+        if kind == "text":
+            encoded = tokenizer.encode_batch([doc for _, doc in batch])
+            batch = [([tokenizer.bos_id, *ids, tokenizer.eos_id], None) for ids in encoded]
         else:
-            ids, mask = tokenizer.render_chat(doc)
-        writers["val" if _in_val(i, val_every) else "train"].add(ids, mask)
+            batch = tokenizer.render_chats([doc for _, doc in batch])
+        for j, (ids, mask) in enumerate(batch, i - len(batch)):
+            writers["val" if _in_val(j, val_every) else "train"].add(ids, mask)
     if kind is None:
         raise DataError("the input holds no documents")
     return kind, {split: w.close() for split, w in writers.items()}
 
 
+def _batches(items, n):
+    items = iter(items)
+    return iter(lambda: list(itertools.islice(items, n)), [])
+
+
 class _ShardWriter:
+    """Appends documents to the split's current shard file as they come, WRITE_TOKENS at a time, and starts a new
+    shard once one holds SHARD_TOKENS; checksums are kept as the bytes go by."""
+
     def __init__(self, root, split, dtype):
         self.root, self.split, self.dtype = root, split, dtype
-        self.shards, self.ids, self.mask, self.docs = [], [], [], 0
+        self.shards, self.files = [], None
+        self.ids, self.mask, self.held = [], [], 0  # documents not yet written
+        self.tokens, self.docs = 0, 0  # in the current shard
 
     def add(self, ids, mask):
-        self.ids += ids
+        self.ids.append(ids)
         if mask is not None:
-            self.mask += mask
+            self.mask.append(mask)
+        self.held += len(ids)
+        self.tokens += len(ids)
         self.docs += 1
-        if len(self.ids) >= SHARD_TOKENS:
-            self._flush()
+        if self.tokens >= SHARD_TOKENS:
+            self._close_shard()
+        elif self.held >= WRITE_TOKENS:
+            self._write()
 
-    def _flush(self):
-        if not self.ids:
+    def _write(self):
+        if not self.held:
             return
         name = f"{self.split}_{len(self.shards):03d}.bin"
-        tokens = np.asarray(self.ids, dtype=self.dtype)
-        tokens.tofile(os.path.join(self.root, name))
-        shard = {"file": name, "tokens": len(tokens), "documents": self.docs, "sha256": _sha256(tokens)}
+        if self.files is None:
+            names = [name] + ([name.replace(".bin", ".mask.bin")] if self.mask else [])
+            self.files = [(open(os.path.join(self.root, n), "wb"), hashlib.sha256()) for n in names]
+        arrays = [np.fromiter(itertools.chain.from_iterable(self.ids), self.dtype, self.held)]
         if self.mask:
-            mask = np.asarray(self.mask, dtype=np.uint8)
-            mask.tofile(os.path.join(self.root, name.replace(".bin", ".mask.bin")))
-            shard["mask_sha256"] = _sha256(mask)
+            arrays.append(np.fromiter(itertools.chain.from_iterable(self.mask), np.uint8, self.held))
+        for (f, sha), values in zip(self.files, arrays):
+            f.write(memoryview(values))
+            sha.update(memoryview(values))
+        self.ids, self.mask, self.held = [], [], 0
+
+    def _close_shard(self):
+        self._write()
+        if self.files is None:
+            return
+        for f, _ in self.files:
+            f.close()
+        shard = {"file": f"{self.split}_{len(self.shards):03d}.bin", "tokens": self.tokens, "documents": self.docs,
+                 "sha256": self.files[0][1].hexdigest()}
+        if len(self.files) > 1:
+            shard["mask_sha256"] = self.files[1][1].hexdigest()
         self.shards.append(shard)
-        self.ids, self.mask, self.docs = [], [], 0
+        self.files, self.tokens, self.docs = None, 0, 0
 
     def close(self):
-        self._flush()
+        self._close_shard()
         return self.shards
 
 
@@ -309,7 +406,7 @@ class Loader:
                 f"of {seq_len + 1 if rows == 'windows' else 2}+ tokens; add data or shorten --seq"
             )
         self.position = 0
-        self._epochs = []  # rows of each epoch packed so far: lists of piece indices
+        self._epochs = []  # rows of each epoch packed so far: (order, bounds) as _epoch says
 
     def _pieces(self, shard, tokens, bos_id):
         """(shard, start, n): inputs tokens[start:start + n], targets one token later, never past a document."""
@@ -317,46 +414,52 @@ class Loader:
         if self.rows == "windows":
             starts = np.arange((len(tokens) - 1) // L, dtype=np.int64) * L
             return np.stack([np.full_like(starts, shard), starts, np.full_like(starts, L)], 1)
-        doc_starts = np.flatnonzero(np.asarray(tokens) == bos_id)
+        doc_starts = np.flatnonzero(np.asarray(tokens) == bos_id).astype(np.int64)
         doc_ends = np.append(doc_starts[1:], len(tokens))
-        out = []
-        for s, e in zip(doc_starts.tolist(), doc_ends.tolist()):
-            for p in range(s, e - 1, L):  # a document of n tokens has n - 1 (input, target) pairs
-                out.append((shard, p, min(L, e - 1 - p)))
-        return np.asarray(out, dtype=np.int64).reshape(-1, 3)
+        pairs = doc_ends - 1 - doc_starts  # a document of n tokens has n - 1 (input, target) pairs
+        counts = np.maximum(0, -(-pairs // L))  # pieces per document
+        doc = np.repeat(np.arange(len(counts)), counts)
+        nth = np.arange(len(doc)) - np.repeat(np.cumsum(counts) - counts, counts)  # piece number in its document
+        starts = doc_starts[doc] + nth * L
+        return np.stack([np.full_like(starts, shard), starts, np.minimum(L, doc_ends[doc] - 1 - starts)], 1)
 
     def __len__(self):
-        return len(self._epoch(0))
+        return len(self._epoch(0)[1]) - 1
 
     def _epoch(self, epoch):
-        """The rows of an epoch: pieces in a seeded order, each row filled until the next piece does not fit."""
+        """The rows of an epoch as (order, bounds): pieces in a seeded order, row k holding the pieces
+        order[bounds[k]:bounds[k + 1]], each row filled until the next piece does not fit."""
         while len(self._epochs) <= epoch:
             e = len(self._epochs)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
-            order = torch.randperm(len(self.pieces), generator=g).tolist() if self.shuffle else range(len(self.pieces))
-            rows, row, used = [], [], 0
-            for i in order:
-                n = int(self.pieces[i, 2])
-                if row and (self.rows == "windows" or used + n > self.seq_len):
-                    rows.append(row)
-                    row, used = [], 0
-                row.append(i)
-                used += n
-            rows.append(row)
-            self._epochs.append(rows)
+            order = torch.randperm(len(self.pieces), generator=g).numpy() if self.shuffle else \
+                np.arange(len(self.pieces))
+            if self.rows == "windows":
+                bounds = np.arange(len(order) + 1)
+            else:
+                bounds, used = array.array("q", [0]), 0
+                for k, n in enumerate(self.pieces[order, 2].tolist()):
+                    if k > bounds[-1] and used + n > self.seq_len:
+                        bounds.append(k)
+                        used = 0
+                    used += n
+                bounds.append(len(order))
+                bounds = np.frombuffer(bounds, dtype=np.int64)
+            self._epochs.append((order, bounds))
         return self._epochs[epoch]
 
     def row(self, k):
         """Row k of the endless sequence -> (inputs, targets, piece number per token), seq_len tokens each."""
         epoch = 0
-        while k >= len(self._epoch(epoch)):
-            k -= len(self._epoch(epoch))
+        while k >= len(self._epoch(epoch)[1]) - 1:
+            k -= len(self._epoch(epoch)[1]) - 1
             epoch += 1
+        order, bounds = self._epoch(epoch)
         x = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
         y = torch.full((self.seq_len,), -100, dtype=torch.long)
         doc = torch.full((self.seq_len,), -1, dtype=torch.long)
         at = 0
-        for number, i in enumerate(self._epoch(epoch)[k]):
+        for number, i in enumerate(order[bounds[k] : bounds[k + 1]].tolist()):
             shard, start, n = (int(v) for v in self.pieces[i])
             chunk = torch.from_numpy(self.tokens[shard][start : start + n + 1].astype(np.int64))
             x[at : at + n], y[at : at + n], doc[at : at + n] = chunk[:-1], chunk[1:], number

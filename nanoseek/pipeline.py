@@ -54,7 +54,11 @@ SECTIONS = {  # section -> key -> (default, meaning)
         "turns": (1, "most turns in an SFT conversation: earlier turns are other problems with their answers"),
         "smalltalk": (0, "plain conversational turns in SFT: greetings, who the model is, what it cannot do"),
         "corpus": ([], "your own text/JSONL/Parquet files, added to the pretraining data"),
+        "hf": ([], "Hugging Face datasets, streamed: [{ path, name, split, column, max_documents }]; column "
+                   "\"text\" adds to the pretraining data, \"messages\" to the SFT data"),
         "vocab_size": (1024, "tokenizer vocabulary"),
+        "tokenizer_chars": (1_000_000_000, "the tokenizer trains on the first this many characters of each source "
+                                           "(the tasks' text, the smalltalk, the corpus, each hf dataset)"),
         "val_fraction": data_module.OPTIONS["val_fraction"],
     },
     "eval": {
@@ -129,6 +133,11 @@ def load_recipe(name_or_path, overrides=None):
     unknown = [s for s in recipe["eval"]["stages"] if s not in stages]
     if unknown:
         raise RecipeError(f"{path}: [eval] stages {unknown} are not in [run] stages {stages}")
+    try:
+        recipe["data"]["hf"] = [data_module.check_hf_source(source, f"{path}: [data] hf[{i}]")
+                                for i, source in enumerate(recipe["data"]["hf"])]
+    except data_module.DataError as e:
+        raise RecipeError(str(e)) from None
     recipe["path"] = path
     return recipe
 
@@ -245,14 +254,22 @@ def _chat_docs(recipe):
                           turns=d["turns"], smalltalk=d["smalltalk"])
 
 
+def _hf_docs(recipe, column):
+    """The documents of the recipe's Hugging Face sources of one column ("text" or "messages"), streamed."""
+    for source in recipe["data"]["hf"]:
+        if source["column"] == column:
+            yield from data_module.read_hf(source)
+
+
 def stage_tokenizer(recipe, paths, device):
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.tokenizer import first_chars, train_tokenizer
 
     d = recipe["data"]
-    texts = [doc for _, doc in _text_docs(recipe)]
-    if d["smalltalk"]:
-        texts += smalltalk_texts([get_task(spec) for spec in d["tasks"]], d["smalltalk"], recipe["run"]["seed"])
-    tok = train_tokenizer(texts + list(data_module.read_texts(d["corpus"])), vocab_size=d["vocab_size"])
+    smalltalk = smalltalk_texts([get_task(spec) for spec in d["tasks"]], d["smalltalk"], recipe["run"]["seed"])
+    sources = [data_module.document_texts(_text_docs(recipe)), smalltalk, data_module.read_texts(d["corpus"]),
+               *(data_module.document_texts(data_module.read_hf(source)) for source in d["hf"])]
+    texts = itertools.chain.from_iterable(first_chars(texts, d["tokenizer_chars"]) for texts in sources)
+    tok = train_tokenizer(texts, vocab_size=d["vocab_size"])
     tmp = paths["tokenizer"] + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save(tmp)
@@ -265,9 +282,10 @@ def stage_data(recipe, paths, device):
 
     d = recipe["data"]
     tok = Tokenizer.load(paths["tokenizer"])
-    text_docs = itertools.chain(_text_docs(recipe), data_module.read_corpus(d["corpus"]))
+    text_docs = itertools.chain(_text_docs(recipe), data_module.read_corpus(d["corpus"]), _hf_docs(recipe, "text"))
+    chat_docs = itertools.chain(_chat_docs(recipe), _hf_docs(recipe, "messages"))
     text = data_module.build(None, tok, paths["text"], d["val_fraction"], documents=text_docs)
-    chat = data_module.build(None, tok, paths["chat"], d["val_fraction"], documents=_chat_docs(recipe))
+    chat = data_module.build(None, tok, paths["chat"], d["val_fraction"], documents=chat_docs)
     count = lambda m: sum(s["tokens"] for s in m["splits"]["train"])  # noqa: E731
     return {"pretrain_tokens": count(text), "sft_tokens": count(chat)}
 

@@ -54,13 +54,35 @@ class Tokenizer:
         """Plain text to ids; special-token strings in the text stay text."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode of many texts at once (tokenizers spreads a batch over the cores)."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids, skip_special_tokens=False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt=False):
         """Messages in OpenAI format -> (ids, mask); mask is 1 on assistant tokens (thinking and EOS included)
         except those of a message with "weight": 0 (as in OpenAI's fine-tuning format)."""
-        parts = []  # (control id or text, is assistant)
+        return self.render_chats([messages], add_generation_prompt)[0]
+
+    def render_chats(self, conversations: list[list[dict]], add_generation_prompt=False):
+        """render_chat of many conversations, their text encoded in one batch."""
+        parts = [self._chat_parts(messages, add_generation_prompt) for messages in conversations]
+        texts = iter(self.encode_batch([piece for p in parts for piece, _ in p if isinstance(piece, str)]))
+        rendered = []
+        for p in parts:
+            ids, mask = [], []
+            for piece, is_assistant in p:
+                piece_ids = [piece] if isinstance(piece, int) else next(texts)
+                ids += piece_ids
+                mask += [int(is_assistant)] * len(piece_ids)
+            rendered.append((ids, mask))
+        return rendered
+
+    def _chat_parts(self, messages, add_generation_prompt):
+        """The conversation as (control id or text, is a trained assistant token) pieces."""
+        parts = []
         parts.append((self.bos_id, False))
         for m in messages:
             if m.get("role") == "system":
@@ -80,12 +102,7 @@ class Tokenizer:
                 raise ValueError(f"unknown chat role {role!r}: use 'system', 'user' or 'assistant'")
         if add_generation_prompt:
             parts += [(self.assistant_id, False), (self.think_id, False), ("\n", False)]
-        ids, mask = [], []
-        for piece, is_assistant in _merge_text(parts):
-            piece_ids = [piece] if isinstance(piece, int) else self.encode(piece)
-            ids += piece_ids
-            mask += [int(is_assistant)] * len(piece_ids)
-        return ids, mask
+        return _merge_text(parts)
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw prompt as every reader of a checkpoint encodes it: BOS, then the text (see save)."""
@@ -176,8 +193,9 @@ def _merge_text(parts):
     return merged
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
-    """Train a byte-level BPE on an iterator of strings. vocab_size counts the 256 bytes and the special tokens."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, max_chars: int = 0) -> Tokenizer:
+    """Train a byte-level BPE on an iterator of strings, read as it goes: the first max_chars characters of them
+    (0: all). vocab_size counts the 256 bytes and the special tokens."""
     floor = 256 + len(SPECIAL_TOKENS)
     if vocab_size < floor:
         raise ValueError(f"vocab size {vocab_size} is too small: it must be at least {floor} (bytes + special tokens)")
@@ -190,7 +208,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(first_chars(texts, max_chars) if max_chars else texts, trainer=trainer)
     return Tokenizer(tok)
 
 
@@ -200,3 +218,13 @@ def pre_tokenizer():
     return pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
+
+
+def first_chars(texts, max_chars):
+    """The texts until max_chars characters are read, the last one cut at the limit: a bounded sample of a
+    stream, read no further than needed."""
+    for text in texts:
+        yield text[:max_chars]
+        max_chars -= len(text)
+        if max_chars <= 0:
+            return

@@ -34,6 +34,17 @@ def test_text_jsonl_and_parquet_inputs_agree(tmp_path, tokenizer):
     assert len(sums) == 1
 
 
+def test_text_files_split_at_blank_lines_piece_by_piece(tmp_path, monkeypatch):
+    from nanoseek import data
+
+    text = "a\n\nb\n\n\nc\n\n\n\nd e\nf\n\n\n\n\ng\n\n" + "word " * 50 + "\n\nlast\n"
+    (tmp_path / "a.txt").write_text(text)
+    monkeypatch.setattr(data, "READ_CHARS", 3)  # blank lines cut by the pieces read
+    assert list(data._read_paragraphs(str(tmp_path / "a.txt"))) == text.split("\n\n")
+    assert [d for _, d in data.read_documents(str(tmp_path / "a.txt"))] == [
+        d.strip("\n") for d in text.split("\n\n") if d.strip()]
+
+
 def test_tokenizer_text_of_text_and_chat_files(tmp_path):
     (tmp_path / "a.txt").write_text("one\n\ntwo")
     (tmp_path / "b.jsonl").write_text(json.dumps({"messages": [
@@ -60,7 +71,8 @@ def test_chat_mask_covers_assistant_tokens_only(chat_data, tokenizer):
     loader = Loader(chat_data, "train", 64, 4, seed=0, rows="windows")
     for k in range(8):  # a target is learned exactly where the mask marks the assistant
         x, y, _ = loader.row(k)
-        _, start, _ = loader.pieces[loader._epoch(0)[k][0]]
+        order, bounds = loader._epoch(0)
+        _, start, _ = loader.pieces[order[bounds[k]]]
         assert torch.equal(x, torch.from_numpy(tokens[start : start + 64].astype(np.int64)))
         assert ((y != -100).numpy() == (mask[start + 1 : start + 65] == 1)).all()
 
@@ -124,7 +136,7 @@ def test_ranks_split_the_global_batch(text_data):
 
 def test_epochs_reshuffle_and_cover_every_row(text_data):
     loader = Loader(text_data, "train", 32, 1, seed=0)
-    epochs = [loader._epoch(e) for e in range(2)]
+    epochs = [[order[a:b].tolist() for a, b in zip(bounds, bounds[1:])] for order, bounds in map(loader._epoch, (0, 1))]
     for rows in epochs:  # each epoch packs every piece exactly once, in at most seq_len tokens a row
         assert sorted(i for row in rows for i in row) == list(range(len(loader.pieces)))
         assert all(loader.pieces[row, 2].sum() <= 32 for row in rows)

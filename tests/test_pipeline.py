@@ -139,7 +139,7 @@ def test_recipe_errors_list_what_is_valid(tmp_path):
 
 def test_builtin_recipes_load_and_say_what_they_are_for():
     recipes = builtin_recipes()
-    assert {"cpu", "smoke", "gpu-small", "gpu-large"} <= set(recipes) and all(recipes.values())
+    assert {"cpu", "smoke", "gpu-small", "gpu-large", "gpu-chat"} <= set(recipes) and all(recipes.values())
     assert recipes["smoke"] == "every stage in seconds on 2 CPU cores"
     for name in recipes:
         assert os.path.basename(load_recipe(name)["path"]) == f"{name}.toml"

@@ -19,6 +19,7 @@ from nanoseek.tasks.arithmetic import Addition, Arithmetic
 from nanoseek.tasks.countdown import Countdown
 from nanoseek.tasks.custom import JsonlTask
 from nanoseek.tasks.equations import LinearEquation
+from nanoseek.tasks.hf import HFTask
 from nanoseek.tasks.smalltalk import smalltalk_turn
 from nanoseek.tasks.sorting import SortNumbers
 from nanoseek.tasks.task import (  # noqa: F401  what a task file of your own imports from nanoseek.tasks
@@ -42,10 +43,13 @@ def builtin_tasks():
 
 
 def get_task(spec: str, checker: str = "exact"):
-    """A built-in task by name, a JSONL file of question/answer pairs, or path/to/file.py:ClassName."""
+    """A built-in task by name, a JSONL file of question/answer pairs, hf:DATASET[:CONFIG] (a Hugging Face dataset
+    with question/answer columns, as GSM8K) or path/to/file.py:ClassName."""
     tasks = builtin_tasks()
     if spec in tasks:
         return tasks[spec]
+    if spec.startswith("hf:"):
+        return HFTask(spec)
     if spec.endswith(".jsonl"):
         return JsonlTask(spec, checker)
     if ".py:" in spec:
@@ -64,7 +68,8 @@ def get_task(spec: str, checker: str = "exact"):
         if not hasattr(task, "difficulties"):
             task.difficulties = range(1, 2)
         return task
-    raise ValueError(f"unknown task {spec!r}: use one of {sorted(tasks)}, a .jsonl file or file.py:ClassName")
+    raise ValueError(f"unknown task {spec!r}: use one of {sorted(tasks)}, a .jsonl file, hf:DATASET[:CONFIG] or "
+                     "file.py:ClassName")
 
 
 def task_documents(spec, n, kind="chat", seed=0, difficulty=None, checker="exact"):
