@@ -14,6 +14,7 @@ import torch
 
 from nanoseek.hardware import GPUS, gpu_named, matmul_peak_flops
 from nanoseek.model import DeepSeekV3, MoE, config_for_size, flops_per_token, kv_bytes_per_token, logit_chunk, round_up
+from nanoseek.train import micro_steps
 
 MFU = 0.4  # the share of the peak a step is assumed to reach when the plan times it
 # Bytes per activation element counted below, by compute dtype: under bf16 autocast the residual stream and the
@@ -140,7 +141,7 @@ def training_stage(stage, o, model, cfg, dev):
     params, mtp, matrices = parameter_split(model)
     trained = params - (mtp if o["mtp_weight"] == 0 else 0)
     shards = dev.gpus if o["fsdp"] else 1
-    rows = o["device_batch"] or o["batch"] // dev.gpus
+    rows = o["batch"] // dev.gpus // micro_steps(o["batch"], o["device_batch"], dev.gpus)  # what a forward holds
     seq = o["seq"]
     block = block_activations(cfg, seq, dev.attention_matrix, cfg.num_hidden_layers) * rows * seq * dev.dtype_bytes
     casts = 2 * params if dev.dtype_bytes == 2 else 0  # autocast's bf16 copies of the weights, kept for the step
@@ -163,7 +164,7 @@ def grpo_stage(o, model, cfg, dev, stage="rl"):
     trained = params - mtp  # GRPO freezes the MTP modules
     per_rank = max(1, o["prompts"] // dev.gpus) * o["group"]
     length = PROMPT_TOKENS + o["max_new_tokens"]
-    rows = o["micro_batch"] or per_rank
+    rows = min(o["micro_batch"] or per_rank, per_rank)
     reference = 4 * params if o["beta"] > 0 else 0
     block = block_activations(cfg, length, dev.attention_matrix, cfg.num_hidden_layers) * rows * length
     memory = {
@@ -245,7 +246,7 @@ def gib(n):
 
 def duration(seconds):
     if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
+        return f"{seconds * 1000:.3g} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

@@ -334,12 +334,12 @@ class Trainer:
 
 
 def micro_steps(batch, device_batch, world):
-    """Forwards per optimizer step on each rank: batch / (device_batch x world), with a message when the
-    numbers do not divide."""
+    """Forwards per optimizer step on each rank: batch / (device_batch x world), one when device_batch is 0 or
+    holds a rank's whole share; a message when the numbers do not divide."""
     if batch % world:
         raise ValueError(f"--batch {batch} must divide over {world} ranks")
     per_rank = batch // world
-    if device_batch <= 0:
+    if device_batch <= 0 or device_batch >= per_rank:
         return 1
     if per_rank % device_batch:
         raise ValueError(f"--batch {batch} over {world} rank(s) is {per_rank} rows per rank, which "

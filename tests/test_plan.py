@@ -50,7 +50,9 @@ def test_activation_count_under_bf16_autocast():
 
 
 def test_gpu_recipes_fit_80_gb():
-    for name, gpus in (("gpu-small", 1), ("gpu-large", 8)):
+    """gpu-small on one H100, gpu-large on eight, gpu-chat on one or eight (its device_batch caps the rows a
+    forward holds, so it serves any number of ranks)."""
+    for name, gpus in (("gpu-small", 1), ("gpu-large", 8), ("gpu-chat", 1), ("gpu-chat", 8)):
         recipe = load_recipe(name)
         rows = plan(recipe, device_for("H100", gpus))
         assert [r["stage"] for r in rows] == recipe["run"]["stages"]
