@@ -58,8 +58,9 @@ def pretrain_case(ckpt, device_batch, rows, length, out):
     o = options_from({"init": ckpt, "data": data, "out": out + "_run", "batch": rows, "seq": length,
                       "device_batch": device_batch, "device": "cpu", "progress": False}, DEFAULTS, "training")
     trainer = Trainer(o, "pretrain")
+    batches = trainer.next_batches()
     before = rss()
-    trainer.train_step()
+    trainer.train_step(batches)
     trainer.opt.step()
     return peak_rss() - before, trainer.model
 

@@ -171,6 +171,7 @@ class Trainer:
                              world=self.world, rows=o.rows)
         if point:
             self._restore(point)
+        self.trained_position = self.loader.state()  # the rows trained on so far: what a checkpoint saves
 
     def _wrap(self, model):
         net = model
@@ -208,7 +209,7 @@ class Trainer:
         if not self.rank0:
             return
         meta = {"tokens_seen": self.tokens_seen, "metrics": metrics or {}, "params_total": self.params[0],
-                "params_active": self.params[1], "trainer": {"loader": self.loader.state()}}
+                "params_active": self.params[1], "trainer": {"loader": self.trained_position}}
         state = {
             "optimizer.safetensors": opt_state,
             "rng.safetensors": {"torch": torch.get_rng_state()},
@@ -261,12 +262,16 @@ class Trainer:
         peak, source = peak_flops(self.device, self.dtype)
         run.say(f"MFU against the {source}: {peak / 1e12:.1f} TFLOP/s")
         bad_in_row, last = 0, {}
+        upcoming = self.next_batches() if self.start_step < o.steps else None
         for step in range(self.start_step, o.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, o)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            sums, grad_norm, loads = self.train_step()
+            sums, grad_norm, loads = self.train_step(upcoming)
+            self.trained_position = self.loader.state()
+            if step + 1 < o.steps:  # the next step's rows, made on the host while a GPU works through this one
+                upcoming = self.next_batches()
             if not (math.isfinite(float(sums[0])) and math.isfinite(float(grad_norm))):
                 self.opt.zero_grad(set_to_none=True)
                 bad_in_row += 1
@@ -300,15 +305,19 @@ class Trainer:
             run.end_step(step + 1, last, self.save)
         return last
 
-    def train_step(self):
-        """Forward and backward over this step's batch, device_batch rows at a time, gradients summed so that
-        they are the whole batch's mean; -> (loss, main loss, MTP losses) summed over ranks, the clipped
-        gradient norm and the tokens routed to each expert (MoE layer, expert), summed over ranks."""
+    def next_batches(self):
+        """The next step's micro-batches of this rank, (x, y, document ids) each, on their way to the device."""
+        return [self._to_device(*self.loader.next_batch()) for _ in range(self.accum)]
+
+    def train_step(self, batches):
+        """Forward and backward over a step's micro-batches (next_batches), gradients summed so that they are
+        the whole batch's mean; -> (loss, main loss, MTP losses) summed over ranks, the clipped gradient norm
+        and the tokens routed to each expert (MoE layer, expert), summed over ranks. Nothing here waits on the
+        device."""
         o = self.o
         moes = self.model.moe_layers()
         sums = torch.zeros(2 + len(self.model.mtp), device=self.device)  # loss, main loss, MTP loss per depth
         loads = torch.zeros(len(moes), moes[0].n_experts if moes else 0, device=self.device)
-        batches = [self._to_device(*self.loader.next_batch()) for _ in range(self.accum)]
         depths = len(self.model.mtp) if o.mtp_weight > 0 else 0
         counts = [target_counts(y, docs, depths) for _, y, docs in batches]
         total = all_reduce(sum(counts)).clamp(min=1)  # targets of each loss over every rank and micro-step
