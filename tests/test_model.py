@@ -229,8 +229,8 @@ def test_loss_in_chunks_equals_the_whole(monkeypatch):
         model.zero_grad()
         loss, main, mtp = model(x, targets=y, mtp_weight=0.3, document_ids=docs)
         loss.backward()
-        results.append(([float(main), *map(float, mtp)], [p.grad.clone() for p in model.parameters()
-                                                           if p.grad is not None]))
+        losses = [float(v.detach()) for v in (main, *mtp)]
+        results.append((losses, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     (losses, grads), (losses_chunked, grads_chunked) = results
     assert losses_chunked == pytest.approx(losses, rel=1e-5) and len(losses) == 2
     for a, b in zip(grads_chunked, grads):
