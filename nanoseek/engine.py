@@ -82,6 +82,8 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # generated
     logprobs: list[float] = field(default_factory=list)
     text: str = ""  # decoded generated text, cut at a stop string
+    decoded: int = 0  # tokens whose text is final, decoded_text (the others may end inside a UTF-8 character)
+    decoded_text: str = ""
     sent: int = 0  # characters of text already streamed
     finish_reason: str | None = None  # "stop", "length", "repetition" or "abort"
     generator: torch.Generator | None = None
@@ -387,12 +389,13 @@ class Engine:
         token = new_tokens[-1]
         if token in self.stop_ids:
             s.finish_reason = "stop"
-            visible = s.tokens[:-1]
+            visible = len(s.tokens) - 1
         else:
-            visible = s.tokens
-        text = self.tokenizer.decode(visible) if self.tokenizer is not None else ""
+            visible = len(s.tokens)
+        checked = len(s.text)  # text before this is free of stop strings
+        text = self._text(s, visible)
         for stop in s.params.stop:
-            cut = text.find(stop)
+            cut = text.find(stop, max(0, checked - len(stop) + 1))
             if cut != -1:
                 text, s.finish_reason = text[:cut], "stop"
         if s.finish_reason is None and s.repeats is not None and any([s.repeats.add(t) for t in new_tokens]):
@@ -407,6 +410,17 @@ class Engine:
             self.running.pop(s.id, None)
             self.free.append(s.slot)
         return Event(s, new_tokens, delta, finished)
+
+    def _text(self, s: Sequence, visible: int) -> str:
+        """The text of s.tokens[:visible], decoding only the tokens since the last finished character (a
+        byte-level token may end inside one), never the whole text again."""
+        if self.tokenizer is None:
+            return ""
+        tail = self.tokenizer.decode(s.tokens[s.decoded : visible])
+        if tail.endswith("\ufffd"):  # an unfinished character: its bytes are decoded again with the next token
+            return s.decoded_text + tail
+        s.decoded_text, s.decoded = s.decoded_text + tail, visible
+        return s.decoded_text
 
     # ------------------------------------------------------------------------- whole requests
 
@@ -483,7 +497,7 @@ def _safe_prefix(text, stops):
         end -= 1
     for stop in stops:
         for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
+            if text.endswith(stop[:k], 0, end):
                 end -= k
                 break
     return end

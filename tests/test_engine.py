@@ -380,3 +380,22 @@ def test_the_engine_owns_its_compute_dtype(peaky):
     fp32_engine, fp32 = logprobs("float32")
     assert fp32_engine.cache.latent[0].dtype == torch.float32 and fp32 != bf16
     assert Engine(model, tok, max_batch=1).compute.dtype == torch.float32  # auto on a CPU
+
+
+def test_text_is_decoded_incrementally_and_equals_the_whole(peaky, tokenizer, monkeypatch):
+    """Sampled text (random bytes included, so characters split across tokens) equals decoding all the tokens
+    at once; and a long generation decodes a bounded number of tokens per step, at its end as at its start."""
+    model, tok, _ = peaky
+    params = [SamplingParams(max_tokens=96, temperature=1.5, seed=i) for i in range(8)]
+    seqs = Engine(model, tok, max_batch=8, speculative=False).generate([PROMPTS[i % 3] for i in range(8)], params)
+    for s in seqs:
+        visible = s.tokens[:-1] if s.finish_reason == "stop" else s.tokens
+        assert s.text == tok.decode(visible)
+    assert any(tok.decode([t]).endswith("\ufffd") for s in seqs for t in s.tokens)  # split characters were met
+    decoded = []
+    original = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or original(ids, **kw))
+    long = Engine(looping_model(tokenizer), tokenizer, speculative=False, max_len=2048)
+    s = long.generate([PROMPTS[0]], SamplingParams(max_tokens=1500, temperature=0))[0]
+    assert len(s.tokens) == 1500 and s.text == original(s.tokens)
+    assert max(decoded) <= 4 and len(decoded) == 1500  # one short decode per token, never the whole text
