@@ -93,10 +93,10 @@ def estimate(case, ckpt, micro, rows, length):
     if case == "grpo":
         o = {**RL, "prompts": rows // 8, "group": 8, "micro_batch": micro,
              "max_new_tokens": length - plan.PROMPT_TOKENS}
-        row = plan.grpo_stage(o, model, model.config, dev)
+        row = plan.grpo_stage(o, model, dev)
     else:
         o = {**TRAIN, "batch": rows, "seq": length, "device_batch": micro}
-        row = plan.training_stage("pretrain", o, model, model.config, dev)
+        row = plan.training_stage("pretrain", o, model, dev)
     return row["peak"] - row["cache"] - 4 * plan.parameter_split(model)[0]
 
 

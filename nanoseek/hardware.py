@@ -1,6 +1,7 @@
 """What a device can do: datasheet peaks of common GPUs and the measured peak of this machine (MFU's
 denominator, and `nanoseek plan`'s)."""
 
+import functools
 import time
 
 import torch
@@ -36,6 +37,7 @@ def peak_flops(device="cpu", dtype=torch.float32):
     return matmul_peak_flops(device, dtype), "measured matmul peak"
 
 
+@functools.cache  # once a process: `nanoseek run` asks before it starts (the plan) and at every training stage
 def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10):
     """Measured peak of this machine: best FLOP/s of an n x n matmul."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)

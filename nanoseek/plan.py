@@ -12,8 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.hardware import GPUS, gpu_named, matmul_peak_flops
-from nanoseek.model import DeepSeekV3, MoE, config_for_size, flops_per_token, kv_bytes_per_token, logit_chunk, round_up
+from nanoseek.hardware import GPUS, gpu_named, peak_flops
+from nanoseek.model import (
+    DeepSeekV3,
+    config_for_size,
+    flops_per_token,
+    kv_bytes_per_token,
+    logit_chunk,
+    param_counts,
+    round_up,
+)
+from nanoseek.optim import build_optimizer
 from nanoseek.train import micro_steps
 
 MFU = 0.4  # the share of the peak a step is assumed to reach when the plan times it
@@ -49,11 +58,10 @@ def device_for(gpu=None, gpus=1, dtype="auto", device=""):
         return Device(name, peak, memory, gpus, 4 if dtype == "float32" else 2, False)
     if torch.cuda.is_available() and device != "cpu":
         name = gpu_named(torch.cuda.get_device_name()) or torch.cuda.get_device_name()
-        peak = GPUS[name][0] if name in GPUS else matmul_peak_flops("cuda", torch.bfloat16)
         memory = torch.cuda.get_device_properties(0).total_memory
-        return Device(name, peak, memory, gpus, 4 if dtype == "float32" else 2, False)
+        return Device(name, peak_flops("cuda", torch.bfloat16)[0], memory, gpus, 4 if dtype == "float32" else 2, False)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / gpus
-    return Device("cpu", matmul_peak_flops("cpu", torch.float32), memory, gpus, 4, True)
+    return Device("cpu", peak_flops("cpu", torch.float32)[0], memory, gpus, 4, True)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -109,24 +117,19 @@ def logits_bytes(cfg, tokens, dtype_bytes):
 
 
 def model_for(recipe):
-    """The recipe's model (on the meta device: shapes, no memory), its config and (total, MTP, Muon-trained)
-    parameter counts."""
+    """The recipe's model on the meta device: shapes, no memory."""
     o = recipe["pretrain"]
     cfg = config_for_size(o["size"], vocab_size=round_up(recipe["data"]["vocab_size"], 64))
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, recipe["pretrain"]["seq"], recipe["sft"]["seq"])
     with torch.device("meta"):
-        model = DeepSeekV3(cfg)
-    return model, cfg
+        return DeepSeekV3(cfg)
 
 
 def parameter_split(model):
-    """(total, MTP, in 2-D hidden matrices: what Muon trains) parameters."""
-    total = sum(p.numel() for p in model.parameters())
-    mtp = sum(p.numel() for p in model.mtp.parameters())
-    adamw_only = {id(model.model.embed_tokens.weight), id(model.lm_head.weight)}
-    adamw_only |= {id(m.gate.weight) for m in model.modules() if isinstance(m, MoE)}
-    matrices = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in adamw_only)
-    return total, mtp, matrices
+    """(total, MTP, what Muon trains: the hidden matrices, as optim.build_optimizer groups them) parameters."""
+    muon = build_optimizer(model, "muon", 1.0, 0.0, (0.9, 0.95)).param_groups
+    matrices = sum(p.numel() for group in muon if group.get("muon") for p in group["params"])
+    return param_counts(model)[0], sum(p.numel() for p in model.mtp.parameters()), matrices
 
 
 def state_bytes(params, trained, muon_params, optimizer):
@@ -136,8 +139,9 @@ def state_bytes(params, trained, muon_params, optimizer):
     return 4 * params + 4 * trained + 4 * muon + 8 * (trained - muon)
 
 
-def training_stage(stage, o, model, cfg, dev):
+def training_stage(stage, o, model, dev):
     """One pretrain or SFT stage's row of the plan."""
+    cfg = model.config
     params, mtp, matrices = parameter_split(model)
     trained = params - (mtp if o["mtp_weight"] == 0 else 0)
     shards = dev.gpus if o["fsdp"] else 1
@@ -152,14 +156,14 @@ def training_stage(stage, o, model, cfg, dev):
         "logits": logits_bytes(cfg, rows * seq, dev.dtype_bytes),
         "cache": 0,
     }
-    active = param_active(model, cfg)
-    flops = flops_per_token(cfg, active, seq) * o["batch"] * seq
-    return stage_row(stage, f"device_batch {rows}", memory, o["batch"] * seq, flops, o["steps"], dev)
+    flops = flops_per_token(cfg, param_counts(model)[1], seq) * o["batch"] * seq
+    return stage_row(stage, "device_batch", rows, memory, o["batch"] * seq, flops, o["steps"], dev)
 
 
-def grpo_stage(o, model, cfg, dev, stage="rl"):
+def grpo_stage(o, model, dev, stage="rl"):
     """The GRPO stage's row: the policy (and reference), the rollouts' latent cache and the update's
     micro-batch."""
+    cfg = model.config
     params, mtp, matrices = parameter_split(model)
     trained = params - mtp  # GRPO freezes the MTP modules
     per_rank = max(1, o["prompts"] // dev.gpus) * o["group"]
@@ -176,38 +180,31 @@ def grpo_stage(o, model, cfg, dev, stage="rl"):
     }
     tokens = o["prompts"] * o["group"] * length
     passes = 2 + 6 * o["mu"] + (2 if o["mu"] > 1 else 0) + (2 if o["beta"] > 0 else 0)  # rollout, update, old, ref
-    flops = passes * param_active(model, cfg) * tokens
-    return stage_row(stage, f"micro_batch {rows}", memory, tokens, flops, o["steps"], dev)
+    flops = passes * param_counts(model)[1] * tokens
+    return stage_row(stage, "micro_batch", rows, memory, tokens, flops, o["steps"], dev)
 
 
-def param_active(model, cfg):
-    """Weights a token passes through (k of the routed experts), MTP excluded: model.param_counts on shapes."""
-    total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.mtp.parameters())
-    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
-    idle = cfg.n_routed_experts - cfg.num_experts_per_tok
-    return total - n_moe * idle * 3 * cfg.hidden_size * cfg.moe_intermediate_size
-
-
-def stage_row(stage, micro, memory, tokens, flops, steps, dev):
+def stage_row(stage, key, rows, memory, tokens, flops, steps, dev):
+    """A row of the plan; key and rows: the option that sets a forward's rows per rank, and their number."""
     seconds = flops / (MFU * dev.peak * dev.gpus)
-    return {"stage": stage, "micro": micro, **memory, "peak": sum(memory.values()), "tokens": tokens,
+    return {"stage": stage, "key": key, "rows": rows, **memory, "peak": sum(memory.values()), "tokens": tokens,
             "flops": flops, "step_seconds": seconds, "stage_seconds": seconds * steps}
 
 
-def plan(recipe, dev):
-    """Rows of the plan, one per training stage of the recipe."""
-    model, cfg = model_for(recipe)
+def plan(recipe, dev, model=None):
+    """Rows of the plan, one per training stage of the recipe; model: model_for(recipe), made once."""
+    model = model or model_for(recipe)
     rows = []
     for stage in recipe["run"]["stages"]:
         o = recipe[stage]
         if stage in ("pretrain", "sft"):
-            rows.append(training_stage(stage, o, model, cfg, dev))
+            rows.append(training_stage(stage, o, model, dev))
         elif stage == "rl":
-            rows.append(grpo_stage(o, model, cfg, dev))
+            rows.append(grpo_stage(o, model, dev))
     return rows
 
 
-def misfit(recipe, rows, dev):
+def misfit(recipe, rows, dev, model):
     """None when every stage fits in 95% of a rank's memory, else what does not and the fix."""
     limit = 0.95 * dev.memory
     for row in rows:
@@ -219,12 +216,11 @@ def misfit(recipe, rows, dev):
         if row["state"] > limit and stage in ("pretrain", "sft") and not o["fsdp"] and dev.gpus > 1:
             fix = f"[{stage}] fsdp = true (weights, gradients and optimizer state sharded over {dev.gpus} ranks)"
         elif row["state"] < limit:
-            key = "micro_batch" if stage == "rl" else "device_batch"
-            current = int(row["micro"].split()[-1])
+            key, current = row["key"], row["rows"]
             smaller = [current >> i for i in range(1, current.bit_length())]  # halvings; a rank's rows must divide
             if key == "device_batch":
                 smaller = [n for n in range(current - 1, 0, -1) if current % n == 0]
-            fitting = next((n for n in smaller if fits_with(recipe, stage, key, n, dev, limit)), None)
+            fitting = next((n for n in smaller if fits_with(recipe, stage, key, n, dev, limit, model)), None)
             if fitting:
                 fix = f"[{stage}] {key} = {fitting}"
         return (f"{stage} needs {gib(row['peak'])} per rank, more than the {gib(dev.memory)} of {dev.name}: "
@@ -232,9 +228,9 @@ def misfit(recipe, rows, dev):
     return None
 
 
-def fits_with(recipe, stage, key, value, dev, limit):
+def fits_with(recipe, stage, key, value, dev, limit, model):
     changed = {**recipe, stage: {**recipe[stage], key: value}}
-    return all(r["peak"] <= limit for r in plan(changed, dev) if r["stage"] == stage)
+    return all(r["peak"] <= limit for r in plan(changed, dev, model) if r["stage"] == stage)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -252,19 +248,19 @@ def duration(seconds):
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def table(recipe, rows, dev):
-    model, cfg = model_for(recipe)
-    params, mtp, _ = parameter_split(model)
+def table(recipe, rows, dev, model):
+    cfg = model.config
+    (params, active), mtp = param_counts(model), sum(p.numel() for p in model.mtp.parameters())
     lines = [f"plan for {recipe['path']} on {dev.gpus} x {dev.name} ({gib(dev.memory)} and "
              f"{dev.peak / 1e12:.3g} TFLOP/s each; times at {MFU:.0%} of that)",
-             f"model: {params:,} parameters ({mtp:,} in MTP), {param_active(model, cfg):,} active per token, "
+             f"model: {params:,} parameters ({mtp:,} in MTP), {active:,} active per token, "
              f"vocab {cfg.vocab_size:,}",
              "",
              "| stage | micro-batch per rank | weights, grads, optimizer | activations | logits | KV cache "
              "| peak per rank | tokens per step | FLOPs per step | time per step | stage time |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['micro']} | {gib(r['state'])} | {gib(r['activations'])} | "
+        lines.append(f"| {r['stage']} | {r['key']} {r['rows']} | {gib(r['state'])} | {gib(r['activations'])} | "
                      f"{gib(r['logits'])} | {gib(r['cache'])} | {gib(r['peak'])} | {r['tokens']:,} | "
                      f"{r['flops']:.2e} | {duration(r['step_seconds'])} | {duration(r['stage_seconds'])} |")
     total = sum(r["stage_seconds"] for r in rows)
@@ -279,5 +275,6 @@ def plan_recipe(recipe, gpu=None, gpus=1):
     """(the plan's table, None or why it cannot fit and the fix) for a loaded recipe (pipeline.load_recipe) on
     `gpus` x `gpu` (None: this machine's GPU, or its CPU)."""
     dev = device_for(gpu, gpus, recipe["run"]["dtype"], recipe["run"]["device"])
-    rows = plan(recipe, dev)
-    return table(recipe, rows, dev), misfit(recipe, rows, dev)
+    model = model_for(recipe)
+    rows = plan(recipe, dev, model)
+    return table(recipe, rows, dev, model), misfit(recipe, rows, dev, model)
