@@ -50,6 +50,8 @@ class Device:
 def device_for(gpu=None, gpus=1, dtype="auto", device=""):
     """The device a plan is for: a named GPU from hardware.GPUS, this machine's GPU (unless device is "cpu"),
     or this machine's CPU."""
+    if gpus < 1:
+        raise PlanError(f"--gpus {gpus}: a plan is for 1 or more GPUs (ranks)")
     if gpu:
         name = gpu_named(gpu)
         if name is None:

@@ -186,6 +186,8 @@ class GRPO:
             raise ValueError("--init (an SFT checkpoint) and --out are required")
         if o.temperature <= 0:
             raise ValueError(f"--temperature {o.temperature}: GRPO samples its groups, give a temperature above 0")
+        if o.micro_batch < 0:
+            raise ValueError(f"--micro-batch {o.micro_batch}: give rollouts per forward, or 0 for all at once")
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
         self.tasks, self.replay_tasks = task_list(o.task, o.checker), task_list(o.replay, o.checker)

@@ -345,6 +345,8 @@ class Trainer:
 def micro_steps(batch, device_batch, world):
     """Forwards per optimizer step on each rank: batch / (device_batch x world), one when device_batch is 0 or
     holds a rank's whole share; a message when the numbers do not divide."""
+    if device_batch < 0:
+        raise ValueError(f"--device-batch {device_batch}: give rows per forward, or 0 for a rank's whole share")
     if batch % world:
         raise ValueError(f"--batch {batch} must divide over {world} ranks")
     per_rank = batch // world

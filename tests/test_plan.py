@@ -73,6 +73,8 @@ def test_a_stage_that_cannot_fit_is_refused_with_the_fix():
     assert 128 % fix == 0  # a divisor of the rows per rank
     with pytest.raises(PlanError, match="unknown GPU"):
         device_for("Voodoo 3")
+    with pytest.raises(PlanError, match="1 or more GPUs"):
+        device_for("H100", 0)
 
 
 def test_gpu_names_as_drivers_report_them():

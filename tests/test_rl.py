@@ -144,6 +144,8 @@ def test_bad_rl_options(random_policy, tmp_path):
         rl({"init": random_policy, "out": str(tmp_path), "task": "chess", "device": "cpu"})
     with pytest.raises(ValueError, match="temperature above 0"):
         rl({"init": random_policy, "out": str(tmp_path), "temperature": 0, "device": "cpu"})
+    with pytest.raises(ValueError, match="rollouts per forward"):
+        rl({"init": random_policy, "out": str(tmp_path), "micro_batch": -1, "device": "cpu"})
 
 
 def test_logprobs_are_those_of_the_policy_at_the_rollout_temperature(random_policy):

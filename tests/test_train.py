@@ -158,6 +158,8 @@ def test_micro_batch_does_not_change_training(text_data, tmp_path):
         assert [v for row in other for v in row] == pytest.approx([v for row in runs[0] for v in row], rel=1e-3)
     with pytest.raises(ValueError, match="pick a divisor of 8"):
         run(text_data, tmp_path / "bad", steps=1, batch=8, device_batch=3)
+    with pytest.raises(ValueError, match="rows per forward"):
+        run(text_data, tmp_path / "bad", steps=1, batch=8, device_batch=-1)
 
 
 def test_bias_update_lowers_expert_imbalance(text_data, tmp_path):
