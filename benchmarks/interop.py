@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from nanoseek import checkpoint
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import Engine
 from nanoseek.export import export_gguf
 from nanoseek.model import DeepSeekV3, config_for_size, round_up
+from nanoseek.sampling import SamplingParams
 from nanoseek.tokenizer import train_tokenizer
 
 RAW = ["12 + 7 =", "345+678=", "The quick brown fox", "Countdown: reach 24 from 3, 8 and 1.", "What is 99 + 1?"]

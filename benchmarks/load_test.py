@@ -24,8 +24,9 @@ import httpx
 import uvicorn
 
 from nanoseek import checkpoint
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import Engine
 from nanoseek.model import DeepSeekV3, config_for_size
+from nanoseek.sampling import SamplingParams
 from nanoseek.server import create_app, uvicorn_config
 from nanoseek.tokenizer import train_tokenizer
 

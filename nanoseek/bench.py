@@ -238,7 +238,8 @@ def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=1
     if peer == "llama.cpp" and ckpt is None:
         raise ValueError("bench decode --peer llama.cpp needs --ckpt: a checkpoint with its tokenizer, which the "
                          "GGUF file carries (e.g. runs/cpu/rl/final after make run)")
-    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.engine import Engine
+    from nanoseek.sampling import SamplingParams
 
     compute = policy(device)
     device, dtype = compute.device, compute.dtype  # decoding casts the weights: no float32 master copy to keep

@@ -4,7 +4,9 @@ import sys
 
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
-from nanoseek.engine import COMPILE, COMPILE_NOTE, DEFAULT_REPETITION_STOP, Engine, SamplingParams
+from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine
+from nanoseek.sampling import SamplingParams
+from nanoseek.text import DEFAULT_REPETITION_STOP
 from nanoseek.tokenizer import ThinkingStream
 
 DIM, RESET = "\033[2m", "\033[0m"

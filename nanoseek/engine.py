@@ -18,59 +18,15 @@ import torch.nn.functional as F
 
 from nanoseek.device import policy
 from nanoseek.model import DeepSeekV3
+from nanoseek.sampling import SamplingParams, sample_tokens
+from nanoseek.text import RepetitionStop, TextStream
 
 COMPILE = os.environ.get("NANOSEEK_COMPILE", "1") != "0"  # compile the decode step; NANOSEEK_COMPILE=0: eager
 COMPILE_NOTE = "compiling the decode step (seconds, once; NANOSEEK_COMPILE=0 decodes without)"
-MAX_PERIOD = 32  # longest block (in tokens) the repetition stop looks for
-DEFAULT_REPETITION_STOP = 64  # chat and the server: a block repeated back to back over 64 tokens ends the turn
 
 
 class EngineFull(RuntimeError):
     """Every slot is taken; try again when a sequence finishes."""
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 256  # new tokens at most
-    temperature: float = 1.0  # 0 picks the most likely token
-    top_k: int = 0  # 0: no limit
-    top_p: float = 1.0  # nucleus sampling mass
-    stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one
-    seed: int | None = None  # same seed, same output
-    logprobs: bool = False  # keep each new token's log-probability (temperature 1)
-    # N > 0: finish with "repetition" once the new tokens end in a block of 1 .. MAX_PERIOD tokens repeated
-    # back to back (at least twice) over at least N tokens (RepetitionStop); 0: off (eval and GRPO)
-    repetition_stop: int = 0
-
-    def validate(self):
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise ValueError(f"seed must be in 0 .. 2**64 - 1 (got {self.seed})")
-        if self.repetition_stop < 0:
-            raise ValueError(f"repetition_stop must be >= 0 (0 turns it off; got {self.repetition_stop})")
-
-
-class RepetitionStop:
-    """Says when the tokens fed to it end in a block of n <= MAX_PERIOD tokens repeated back to back, at
-    least twice, over at least `threshold` tokens. Per period n it keeps the run of trailing tokens that equal
-    the token n before them (the block plus that run is periodic), so a token costs MAX_PERIOD comparisons."""
-
-    def __init__(self, threshold):
-        self.threshold = threshold
-        self.recent: list[int] = []  # the last MAX_PERIOD tokens, newest last
-        self.runs = [0] * MAX_PERIOD  # runs[n - 1]: trailing tokens equal to the token n before them
-
-    def add(self, token) -> bool:
-        """Take the next token; True when the tokens now end in such a repetition."""
-        recent = self.recent
-        self.runs = [r + 1 if n <= len(recent) and recent[-n] == token else 0 for n, r in enumerate(self.runs, 1)]
-        recent.append(token)
-        if len(recent) > MAX_PERIOD:
-            del recent[0]
-        return any(r + n >= max(self.threshold, 2 * n) for n, r in enumerate(self.runs, 1))
 
 
 @dataclass
@@ -82,14 +38,10 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # generated
     logprobs: list[float] = field(default_factory=list)
     text: str = ""  # decoded generated text, cut at a stop string
-    decoded: int = 0  # tokens whose text is final, decoded_text (the others may end inside a UTF-8 character)
-    decoded_text: str = ""
-    sent: int = 0  # characters of text already streamed
     finish_reason: str | None = None  # "stop", "length", "repetition" or "abort"
-    generator: torch.Generator | None = None
-    next_logits: torch.Tensor | None = None  # (vocab,) for the next token
-    mtp_states: list = field(default_factory=list)  # main hidden states of positions the MTP cache lacks
+    text_state: TextStream | None = None  # how text is made from tokens
     repeats: RepetitionStop | None = None  # with params.repetition_stop > 0
+    mtp_states: list = field(default_factory=list)  # speculation: main hidden states the MTP cache lacks
 
     @property
     def length(self):  # tokens in the cache
@@ -174,6 +126,27 @@ def decode_step(model, ids, starts, rows, latent, rope):
     return h, model.lm_head(h).float()
 
 
+def draft_forward(model, h, next_ids, starts, rows, latent, rope):
+    """The first MTP module over (B, T) positions at starts (B,) + t: main hidden states h (B, T, D) and the
+    tokens after them (B, T), read from and written into its cache (latent, rope: one layer's tensors) ->
+    its normed hidden states (B, T, D)."""
+    positions = starts[:, None] + torch.arange(h.shape[1], device=h.device)
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    (view,) = layer_views([latent], [rope], rows, starts)
+    return model.mtp[0](h, model.model.embed_tokens(next_ids), cos, sin, None, view)[1]
+
+
+def speculative_step(model, h, next_ids, draft_starts, last, newest, starts, rows, caches, draft_cache):
+    """One self-speculative greedy step in one graph: the MTP module catches up on the positions whose next
+    token is known (h, next_ids: (B, T) from draft_starts), drafts the token after each row's newest from its
+    position `last` (B,), and the main model runs over [newest, draft] (B, 2) at starts. -> drafts (B,),
+    hidden states (B, 2, D) and float logits (B, 2, V); a draft stands where logits[:, 0] agrees with it."""
+    normed = draft_forward(model, h, next_ids, draft_starts, rows, *draft_cache)
+    drafts = model.lm_head(normed[torch.arange(h.shape[0], device=h.device), last]).argmax(-1)
+    hidden, logits = decode_step(model, torch.stack([newest, drafts], 1), starts, rows, *caches)
+    return drafts, hidden, logits
+
+
 def compile_options(device):
     """torch.compile arguments for the decode step (batch and cache length are marked dynamic where the
     engine makes them): on a CPU the generated C++ calls its kernels directly, no Python between them."""
@@ -181,6 +154,8 @@ def compile_options(device):
 
 
 class Engine:
+    """Slots of a latent cache, sequences joining and leaving them, and one compiled forward a step."""
+
     def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=False, compile=None,
                  dtype=None):
         """dtype: the compute dtype, auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32. The
@@ -193,15 +168,16 @@ class Engine:
         self.compute = policy(str(self.device), dtype)
         shape = (max_batch, self.max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.compute.dtype, self.device)
         self.cache = LatentCache(cfg.num_hidden_layers, *shape)
-        self.speculative = speculative and len(model.mtp) > 0
-        self.mtp_cache = LatentCache(1, *shape) if self.speculative else None
+        self.logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)  # each slot's next-token logits
+        self.speculator = None
         self.free = list(range(max_batch - 1, -1, -1))
         self.running: dict[int, Sequence] = {}
         self.ids = itertools.count()
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
-        self.drafted = self.accepted = 0  # speculative decoding counters
         compile = COMPILE if compile is None else compile
         self.decode_step = torch.compile(decode_step, **compile_options(self.device)) if compile else decode_step
+        if speculative and len(model.mtp):
+            self.speculator = Speculator(model, shape, self.compute, self.device if compile else None)
         if compile:
             self.warm_up()
 
@@ -225,7 +201,7 @@ class Engine:
                                  "so shorten it to leave room for an answer")
         taken = len(self.free) - len(prompts)
         slots = self.free[taken:][::-1]  # the slots pop() would give, taken only once the prefill is done
-        seqs = [Sequence(next(self.ids), list(prompt), sp, slot, generator=_generator(sp.seed),
+        seqs = [Sequence(next(self.ids), list(prompt), sp, slot, text_state=TextStream(self.tokenizer, sp.stop),
                          repeats=RepetitionStop(sp.repetition_stop) if sp.repetition_stop else None)
                 for prompt, sp, slot in zip(prompts, params, slots)]
         rows_per_forward = max(1, self.prefill_tokens // max(len(s.prompt) for s in seqs)) if seqs else 1
@@ -252,14 +228,14 @@ class Engine:
                 if start <= len(s.prompt) - 1 < end:
                     h_last[i] = h[i, len(s.prompt) - 1 - start].clone()
             known = min(end, width - 1)  # MTP covers the prompt: position t sees token t + 1
-            if self.speculative and known > start:
-                self._mtp_forward(h[:, : known - start], ids[:, start + 1 : known + 1], rows, starts)
+            if self.speculator and known > start:
+                self.speculator.forward(h[:, : known - start], ids[:, start + 1 : known + 1], rows, starts)
         h_last = torch.stack(h_last)
         with self.compute.autocast():
             logits = self.model.lm_head(h_last).float()
+        self.logits[rows] = logits  # the slots are still free: a failure before here leaves nothing behind
         for i, s in enumerate(seqs):
-            s.next_logits = logits[i]
-            s.mtp_states = [h_last[i]] if self.speculative else []
+            s.mtp_states = [h_last[i]] if self.speculator else []
 
     def abort(self, seq_id):
         """Stop a sequence and free its slot (a client went away)."""
@@ -278,11 +254,16 @@ class Engine:
                 self.generate([[bos]] * n, SamplingParams(max_tokens=3, temperature=0))
         finally:
             self.stop_ids = stops
-        self.drafted = self.accepted = 0
+        if self.speculator:
+            self.speculator.drafted = self.speculator.accepted = 0
 
     @property
     def idle(self):
         return not self.running
+
+    @property
+    def acceptance_rate(self):
+        return self.speculator.acceptance_rate if self.speculator else 0.0
 
     # ------------------------------------------------------------------------- stepping
 
@@ -294,53 +275,52 @@ class Engine:
         go_on = [s for s in seqs if s.finish_reason is None]
         if not go_on:
             return events
-        if self.speculative and all(s.params.temperature < 1e-4 for s in go_on):
-            return _merge(events + self._draft_and_verify(go_on))
+        if self.speculator and all(s.params.greedy for s in go_on):
+            return _merge(events + self.speculator.verify(self, go_on))
         ids = torch.tensor([[s.tokens[-1]] for s in go_on], device=self.device)
-        h, logits = self._forward(ids, self._rows(go_on), self._starts(go_on), self.decode_step)
-        h, logits = h[:, 0], logits[:, 0]
-        for i, s in enumerate(go_on):
-            s.next_logits = logits[i]
-            if self.speculative:
-                s.mtp_states.append(h[i])
+        rows = self._rows(go_on)
+        h, logits = self._forward(ids, rows, self._starts(go_on), self.decode_step)
+        self.logits[rows] = logits[:, 0]
+        if self.speculator:
+            for i, s in enumerate(go_on):
+                s.mtp_states.append(h[i, 0])
         return events
 
-    def _draft_and_verify(self, seqs):
-        """Greedy: draft the token after each sequence's newest one with the MTP module, then verify
-        [newest, draft] in one forward of the main model; keep the draft where the model agrees."""
-        # MTP catches up on the positions whose next token is now known, and drafts from the last one
-        pending = [len(s.mtp_states) for s in seqs]
-        width = max(pending)
-        pad = [width - n for n in pending]  # rows with fewer pending positions repeat their last one
-        h_prev = torch.stack([torch.stack(s.mtp_states + s.mtp_states[-1:] * p) for s, p in zip(seqs, pad)])
-        next_ids = [s.tokens[-n:] + s.tokens[-1:] * p for s, n, p in zip(seqs, pending, pad)]
-        next_ids = torch.tensor(next_ids, device=self.device)
-        starts = [s.length - n for s, n in zip(seqs, pending)]
-        h_mtp = self._mtp_forward(h_prev, next_ids, self._rows(seqs), starts)
-        last = torch.tensor(pending, device=self.device) - 1
-        with self.compute.autocast():
-            drafts = self.model.lm_head(h_mtp[torch.arange(len(seqs)), last]).argmax(-1).tolist()
-        ids = torch.tensor([[s.tokens[-1], d] for s, d in zip(seqs, drafts)], device=self.device)
-        h, logits = self._forward(ids, self._rows(seqs), self._starts(seqs), self.decode_step)  # (B, 2, D), (B, 2, V)
-        agrees = (logits[:, 0].argmax(-1) == torch.tensor(drafts, device=self.device)).tolist()
-        events = []
-        for i, (s, agree) in enumerate(zip(seqs, agrees)):
-            self.drafted += 1
-            s.next_logits, s.mtp_states = logits[i, 0], [h[i, 0]]
-            if agree and self._room(s) > 1:
-                self.accepted += 1
-                events.append(self._emit(s, self._sample([s])))  # greedy: the sample is the draft
-                s.next_logits, s.mtp_states = logits[i, 1], [h[i, 0], h[i, 1]]
-        return events
+    def _sample(self, seqs: list[Sequence]) -> list[int]:
+        """The next token of every sequence, drawn together in one call with one host sync (two with
+        logprobs); a seeded row's draw depends on its seed and token index only."""
+        logits = self.logits[self._rows(seqs)]
+        tokens = sample_tokens(logits, [s.params for s in seqs], [len(s.tokens) for s in seqs])
+        picked = tokens.tolist()
+        wants = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        if wants:
+            logprobs = F.log_softmax(logits[wants], -1).gather(1, tokens[wants, None]).squeeze(1).tolist()
+            for i, lp in zip(wants, logprobs):
+                seqs[i].logprobs.append(lp)
+        for s, token in zip(seqs, picked):
+            s.tokens.append(token)
+        return picked
 
-    @property
-    def acceptance_rate(self):
-        return self.accepted / self.drafted if self.drafted else 0.0
+    def _emit(self, s: Sequence, new_tokens: list[int]) -> Event:
+        """Update the text, apply stop conditions, and return what is new for the client."""
+        if new_tokens[-1] in self.stop_ids:
+            s.finish_reason = "stop"
+        if s.text_state.update(s.tokens, len(s.tokens) - (s.finish_reason == "stop")):
+            s.finish_reason = "stop"
+        s.text = s.text_state.text
+        if s.finish_reason is None and s.repeats is not None and any([s.repeats.add(t) for t in new_tokens]):
+            s.finish_reason = "repetition"  # the text stays as generated
+        if s.finish_reason is None and self._room(s) < 1:
+            s.finish_reason = "length"
+        finished = s.finish_reason is not None
+        if finished:
+            self.running.pop(s.id, None)
+            self.free.append(s.slot)
+        return Event(s, new_tokens, s.text_state.delta(finished), finished)
 
     def _room(self, s):
+        """New tokens s may still take: its max_tokens, and the context (its next token needs a position)."""
         return min(s.params.max_tokens - len(s.tokens), self.max_len - s.length - 1)
-
-    # ------------------------------------------------------------------------- pieces
 
     def _rows(self, seqs):
         return torch.tensor([s.slot for s in seqs], device=self.device)
@@ -357,70 +337,6 @@ class Engine:
             torch._dynamo.maybe_mark_dynamic(t, 0)
         with self.compute.autocast():
             return run(self.model, ids, starts, rows, self.cache.latent, self.cache.rope)
-
-    def _mtp_forward(self, h, next_ids, rows, starts):
-        """MTP module over (B, T) positions: main hidden states h and the embeddings of the tokens after them."""
-        module = self.model.mtp[0]
-        self.mtp_cache.reserve(max(starts) + h.shape[1])
-        starts = torch.tensor(starts, device=self.device)
-        positions = starts[:, None] + torch.arange(h.shape[1], device=self.device)
-        cos, sin = self.model.rope_cos[positions], self.model.rope_sin[positions]
-        emb = self.model.model.embed_tokens(next_ids)
-        with self.compute.autocast():
-            _, normed = module(h, emb, cos, sin, None, self.mtp_cache.views(rows, starts)[0])
-        return normed
-
-    def _sample(self, seqs: list[Sequence]) -> list[int]:
-        """The next token of every sequence, drawn together with one host sync (two with logprobs)."""
-        logits = torch.stack([s.next_logits for s in seqs])
-        tokens = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        picked = tokens.tolist()
-        wants = [i for i, s in enumerate(seqs) if s.params.logprobs]
-        if wants:
-            logprobs = F.log_softmax(logits[wants], -1).gather(1, tokens[wants, None]).squeeze(1).tolist()
-            for i, lp in zip(wants, logprobs):
-                seqs[i].logprobs.append(lp)
-        for s, token in zip(seqs, picked):
-            s.tokens.append(token)
-        return picked
-
-    def _emit(self, s: Sequence, new_tokens: list[int]) -> Event:
-        """Update the text, apply stop conditions, and return what is new for the client."""
-        token = new_tokens[-1]
-        if token in self.stop_ids:
-            s.finish_reason = "stop"
-            visible = len(s.tokens) - 1
-        else:
-            visible = len(s.tokens)
-        checked = len(s.text)  # text before this is free of stop strings
-        text = self._text(s, visible)
-        for stop in s.params.stop:
-            cut = text.find(stop, max(0, checked - len(stop) + 1))
-            if cut != -1:
-                text, s.finish_reason = text[:cut], "stop"
-        if s.finish_reason is None and s.repeats is not None and any([s.repeats.add(t) for t in new_tokens]):
-            s.finish_reason = "repetition"  # the text stays as generated
-        if s.finish_reason is None and (len(s.tokens) >= s.params.max_tokens or s.length + 1 >= self.max_len):
-            s.finish_reason = "length"
-        s.text = text
-        finished = s.finish_reason is not None
-        safe = len(text) if finished else _safe_prefix(text, s.params.stop)
-        delta, s.sent = text[s.sent : safe], max(s.sent, safe)
-        if finished:
-            self.running.pop(s.id, None)
-            self.free.append(s.slot)
-        return Event(s, new_tokens, delta, finished)
-
-    def _text(self, s: Sequence, visible: int) -> str:
-        """The text of s.tokens[:visible], decoding only the tokens since the last finished character (a
-        byte-level token may end inside one), never the whole text again."""
-        if self.tokenizer is None:
-            return ""
-        tail = self.tokenizer.decode(s.tokens[s.decoded : visible])
-        if tail.endswith("\ufffd"):  # an unfinished character: its bytes are decoded again with the next token
-            return s.decoded_text + tail
-        s.decoded_text, s.decoded = s.decoded_text + tail, visible
-        return s.decoded_text
 
     # ------------------------------------------------------------------------- whole requests
 
@@ -449,58 +365,66 @@ class Engine:
                     yield e
 
 
-def sample_tokens(logits, params, generators):
-    """Next tokens (B,) from logits (B, V) on the device: the most likely where temperature < 1e-4, else
-    a draw after temperature, top-k and top-p, by the exponential race (argmax of p / E with E ~ Exp(1)
-    is a draw from p). A seeded row takes its noise from its own CPU generator: the same draws alone,
-    in any batch and on any device."""
-    if all(sp.temperature < 1e-4 for sp in params):
-        return logits.argmax(-1)
-    greedy = torch.tensor([sp.temperature < 1e-4 for sp in params], device=logits.device)
-    temperature = torch.tensor([max(sp.temperature, 1e-4) for sp in params], device=logits.device)
-    scaled = logits / temperature[:, None]
-    if any(sp.top_k or sp.top_p < 1.0 for sp in params):
-        scaled = _top_k_top_p(scaled, params)
-    noise = torch.empty_like(scaled).exponential_()
-    seeded = [i for i, g in enumerate(generators) if g is not None]
-    if seeded:
-        draws = torch.stack([torch.empty(logits.shape[1]).exponential_(generator=generators[i]) for i in seeded])
-        noise[seeded] = draws.to(logits.device, non_blocking=True)
-    drawn = (scaled.softmax(-1) / noise).argmax(-1)
-    return torch.where(greedy, logits.argmax(-1), drawn)
+class Speculator:
+    """Self-speculative decoding with the first MTP module, for greedy steps: it drafts the token after each
+    sequence's newest one, and one forward of the main model over [newest, draft] verifies it, so the output
+    is exactly plain greedy decoding's. Draft and verification run as one graph (speculative_step), compiled
+    when the engine's decode step is; the MTP module keeps its own latent cache, with the engine's slots."""
 
+    def __init__(self, model, cache_shape, compute, compile_for=None):
+        """compile_for: the device to compile the step for (None: eager)."""
+        self.model, self.compute = model, compute
+        self.cache = LatentCache(1, *cache_shape)
+        self.step = speculative_step if compile_for is None else \
+            torch.compile(speculative_step, **compile_options(compile_for))
+        self.drafted = self.accepted = 0
 
-def _top_k_top_p(scaled, params):
-    """scaled (B, V) with -inf outside each row's top_k (0: all) and then its nucleus of mass top_p; the most
-    likely token always stays."""
-    V = scaled.shape[1]
-    top_k = torch.tensor([min(sp.top_k or V, V) for sp in params], device=scaled.device)
-    top_p = torch.tensor([sp.top_p for sp in params], device=scaled.device, dtype=scaled.dtype)
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    kth = sorted_logits.gather(1, top_k[:, None] - 1)
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-    probs = sorted_logits.softmax(-1)
-    drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]  # keep the smallest set
-    drop[:, 0] = False  # reaching top_p, and always the most likely token, however small top_p is
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return scaled.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    @property
+    def acceptance_rate(self):
+        return self.accepted / self.drafted if self.drafted else 0.0
 
+    def forward(self, h, next_ids, rows, starts):
+        """The MTP module over a prefill's (B, T) positions: main hidden states h and the tokens after them."""
+        self.cache.reserve(max(starts) + h.shape[1])
+        starts = torch.tensor(starts, device=h.device)
+        with self.compute.autocast():
+            draft_forward(self.model, h, next_ids, starts, rows, self.cache.latent[0], self.cache.rope[0])
 
-def _generator(seed):
-    return None if seed is None else torch.Generator().manual_seed(seed)
-
-
-def _safe_prefix(text, stops):
-    """Characters that can be sent now: hold back an unfinished UTF-8 character or a possible stop prefix."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text.endswith(stop[:k], 0, end):
-                end -= k
-                break
-    return end
+    def verify(self, engine, seqs):
+        """One speculative step of the engine's greedy sequences -> the events of the drafts it accepted."""
+        device = engine.device
+        pending = [len(s.mtp_states) for s in seqs]  # positions whose next token is known, not yet in MTP's cache
+        width = max(pending)
+        pad = [width - n for n in pending]  # rows with fewer pending positions repeat their last one
+        h_prev = torch.stack([torch.stack(s.mtp_states + s.mtp_states[-1:] * p) for s, p in zip(seqs, pad)])
+        next_ids = torch.tensor([s.tokens[-n:] + s.tokens[-1:] * p for s, n, p in zip(seqs, pending, pad)],
+                                device=device)
+        draft_starts = [s.length - n for s, n in zip(seqs, pending)]
+        starts = engine._starts(seqs)
+        self.cache.reserve(max(draft_starts) + width)
+        engine.cache.reserve(max(starts) + 2)
+        rows = engine._rows(seqs)
+        tensors = (h_prev, next_ids, torch.tensor(draft_starts, device=device),
+                   torch.tensor(pending, device=device) - 1, torch.tensor([s.tokens[-1] for s in seqs], device=device),
+                   torch.tensor(starts, device=device), rows)
+        for t in tensors:  # any batch size: one graph for 1 sequence, one for more
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        with self.compute.autocast():
+            drafts, h, logits = self.step(self.model, *tensors, (engine.cache.latent, engine.cache.rope),
+                                          (self.cache.latent[0], self.cache.rope[0]))
+        engine.logits[rows] = logits[:, 0]
+        agrees = (logits[:, 0].argmax(-1) == drafts).tolist()  # the step's one host sync
+        accepted = [i for i, (s, agree) in enumerate(zip(seqs, agrees)) if agree and engine._room(s) > 1]
+        self.drafted += len(seqs)
+        self.accepted += len(accepted)
+        for i, s in enumerate(seqs):
+            s.mtp_states = [h[i, 0], h[i, 1]] if i in accepted else [h[i, 0]]
+        if not accepted:
+            return []
+        mine = [seqs[i] for i in accepted]
+        events = [engine._emit(s, [t]) for s, t in zip(mine, engine._sample(mine))]  # greedy: the drafts
+        engine.logits[rows[accepted]] = logits[accepted, 1]
+        return events
 
 
 def _merge(events):

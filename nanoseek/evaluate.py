@@ -17,9 +17,11 @@ from math import comb
 
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
-from nanoseek.engine import DEFAULT_REPETITION_STOP, Engine, SamplingParams
+from nanoseek.engine import Engine
+from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import as_chat, get_task
 from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS
+from nanoseek.text import DEFAULT_REPETITION_STOP
 
 OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default, meaning)
     "task": (["countdown"], "tasks (built-in names, .jsonl, file.py:Class)"),

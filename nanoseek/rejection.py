@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from nanoseek import checkpoint, data
 from nanoseek.device import barrier, from_rank0, policy, start_ranks
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import Engine
 from nanoseek.loop import options_from
 from nanoseek.rl import task_list
+from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import Problem, as_chat, parse_completion, smalltalk_chats, task_documents, with_history
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import train

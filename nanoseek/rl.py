@@ -20,11 +20,12 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from nanoseek import checkpoint
 from nanoseek.device import all_reduce, any_rank, policy, start_ranks
-from nanoseek.engine import Engine, SamplingParams, Sequence
+from nanoseek.engine import Engine, Sequence
 from nanoseek.evaluate import evaluate_model, test_problems
 from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.model import logit_chunk
 from nanoseek.optim import build_optimizer
+from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import Reward, as_chat, get_task
 from nanoseek.train import optimizer_tensors, restore_optimizer
 

@@ -34,7 +34,9 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nanoseek.engine import COMPILE, COMPILE_NOTE, DEFAULT_REPETITION_STOP, MAX_PERIOD, Engine, SamplingParams
+from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine
+from nanoseek.sampling import SamplingParams
+from nanoseek.text import DEFAULT_REPETITION_STOP, MAX_PERIOD
 from nanoseek.tokenizer import ThinkingStream, split_thinking
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")

@@ -5,7 +5,8 @@ import io
 import nanoseek
 from nanoseek import checkpoint
 from nanoseek.chat import HELP, REPEATING, chat
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import Engine
+from nanoseek.sampling import SamplingParams
 from nanoseek.tokenizer import split_thinking
 
 

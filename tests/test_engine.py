@@ -9,8 +9,10 @@ from transformers.utils import logging as hf_logging
 import nanoseek
 from nanoseek import checkpoint
 from nanoseek import engine as engine_module
-from nanoseek.engine import Engine, EngineFull, RepetitionStop, SamplingParams, sample_tokens
+from nanoseek.engine import Engine, EngineFull
 from nanoseek.model import DeepSeekV3, config_for_size
+from nanoseek.sampling import SamplingParams, sample_tokens
+from nanoseek.text import RepetitionStop
 from nanoseek.train import train
 
 hf_logging.set_verbosity_error()
@@ -195,7 +197,21 @@ def test_mtp_speculative_decoding_is_exact_and_accepts(trained):
     fast = Engine(model, tok, speculative=True)
     drafted = fast.generate(prompts, params)
     assert [s.tokens for s in drafted] == [s.tokens for s in plain]
-    assert fast.drafted > 0 and fast.acceptance_rate > 0.3
+    assert fast.speculator.drafted > 0 and fast.acceptance_rate > 0.3
+
+
+def test_compiled_speculative_step_is_exact_without_graph_breaks(trained):
+    """Draft and verification compiled as one graph decode exactly what plain greedy decoding does, alone
+    and in a batch, with nothing falling back to Python."""
+    model, tok = trained
+    prompts = [[tok.bos_id] + tok.encode(t) for t in ("12 + 34 =", "7 + 5", "99 + 1 = 100.")]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    plain = [s.tokens for s in Engine(model, tok, speculative=False).generate(prompts, params)]
+    torch._dynamo.utils.counters.clear()
+    fast = Engine(model, tok, max_batch=4, speculative=True, compile=True)
+    assert [s.tokens for s in fast.generate(prompts, params)] == plain
+    assert [fast.generate([p], params)[0].tokens for p in prompts] == plain
+    assert not torch._dynamo.utils.counters["graph_break"] and fast.acceptance_rate > 0.3
 
 
 def test_kv_cache_holds_only_the_latent(peaky):
@@ -246,6 +262,23 @@ def test_sample_tokens_draws_from_the_filtered_distribution():
         assert freq[len(expected):].sum() == 0
     greedy = sample_tokens(logits.expand(3, -1), [SamplingParams(temperature=0)] * 3, [None] * 3)
     assert greedy.tolist() == [0, 0, 0]
+
+
+def test_seeded_draws_follow_the_distribution_and_depend_only_on_seed_and_index():
+    """A seeded row's draw is a function of (seed, token index): a batch of 40,000 seeds draws from the
+    distribution, a row drawn alone or beside others draws the same, and another index draws anew."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 40_000
+    params = [SamplingParams(temperature=1.0, seed=2**40 + i) for i in range(n)]
+    tokens = sample_tokens(logits.expand(n, -1), params, [7] * n)
+    freq = torch.bincount(tokens, minlength=len(logits)).float() / n
+    torch.testing.assert_close(freq, torch.softmax(logits, -1), atol=0.01, rtol=0)
+    torch.manual_seed(1)  # unseeded rows beside them draw from torch's generator, which seeded rows never read
+    mixed = sample_tokens(logits.expand(4, -1), [params[5], SamplingParams(), params[6], SamplingParams()], [7] * 4)
+    assert mixed[[0, 2]].tolist() == tokens[5:7].tolist()
+    assert [sample_tokens(logits[None], [params[i]], [7]).item() for i in range(50)] == tokens[:50].tolist()
+    later = sample_tokens(logits.expand(200, -1), params[:200], [8] * 200)
+    assert (later != tokens[:200]).any()
 
 
 def test_bad_requests(peaky):
@@ -307,7 +340,7 @@ def fail_on_call(k):
     return wrap
 
 
-@pytest.mark.parametrize("point", ["validate", "seed", "forward", "forward2", "mtp", "lm_head"])
+@pytest.mark.parametrize("point", ["validate", "text", "forward", "forward2", "mtp", "lm_head"])
 def test_add_is_all_or_nothing(trained, point, monkeypatch):
     """A failure at any point of admission leaves every slot free and nothing running."""
     model, tok = trained
@@ -318,12 +351,12 @@ def test_add_is_all_or_nothing(trained, point, monkeypatch):
     prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
     if point == "validate":
         params[2] = SamplingParams(max_tokens=0)
-    elif point == "seed":  # the third sequence's generator cannot be made
-        monkeypatch.setattr(engine_module, "_generator", fail_on_call(3)(engine_module._generator))
+    elif point == "text":  # the third sequence's text stream cannot be made
+        monkeypatch.setattr(engine_module, "TextStream", fail_on_call(3)(engine_module.TextStream))
     elif point in ("forward", "forward2"):
         monkeypatch.setattr(engine, "_forward", fail_on_call(1 if point == "forward" else 2)(engine._forward))
     elif point == "mtp":
-        monkeypatch.setattr(engine, "_mtp_forward", fail_on_call(2)(engine._mtp_forward))
+        monkeypatch.setattr(engine.speculator, "forward", fail_on_call(2)(engine.speculator.forward))
     else:
         monkeypatch.setattr(model.lm_head, "forward", fail_on_call(1)(model.lm_head.forward))
     free_before = list(engine.free)

@@ -12,8 +12,9 @@ from transformers.utils import logging as hf_logging
 
 import nanoseek
 from nanoseek import evaluate
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import Engine
 from nanoseek.pipeline import RecipeError, builtin_recipes, load_recipe, run
+from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import get_task
 
 hf_logging.set_verbosity_error()

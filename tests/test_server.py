@@ -145,7 +145,7 @@ def test_error_responses(live_server, client):
 
 
 def test_repetition_stop_finish_reason(looping_server):
-    from nanoseek.engine import DEFAULT_REPETITION_STOP
+    from nanoseek.text import DEFAULT_REPETITION_STOP
 
     url = looping_server
     body = {"model": "loop", "messages": ASK, "max_tokens": 150, "temperature": 0}
