@@ -142,6 +142,15 @@ def cmd_rs(args):
               f"model in {os.path.join(args.out, 'final')}")
 
 
+def cmd_mtp(args):
+    from nanoseek.mtp import OPTIONS, align_mtp
+
+    result = align_mtp({k: getattr(args, k) for k in OPTIONS})
+    print(f"mtp finished: the MTP module trained on {result['conversations']} of the model's own conversations "
+          f"for {result['step']} steps (MTP loss {result['mtp_loss'][0]:.3f}); model in "
+          f"{os.path.join(args.out, 'final')}")
+
+
 def cmd_eval(args):
     from nanoseek.evaluate import evaluate, markdown_table
 
@@ -246,10 +255,11 @@ def build_parser():
     s.add_argument("--max-chars", type=int, default=1_000_000_000, help="train on the first this many characters")
     _add_options(s, {k: DATA_OPTIONS[k] for k in ("hf", *HF_KEYS) if k != "path"}, cmd_tokenizer)
 
-    from nanoseek.engine import DEFAULT_REPETITION_STOP
     from nanoseek.evaluate import OPTIONS as EVAL_OPTIONS
+    from nanoseek.mtp import OPTIONS as MTP_OPTIONS
     from nanoseek.rejection import OPTIONS as RS_OPTIONS
     from nanoseek.rl import OPTIONS as RL_OPTIONS
+    from nanoseek.text import DEFAULT_REPETITION_STOP
     from nanoseek.train import OPTIONS as TRAIN_OPTIONS
 
     s = sub.add_parser("data", help="tokenize text, JSONL or Parquet corpora into shards")
@@ -262,6 +272,8 @@ def build_parser():
     _add_options(sub.add_parser("rl", help="GRPO on a task with rule-checked rewards"), RL_OPTIONS, cmd_rl)
     _add_options(sub.add_parser("rs", help="rejection sampling: fine-tune the RL model on its own checked "
                                            "completions"), RS_OPTIONS, cmd_rs)
+    _add_options(sub.add_parser("mtp", help="train the MTP module to draft the model's own answers (speculative "
+                                            "decoding), the main model frozen"), MTP_OPTIONS, cmd_mtp)
 
     s = sub.add_parser("eval", help="held-out pass@1 / pass@k per task and difficulty")
     s.add_argument("ckpt", nargs="+", help="one or more checkpoints, compared side by side")

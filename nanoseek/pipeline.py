@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from nanoseek import data as data_module
 from nanoseek import evaluate as evaluate_module
+from nanoseek import mtp as mtp_module
 from nanoseek import rejection as rejection_module
 from nanoseek import rl as rl_module
 from nanoseek import train as train_module
@@ -42,7 +43,8 @@ SECTIONS = {  # section -> key -> (default, meaning)
         "out": ("runs/default", "directory every stage writes into"),
         "seed": (0, "seed for data, initialisation and sampling"),
         "stages": (["pretrain", "sft", "rl"], "training stages to run, in this order; add \"rs\" for rejection "
-                                               "sampling and SFT after GRPO (R1's third stage)"),
+                                               "sampling and SFT after GRPO (R1's third stage), \"mtp\" last to "
+                                               "train the MTP module to draft the final model's answers"),
         "device": ("", "cpu or cuda (empty: cuda when available)"),
         "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
     },
@@ -71,8 +73,9 @@ SECTIONS = {  # section -> key -> (default, meaning)
     "sft": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
     "rl": {k: v for k, v in rl_module.OPTIONS.items() if k not in ("out", "init", "resume")},
     "rs": {k: v for k, v in rejection_module.OPTIONS.items() if k not in ("out", "init", "resume")},
+    "mtp": {k: v for k, v in mtp_module.OPTIONS.items() if k not in ("out", "init", "resume")},
 }
-TRAINING_STAGES = ("pretrain", "sft", "rl", "rs")
+TRAINING_STAGES = ("pretrain", "sft", "rl", "rs", "mtp")
 RECIPES = resources.files("nanoseek") / "recipes"  # the built-in recipes, read as package data
 RANK0_STAGES = ("tokenizer", "data", "eval", "report")  # under torchrun: rank 0 runs these, the others wait
 RANK0_STAGE_TIMEOUT = timedelta(hours=6)  # how long a rank waits at a collective (a large eval is slow)
@@ -322,6 +325,11 @@ def stage_rs(recipe, paths, device):
     return rejection_module.rejection_sampling(_options(recipe, paths, device, "rs"))
 
 
+def stage_mtp(recipe, paths, device):
+    result = mtp_module.align_mtp(_options(recipe, paths, device, "mtp"))
+    return {k: result[k] for k in ("conversations", "step", "mtp_loss", "seconds_decoding")}
+
+
 def stage_eval(recipe, paths, device):
     e, d = recipe["eval"], recipe["data"]
     difficulty = {spec: e["difficulties"].get(spec) or d["difficulties"].get(spec) or None for spec in e["tasks"]}
@@ -343,7 +351,7 @@ def stage_report(recipe, paths, device):
 
 
 STAGE_FUNCS = {"tokenizer": stage_tokenizer, "data": stage_data, "pretrain": stage_pretrain, "sft": stage_sft,
-               "rl": stage_rl, "rs": stage_rs, "eval": stage_eval, "report": stage_report}
+               "rl": stage_rl, "rs": stage_rs, "mtp": stage_mtp, "eval": stage_eval, "report": stage_report}
 
 
 def _write_json(path, obj):

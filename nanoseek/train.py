@@ -56,6 +56,7 @@ OPTIONS = {  # every option of pretrain and sft: (default, meaning)
     "beta2": (0.95, "AdamW beta2"),
     "clip": (1.0, "gradient-norm clipping (0: off)"),
     "mtp_weight": (0.3, "lambda: weight of the multi-token-prediction loss"),
+    "mtp_only": (False, "train the MTP modules alone, the main model frozen: they learn to draft what it writes"),
     "bias_update_speed": (0.001, "gamma: aux-loss-free expert bias step"),
     "balance_alpha": (0.0, "alpha: sequence-wise balance loss weight"),
     "eval_every": (50, "steps between held-out evaluations (0: only at the end)"),
@@ -163,6 +164,13 @@ class Trainer:
         if o.mtp_weight == 0:  # no loss reaches the MTP modules, and DDP wants a gradient for every weight it holds
             for p in self.model.mtp.parameters():
                 p.requires_grad_(False)
+        if o.mtp_only:
+            if not len(self.model.mtp) or o.mtp_weight <= 0:
+                raise ValueError("--mtp-only trains the MTP modules: the model needs one (num_nextn_predict_layers) "
+                                 "and --mtp-weight above 0")
+            drafting = {id(p) for p in self.model.mtp.parameters()}  # shared embedding and head stay frozen
+            for p in self.model.parameters():
+                p.requires_grad_(id(p) in drafting)
         self.params = param_counts(self.model)
         self.flops = flops_per_token(self.model.config, self.params[1], o.seq)
         self.net = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
@@ -287,7 +295,8 @@ class Trainer:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             for m, load in zip(self.model.moe_layers(), loads):
-                m.gate.balance(load, o.bias_update_speed)
+                if m.gate.weight.requires_grad:  # a frozen layer keeps its routing as it is
+                    m.gate.balance(load, o.bias_update_speed)
             step_tokens = o.batch * o.seq
             self.tokens_seen += step_tokens
             dt = time.perf_counter() - t0
