@@ -394,8 +394,8 @@ class Speculator:
         """One speculative step of the engine's greedy sequences -> the events of the drafts it accepted."""
         device = engine.device
         pending = [len(s.mtp_states) for s in seqs]  # positions whose next token is known, not yet in MTP's cache
-        width = max(pending)
-        pad = [width - n for n in pending]  # rows with fewer pending positions repeat their last one
+        width = 2  # 1 after a rejected draft, 2 after an accepted one: always 2, so the graph's shape is fixed;
+        pad = [width - n for n in pending]  # a row with one repeats it (its copy is overwritten a step later)
         h_prev = torch.stack([torch.stack(s.mtp_states + s.mtp_states[-1:] * p) for s, p in zip(seqs, pad)])
         next_ids = torch.tensor([s.tokens[-n:] + s.tokens[-1:] * p for s, n, p in zip(seqs, pending, pad)],
                                 device=device)
