@@ -601,6 +601,8 @@ def print_decode(r):
     peer = r["peer"]
     print(f"bench decode: {total / 1e6:.1f}M total / {active / 1e6:.1f}M active params, {r['device']} {r['dtype']}, "
           f"{r['threads']} threads, greedy, {r['prompt_len']}-token prompts, {r['new_tokens']} new tokens")
+    if "native" in r:
+        print("prefill and decode, nanoseek's engine against llama.cpp driven from Python (llama-cpp-python):")
     for row in r["runs"]:
         b = row["batch"]
         print(f"batch {b:>3}:  nanoseek {row['nanoseek']['tokens_per_s']:8.1f} tok/s   "
@@ -618,9 +620,9 @@ def print_decode(r):
 
 def print_native(r):
     native = r["native"]
-    print(f"llama.cpp's own tools (llama-cpp-python {native['version']}'s llama.cpp, in "
-          f"{os.path.dirname(native['tools']['llama-bench'])}), {r['threads']} threads, against nanoseek's decode "
-          f"steps; tok/s of decoding alone, median (min-max) of {native['rounds']} rounds taking turns:")
+    print(f"decode alone, nanoseek's decode steps against llama.cpp's own tools (llama-cpp-python "
+          f"{native['version']}'s llama.cpp, in {os.path.dirname(native['tools']['llama-bench'])}), "
+          f"{r['threads']} threads; tok/s, median (min-max) of {native['rounds']} rounds taking turns:")
     for row in r["runs"]:
         n = row["native"]
         ours, theirs = n["nanoseek"], n["llama.cpp"]
