@@ -246,7 +246,6 @@ def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=1
                          "GGUF file carries (e.g. runs/cpu/rl/final after make run)")
     from nanoseek.engine import Engine, SamplingParams
 
-    tools = native_llama_tools() if peer == "llama.cpp" else None  # built once: minutes the first time
     compute = policy(device)
     device, dtype = compute.device, compute.dtype  # decoding casts the weights: no float32 master copy to keep
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,6 +256,7 @@ def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=1
         ours, _ = checkpoint.load(ckpt)
         ours = ours.to(device=device, dtype=dtype).eval()
         theirs = DECODE_PEERS[peer](ckpt, tmp, device, dtype, prompt_len + new_tokens + 8, max(batches))
+        tools = native_llama_tools() if peer == "llama.cpp" else None  # built once: minutes the first time
         cfg = ours.config
         g = torch.Generator().manual_seed(seed)
         out = {"device": device, "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "peer": peer,
@@ -423,7 +423,7 @@ def native_llama_tools(version=None):
         return tools
     check_build_tools()
     print(f"building llama.cpp's {' and '.join(NATIVE_TOOLS)} (llama-cpp-python {version}'s source) into {cache}: "
-        f"once, a few minutes on {BUILD_JOBS} cores", flush=True)
+          f"once, a few minutes on {BUILD_JOBS} cores", flush=True)
     os.makedirs(os.path.join(cache, "bin"), exist_ok=True)
     sdist = llama_cpp_sdist(version, cache)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
