@@ -1,9 +1,13 @@
 """Side-by-side benchmarks against the projects people use today; each prints a ratio last."""
 
 import itertools
+import json
 import math
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -229,10 +233,12 @@ def print_train(r):
 
 
 def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=128, seed=0, device=None,
-                 peer="transformers"):
+                 peer="transformers", rounds=5):
     """Greedy decoding of new_tokens after prompt_len-token prompts, nanoseek's engine (its compiled decode
     step; with MTP modules, also self-speculative decoding) against a peer on the same checkpoint:
-    transformers' generate, or llama.cpp on the checkpoint exported to GGUF f32."""
+    transformers' generate, or llama.cpp on the checkpoint exported to GGUF f32. With llama.cpp, also
+    llama.cpp's own C++ tools (llama-bench, llama-batched-bench) against nanoseek's decode steps, the two
+    taking turns for `rounds` rounds; the speedup is then the ratio of their medians."""
     if peer not in DECODE_PEERS:
         raise ValueError(f"unknown peer {peer!r}: the decode benchmark compares with {' or '.join(DECODE_PEERS)}")
     if peer == "llama.cpp" and ckpt is None:
@@ -251,6 +257,7 @@ def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=1
         ours, _ = checkpoint.load(ckpt)
         ours = ours.to(device=device, dtype=dtype).eval()
         theirs = DECODE_PEERS[peer](ckpt, tmp, device, dtype, prompt_len + new_tokens + 8, max(batches))
+        tools = native_llama_tools() if peer == "llama.cpp" else None  # built once: minutes the first time
         cfg = ours.config
         g = torch.Generator().manual_seed(seed)
         out = {"device": device, "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "peer": peer,
@@ -271,14 +278,19 @@ def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=1
                 if spec:
                     row[name]["acceptance"] = engine.acceptance_rate
                 else:
-                    ours_tokens = [s.tokens for s in seqs]
+                    ours_tokens, plain = [s.tokens for s in seqs], engine
             theirs.generate([p[:8] for p in prompts], 4)  # warm-up
             sec, peer_tokens = _timed(lambda: theirs.generate(prompts, new_tokens), device)  # noqa: B023
             row[peer] = {"tokens_per_s": batch * new_tokens / sec, "seconds": sec}
             row["same_tokens"] = sum(a == b for a, b in zip(peer_tokens, ours_tokens))  # sequences alike
             row["speedup"] = row["nanoseek"]["tokens_per_s"] / row[peer]["tokens_per_s"]
+            if tools:
+                row["native"] = native_rounds(plain, greedy, tools, theirs.path, prompts, rounds, device)
+                row["speedup"] = row["native"]["speedup"]
             out["runs"].append(row)
         theirs.close()
+    if tools:
+        out["native"] = {"version": llama_cpp_python_version(), "tools": tools, "rounds": rounds}
     return out
 
 
@@ -327,7 +339,7 @@ class LlamaCppDecoder:
             raise RuntimeError('the llama.cpp peer needs llama-cpp-python: pip install -e ".[interop]"') from e
         from nanoseek.export import export_gguf
 
-        path = os.path.join(tmp, "model.gguf")
+        self.path = path = os.path.join(tmp, "model.gguf")
         export_gguf(ckpt, path, dtype="f32")
         self.lib = lib = llama_cpp
         self.quiet = lib.llama_log_callback(lambda level, text, data: None)  # kept: llama.cpp calls it later
@@ -375,11 +387,223 @@ class LlamaCppDecoder:
 DECODE_PEERS = {"transformers": TransformersDecoder, "llama.cpp": LlamaCppDecoder}
 
 
+# llama.cpp's own C++ tools, built from the llama.cpp inside llama-cpp-python's source package: the same
+# llama.cpp the Python peer runs, measured the way a CPU user measures it.
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the release whose llama.cpp is built when llama-cpp-python is not installed
+NATIVE_TOOLS = ("llama-bench", "llama-batched-bench")
+CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+                 "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF")
+BUILD_JOBS = 2
+ROUND_TOKENS = 2048  # each side decodes at least this many tokens a round: long enough to time steadily
+
+
+def llama_cpp_python_version():
+    """The installed llama-cpp-python's version, else LLAMA_CPP_PYTHON_VERSION."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return LLAMA_CPP_PYTHON_VERSION
+
+
+def native_cache_dir(version):
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "nanoseek", f"llama.cpp-{version}")
+
+
+def native_llama_tools(version=None):
+    """{tool: path} for llama.cpp's llama-bench and llama-batched-bench (CPU, Release), built once from
+    llama-cpp-python's source package and kept in the cache; later calls build nothing."""
+    version = version or llama_cpp_python_version()
+    cache = native_cache_dir(version)
+    tools = {name: os.path.join(cache, "bin", name) for name in NATIVE_TOOLS}
+    if all(os.access(path, os.X_OK) for path in tools.values()):
+        return tools
+    check_build_tools()
+    print(f"building llama.cpp's {' and '.join(NATIVE_TOOLS)} (llama-cpp-python {version}'s source) into {cache}: "
+          f"once, a few minutes on {BUILD_JOBS} cores", flush=True)
+    os.makedirs(os.path.join(cache, "bin"), exist_ok=True)
+    sdist = llama_cpp_sdist(version, cache)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        built = cmake_build(unpack_llama_cpp(sdist, tmp), os.path.join(tmp, "build"), os.path.join(cache, "build.log"))
+        for name, path in tools.items():
+            shutil.copy2(os.path.join(built, name), path + ".part")
+            os.replace(path + ".part", path)
+    return tools
+
+
+def check_build_tools():
+    """Raise with what to install when cmake, make or a C++ compiler is missing."""
+    needed = {"cmake": ("cmake",), "make": ("make",), "a C++ compiler": ("c++", "g++", "clang++")}
+    missing = [what for what, names in needed.items() if not any(shutil.which(n) for n in names)]
+    if missing:
+        raise RuntimeError(f"building llama.cpp's llama-bench needs {' and '.join(missing)}, which this machine "
+                           "lacks: install them, e.g. apt-get install cmake make g++")
+
+
+def llama_cpp_sdist(version, cache):
+    """llama-cpp-python's source package from the cache, downloaded there with pip the first time."""
+    path = os.path.join(cache, f"llama_cpp_python-{version}.tar.gz")
+    if not os.path.exists(path):
+        run_tool([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-binary", ":all:",
+                  "--no-deps", "--quiet", "-d", cache])
+    return path
+
+
+def unpack_llama_cpp(sdist, into):
+    """Unpack only the package's vendor/llama.cpp; returns its path."""
+    import tarfile
+
+    with tarfile.open(sdist) as tar:
+        members = tar.getmembers()
+        source = f"{members[0].name.split('/')[0]}/vendor/llama.cpp"
+        tar.extractall(into, members=[m for m in members if m.name.startswith(source + "/")], filter="data")
+    return os.path.join(into, source)
+
+
+def cmake_build(source, build, log):
+    """Configure and build NATIVE_TOOLS, the output going to log; returns the folder the binaries are in."""
+    with open(log, "w") as f:
+        for step in (["cmake", "-S", source, "-B", build, *CMAKE_OPTIONS],
+                     ["cmake", "--build", build, "--target", *NATIVE_TOOLS, "-j", str(BUILD_JOBS)]):
+            f.write(f"$ {' '.join(step)}\n")
+            f.flush()
+            if subprocess.run(step, stdout=f, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"building llama.cpp failed at `{' '.join(step[:3])} ...`: see {log}")
+    return os.path.join(build, "bin")
+
+
+def run_tool(command):
+    """The command's standard output; raises with the end of its error output if it fails."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{os.path.basename(command[0])} exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def llama_bench_command(tool, gguf, threads, new_tokens, repetitions):
+    return [tool, "-m", gguf, "-p", "0", "-n", str(new_tokens), "-t", str(threads), "-r", str(repetitions),
+            "-o", "json"]
+
+
+def batched_bench_command(tool, gguf, threads, batch, prompt_len, new_tokens):
+    return [tool, "-m", gguf, "-c", str(batch * (prompt_len + new_tokens)), "-b", "2048", "-ub", "512",
+            "-npp", str(prompt_len), "-ntg", str(new_tokens), "-npl", str(batch), "-t", str(threads)]
+
+
+def llama_bench_rate(output):
+    """Tokens per second of the generation test in llama-bench's -o json output: its tokens over its time,
+    all repetitions together."""
+    (test,) = [t for t in json.loads(output) if t["n_gen"] and not t["n_prompt"]]
+    return test["n_gen"] * len(test["samples_ns"]) / sum(test["samples_ns"]) * 1e9
+
+
+def batched_bench_table(output):
+    """The rows of llama-batched-bench's results table, each as {column heading: number}."""
+    header, rows = None, []
+    for line in output.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if "S_TG t/s" in cells:
+            header = cells
+        elif header and set(cells[0]) != {"-"}:
+            rows.append(dict(zip(header, map(float, cells))))
+    return rows
+
+
+def batched_bench_output(command, attempts=10):
+    """llama-batched-bench's output with its results table. It prints through a logging thread that the
+    process does not wait for on exit, so a run now and then ends before its table is printed: such runs
+    are run again."""
+    for _ in range(attempts):
+        output = run_tool(command)
+        if batched_bench_table(output):
+            return output
+    raise RuntimeError(f"llama-batched-bench printed no results table in {attempts} runs")
+
+
+def batched_bench_rate(outputs):
+    """Tokens per second of text generation (S_TG) over llama-batched-bench's outputs: all their rows'
+    generated tokens over their generation time."""
+    rows = [row for output in outputs for row in batched_bench_table(output)]
+    if not rows:
+        raise RuntimeError("llama-batched-bench printed no results table")
+    tokens = [row["B"] * row["TG"] for row in rows]
+    return sum(tokens) / sum(n / row["S_TG t/s"] for n, row in zip(tokens, rows))
+
+
+def engine_decode_rate(engine, prompts, params, runs, device):
+    """Tokens per second of the engine's decode steps over `runs` decodes of the prompts, the prefill not
+    counted: a forward of the decode step is a token, as llama.cpp's tools count them."""
+    seconds, forwards = 0.0, 0
+    for _ in range(runs):
+        engine.add(prompts, params)
+        _sync(device)
+        t = time.perf_counter()
+        while not engine.idle:
+            engine.step()
+        _sync(device)
+        seconds += time.perf_counter() - t
+        forwards += len(prompts) * (params.max_tokens - 1)  # the prefill gives each sequence's first token
+    return forwards / seconds
+
+
+def interleaved(sides, rounds):
+    """{side: [its figure in each round]}: every round measures each side once, in turn, so a change in the
+    machine's load hits all sides alike."""
+    figures = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, measure in sides.items():
+            figures[name].append(measure())
+    return figures
+
+
+def spread(figures):
+    return {"median": statistics.median(figures), "min": min(figures), "max": max(figures), "rounds": figures}
+
+
+def compare(ours, theirs):
+    """Median and range of each side's figures, and the ratio of the medians."""
+    return {"nanoseek": spread(ours), "llama.cpp": spread(theirs),
+            "speedup": statistics.median(ours) / statistics.median(theirs)}
+
+
+def native_rounds(engine, params, tools, gguf, prompts, rounds, device):
+    """nanoseek's decode steps against llama.cpp's tool for this batch (llama-bench's tg test for one sequence,
+    llama-batched-bench for more), taking turns for `rounds` rounds, with the threads torch uses."""
+    batch, prompt_len, new_tokens = len(prompts), len(prompts[0]), params.max_tokens
+    runs, threads = max(1, ROUND_TOKENS // (batch * new_tokens)), torch.get_num_threads()
+    if batch == 1:
+        tool, command = "llama-bench", llama_bench_command(tools["llama-bench"], gguf, threads, new_tokens, runs)
+
+        def theirs():
+            return llama_bench_rate(run_tool(command))
+    else:
+        tool = "llama-batched-bench"
+        command = batched_bench_command(tools[tool], gguf, threads, batch, prompt_len, new_tokens)
+
+        def theirs():
+            return batched_bench_rate([batched_bench_output(command) for _ in range(runs)])
+
+    def ours():
+        return engine_decode_rate(engine, prompts, params, runs, device)
+
+    figures = interleaved({"nanoseek": ours, "llama.cpp": theirs}, rounds)
+    return {"tool": tool, "command": command, "runs_per_round": runs, **compare(figures["nanoseek"],
+                                                                              figures["llama.cpp"])}
+
+
 def print_decode(r):
     total, active = r["params"]
     peer = r["peer"]
     print(f"bench decode: {total / 1e6:.1f}M total / {active / 1e6:.1f}M active params, {r['device']} {r['dtype']}, "
           f"{r['threads']} threads, greedy, {r['prompt_len']}-token prompts, {r['new_tokens']} new tokens")
+    if "native" in r:
+        print("prefill and decode, nanoseek's engine against llama.cpp driven from Python (llama-cpp-python):")
     for row in r["runs"]:
         b = row["batch"]
         print(f"batch {b:>3}:  nanoseek {row['nanoseek']['tokens_per_s']:8.1f} tok/s   "
@@ -389,8 +613,23 @@ def print_decode(r):
             print(f"           with MTP self-speculation: {m['tokens_per_s']:8.1f} tok/s, acceptance "
                   f"{100 * m['acceptance']:.0f}%, {m['tokens_per_s'] / row['nanoseek']['tokens_per_s']:.2f}x "
                   "plain nanoseek")
+    if "native" in r:
+        print_native(r)
     for row in r["runs"]:
         print(f"speedup vs {peer} (batch {row['batch']}): {row['speedup']:.2f}")
+
+
+def print_native(r):
+    native = r["native"]
+    print(f"decode alone, nanoseek's decode steps against llama.cpp's own tools (llama-cpp-python "
+          f"{native['version']}'s llama.cpp, in {os.path.dirname(native['tools']['llama-bench'])}), "
+          f"{r['threads']} threads; tok/s, median (min-max) of {native['rounds']} rounds taking turns:")
+    for row in r["runs"]:
+        n = row["native"]
+        ours, theirs = n["nanoseek"], n["llama.cpp"]
+        print(f"batch {row['batch']:>3}:  nanoseek {ours['median']:8.1f} ({ours['min']:.1f}-{ours['max']:.1f})   "
+              f"{n['tool']} {theirs['median']:8.1f} ({theirs['min']:.1f}-{theirs['max']:.1f})   "
+              f"{n['runs_per_round']} run(s) a round")
 
 
 # ----------------------------------------------------------------------------- GRPO

@@ -77,7 +77,7 @@ def cmd_bench(args):
     elif args.what == "decode":
         r = bench.bench_decode(ckpt=args.ckpt, size=args.size or 6, batches=tuple(args.batches),
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
-                               peer=args.peer)
+                               peer=args.peer, rounds=args.rounds)
         bench.print_decode(r)
     elif args.what == "grpo":
         if not args.ckpt:
@@ -345,6 +345,8 @@ def build_parser():
     s.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode: batch sizes")
     s.add_argument("--prompt-len", type=int, default=64, help="decode: prompt tokens")
     s.add_argument("--new-tokens", type=int, default=128, help="decode: tokens to generate")
+    s.add_argument("--rounds", type=int, default=5, help="decode with --peer llama.cpp: rounds in which nanoseek "
+                   "and llama.cpp's own tools take turns (the medians are compared)")
     s.add_argument("--peer", default=None, choices=["transformers", "llama.cpp", "trl"],
                    help="transformers (train, decode), llama.cpp (decode) or trl (grpo)")
     s.add_argument("--size", type=int, help="size dial (depth; default: train 4, the cpu recipe's; decode 6)")
