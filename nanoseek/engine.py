@@ -413,7 +413,7 @@ class Speculator:
             drafts, h, logits = self.step(self.model, *tensors, (engine.cache.latent, engine.cache.rope),
                                           (self.cache.latent[0], self.cache.rope[0]))
         engine.logits[rows] = logits[:, 0]
-        agrees = (logits[:, 0].argmax(-1) == drafts).tolist()  # the step's one host sync
+        agrees, drafted = torch.stack([logits[:, 0].argmax(-1) == drafts, drafts]).tolist()  # the one host sync
         accepted = [i for i, (s, agree) in enumerate(zip(seqs, agrees)) if agree and engine._room(s) > 1]
         self.drafted += len(seqs)
         self.accepted += len(accepted)
@@ -422,9 +422,14 @@ class Speculator:
         if not accepted:
             return []
         mine = [seqs[i] for i in accepted]
-        events = [engine._emit(s, [t]) for s, t in zip(mine, engine._sample(mine))]  # greedy: the drafts
+        if any(s.params.logprobs for s in mine):
+            tokens = engine._sample(mine)  # greedy: the drafts, with their log-probabilities
+        else:
+            tokens = [drafted[i] for i in accepted]
+            for s, token in zip(mine, tokens):
+                s.tokens.append(token)
         engine.logits[rows[accepted]] = logits[accepted, 1]
-        return events
+        return [engine._emit(s, [t]) for s, t in zip(mine, tokens)]
 
 
 def _merge(events):
