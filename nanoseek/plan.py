@@ -268,6 +268,8 @@ def table(recipe, rows, dev, model):
     total = sum(r["stage_seconds"] for r in rows)
     if "rs" in recipe["run"]["stages"]:
         lines.append("| rs | (rejection sampling: sampled like GRPO's rollouts, trained like SFT; not planned) |")
+    if "mtp" in recipe["run"]["stages"]:
+        lines.append("| mtp | (the MTP module alone on the model's greedy answers: under SFT's step; not planned) |")
     lines.append(f"\ntraining time at {MFU:.0%} MFU: {duration(total)} (GRPO's rollouts decode, which runs "
                  f"well below {MFU:.0%}: its time is a floor; GRPO prompts taken as {PROMPT_TOKENS} tokens)")
     return "\n".join(lines)
