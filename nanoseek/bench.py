@@ -659,8 +659,9 @@ def bench_grpo(ckpt, task="addition", difficulty=2, steps=4, prompts=4, group=8,
     with tempfile.TemporaryDirectory() as tmp:
         rl({"init": ckpt, "task": task, "difficulty": difficulty, "out": os.path.join(tmp, "ours"), "steps": steps,
             "prompts": prompts, "group": group, "max_new_tokens": max_new_tokens, "lr": 1e-4, "mu": 1, "beta": 0.0,
-            "dynamic_sampling": False, "ckpt_every": 0, "progress": False, "device": "cpu", "seed": seed})
-        rows = read_metrics(os.path.join(tmp, "ours", "metrics.jsonl"))
+            "dynamic_sampling": False, "ckpt_every": 0, "eval_every": 0, "progress": False, "device": "cpu",
+            "seed": seed})
+        rows = [r for r in read_metrics(os.path.join(tmp, "ours", "metrics.jsonl")) if "seconds" in r]  # steps
         out["nanoseek"] = {"sec_per_step": statistics.median(r["seconds"] for r in rows[1:] or rows),
                            "response_length": statistics.mean(r["response_length"] for r in rows)}
 
