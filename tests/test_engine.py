@@ -21,12 +21,13 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21, 2
 CYCLE = [300, 301, 302]
 
 
-def looping_model(tokenizer):
+def looping_model(tokenizer, context=2048):
     """A random model whose greedy output loops CYCLE whatever the prompt, by construction: each token's
     embedding is one huge axis (the cycle's tokens one each, every other token a fourth), so it outweighs
     the layers in the residual stream, and the output head maps that axis to the next token of the cycle."""
     cfg = config_for_size(2, vocab_size=448)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    cfg.max_position_embeddings = context
     model = DeepSeekV3(cfg).init_weights(0)
     with torch.no_grad():
         embed, head = model.model.embed_tokens.weight, model.lm_head.weight
@@ -428,7 +429,7 @@ def test_text_is_decoded_incrementally_and_equals_the_whole(peaky, tokenizer, mo
     decoded = []
     original = tokenizer.decode
     monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or original(ids, **kw))
-    long = Engine(looping_model(tokenizer), tokenizer, speculative=False, max_len=2048)
-    s = long.generate([PROMPTS[0]], SamplingParams(max_tokens=1500, temperature=0))[0]
-    assert len(s.tokens) == 1500 and s.text == original(s.tokens)
-    assert max(decoded) <= 4 and len(decoded) == 1500  # one short decode per token, never the whole text
+    long = Engine(looping_model(tokenizer, context=4096), tokenizer, speculative=False)
+    s = long.generate([PROMPTS[0]], SamplingParams(max_tokens=4000, temperature=0, stop=("never in it",)))[0]
+    assert len(s.tokens) == 4000 and s.text == original(s.tokens)
+    assert max(decoded) <= 4 and len(decoded) == 4000  # one short decode per token, never the whole text
