@@ -18,11 +18,11 @@ import os
 import random
 import time
 
-import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from nanoseek import checkpoint, data
-from nanoseek.device import barrier, from_rank0, policy
+from nanoseek.device import barrier, from_rank0, policy, start_ranks
 from nanoseek.engine import Engine
 from nanoseek.loop import options_from
 from nanoseek.rl import task_list
@@ -106,10 +106,20 @@ def align_mtp(options: dict):
     if o.problems < 1 or o.turns < 1:
         raise ValueError("--problems and --turns must be at least 1")
     compute = policy(o.device, o.dtype)
+    joined = dist.is_initialized()  # `nanoseek run` keeps one process group over its stages
+    rank, _ = start_ranks(compute.device)
+    try:
+        return run_stage(o, compute, rank == 0)
+    finally:
+        if dist.is_initialized() and not joined:
+            dist.destroy_process_group()
+
+
+def run_stage(o, compute, rank0):
+    """Rank 0 decodes and writes the data (unless resumed with it there); every rank trains."""
     data_dir = os.path.join(o.out, "data")
     os.makedirs(o.out, exist_ok=True)
     t0, seconds = time.perf_counter(), 0.0
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     if not (o.resume and from_rank0(os.path.exists(os.path.join(data_dir, "manifest.json")))):
         if rank0:
             build_data(o, own_answers(o, compute, o.progress), data_dir)
