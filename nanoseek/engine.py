@@ -40,11 +40,14 @@ class Sequence:
     slot: int
     tokens: list[int] = field(default_factory=list)  # generated
     logprobs: list[float] = field(default_factory=list)
-    text: str = ""  # decoded generated text, cut at a stop string
     finish_reason: str | None = None  # "stop", "length", "repetition" or "abort"
     text_state: TextStream | None = None  # how text is made from tokens
     repeats: RepetitionStop | None = None  # with params.repetition_stop > 0
     mtp_states: list = field(default_factory=list)  # speculation: main hidden states the MTP cache lacks
+
+    @property
+    def text(self):  # decoded generated text, cut at a stop string
+        return self.text_state.text if self.text_state is not None else ""
 
     @property
     def length(self):  # tokens in the cache
@@ -172,15 +175,14 @@ class Engine:
         shape = (max_batch, self.max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.compute.dtype, self.device)
         self.cache = LatentCache(cfg.num_hidden_layers, *shape)
         self.logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)  # each slot's next-token logits
-        self.speculator = None
         self.free = list(range(max_batch - 1, -1, -1))
         self.running: dict[int, Sequence] = {}
         self.ids = itertools.count()
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
         compile = COMPILE if compile is None else compile
         self.decode_step = torch.compile(decode_step, **compile_options(self.device)) if compile else decode_step
-        if speculative and len(model.mtp):
-            self.speculator = Speculator(model, shape, self.compute, self.device if compile else None)
+        self.speculator = Speculator(model, shape, self.compute, self.device if compile else None) \
+            if speculative and len(model.mtp) else None
         if compile:
             self.warm_up()
 
@@ -310,7 +312,6 @@ class Engine:
             s.finish_reason = "stop"
         if s.text_state.update(s.tokens, len(s.tokens) - (s.finish_reason == "stop")):
             s.finish_reason = "stop"
-        s.text = s.text_state.text
         if s.finish_reason is None and s.repeats is not None and any([s.repeats.add(t) for t in new_tokens]):
             s.finish_reason = "repetition"  # the text stays as generated
         if s.finish_reason is None and self._room(s) < 1:
