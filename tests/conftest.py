@@ -1,3 +1,4 @@
+import json
 import os
 import random
 import signal
@@ -5,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +89,18 @@ def chat_documents(n=400, seed=0):
             {"role": "user", "content": f"What is {a} + {b}?"},
             {"role": "assistant", "content": str(a + b), "reasoning_content": f"{a} + {b} = {a + b}"},
         ]))
+    return docs
+
+
+def documents(data_dir, bos_id):
+    """Every document of a data directory's shards (train and held out) as a tuple of token ids."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    docs = []
+    for shards in manifest["splits"].values():
+        for shard in shards:
+            ids = np.fromfile(data_dir / shard["file"], dtype=manifest["dtype"]).tolist()
+            starts = [i for i, t in enumerate(ids) if t == bos_id] + [len(ids)]
+            docs += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:])]
     return docs
 
 

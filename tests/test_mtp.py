@@ -1,10 +1,9 @@
 """The MTP stage: the model's own greedy answers become the data, and only the MTP module learns from them."""
 
-import json
 import random
 
-import numpy as np
 import pytest
+from conftest import documents
 
 from nanoseek import checkpoint
 from nanoseek.engine import Engine
@@ -41,17 +40,6 @@ def sums(tmp_path):
     file = tmp_path / "sums.py"
     file.write_text(SUMS)
     return f"{file}:Sum"
-
-
-def documents(data_dir, bos_id):
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    docs = []
-    for shards in manifest["splits"].values():
-        for shard in shards:
-            ids = np.fromfile(data_dir / shard["file"], dtype=manifest["dtype"]).tolist()
-            starts = [i for i, t in enumerate(ids) if t == bos_id] + [len(ids)]
-            docs += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:])]
-    return docs
 
 
 def test_mtp_stage_trains_the_mtp_module_alone_on_the_models_own_answers(chat_model, sums, tmp_path):

@@ -6,9 +6,9 @@ import json
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
+from conftest import documents
 
 from nanoseek import checkpoint, rejection
 from nanoseek.cli import build_parser, cmd_rs
@@ -76,18 +76,6 @@ class ScriptedEngine:
             answers = EVEN_ANSWERS if number % 2 == 0 else ["awful</think>1", "odd</think>2"]
             out.append(SimpleNamespace(text=answers[k % len(answers)], tokens=[], finish_reason="stop"))
         return out
-
-
-def documents(data_dir, bos_id):
-    """Every document of a data directory's shards (train and held out) as a tuple of token ids."""
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    docs = []
-    for shards in manifest["splits"].values():
-        for shard in shards:
-            ids = np.fromfile(data_dir / shard["file"], dtype=manifest["dtype"]).tolist()
-            starts = [i for i, t in enumerate(ids) if t == bos_id] + [len(ids)]
-            docs += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:])]
-    return docs
 
 
 def rendered(tokenizer, question, reasoning, answer):
