@@ -188,6 +188,12 @@ class Engine:
 
     prefill_tokens = 2048  # tokens (prompts x positions) per prefill forward: bounds its activations
 
+    @property
+    def refill(self):
+        """Free slots generate() waits for before it prefills queued prompts: a quarter of the batch, so a
+        prefill forward takes several prompts at once instead of one each time a sequence ends."""
+        return max(1, self.max_batch // 4)
+
     # ------------------------------------------------------------------------- joining and leaving
 
     @torch.no_grad()
@@ -351,7 +357,7 @@ class Engine:
         done: dict[int, Sequence] = {}
         order: dict[int, int] = {}
         while waiting or self.running:
-            if waiting and self.free:
+            if waiting and (len(self.free) >= self.refill or not self.running):
                 batch, waiting = waiting[: len(self.free)], waiting[len(self.free) :]
                 for (i, _), s in zip(batch, self.add([p for _, (p, _) in batch], [sp for _, (_, sp) in batch])):
                     order[s.id] = i

@@ -314,8 +314,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, experts, scores = self.gate(x)
-        if not self.training and experts.numel() <= self.gathered_below:
+        traced = not self.training and torch.compiler.is_compiling()  # a compiled inference step: one graph
+        if traced and x.shape[0] == 1:  # one token (decoding one sequence): only its k experts' weights read
             y = self.gathered_experts(x, weights, experts)
+        elif traced and compute_dtype(x) != torch.bfloat16:  # F.grouped_mm is traced for bf16 only
+            y = self.dense_experts(x, weights, experts)
         else:
             y, load = self.sorted_experts(x, weights, experts)
             if routing is not None:
@@ -340,12 +343,10 @@ class MoE(nn.Module):
         h = h.to(x.dtype) * weights.flatten()[order].unsqueeze(1).to(x.dtype)  # weighted and summed in x's dtype
         return torch.zeros_like(x).index_add_(0, token, h), load
 
-    gathered_below = 129  # inference with at most this many (token, expert) picks (decoding): gathered_experts
-
     def gathered_experts(self, x, weights, experts):
-        """Each token (N, D) through the weights of its own k experts, gathered: no sort, no host sync and
-        fixed shapes, so a compiled decode step stays one graph. It copies N k experts' weights, which for
-        a few tokens costs less than sorting and dispatching them."""
+        """Each token (N, D) through the weights of its own k experts, gathered: fixed shapes, so a compiled
+        decode step stays one graph. It copies N k experts' weights: for one token that reads less than
+        dense_experts."""
         picks = experts.flatten()  # (N k)
         dtype = compute_dtype(x)
         x_rows = x.to(dtype).repeat_interleave(experts.shape[1], dim=0)  # (N k, D)
@@ -354,6 +355,19 @@ class MoE(nn.Module):
         h = (F.silu(gate) * up) * weights.flatten()[:, None].to(dtype)
         y = torch.bmm(h[:, None], self.down[picks].to(dtype))[:, 0].to(x.dtype)  # (N k, D)
         return y.view(*experts.shape, -1).sum(1)
+
+    def dense_experts(self, x, weights, experts):
+        """Every token (N, D) through every routed expert, weighted by its routing weight (0 where the expert
+        was not picked): E / k times the routed arithmetic, but each expert's weights read once and fixed
+        shapes, so a compiled decode step over a large batch stays one graph (on a CPU in float32 it is faster
+        than gathering from two tokens up, measured in docs/BENCHMARKS.md)."""
+        dtype = compute_dtype(x)
+        h = torch.matmul(x.to(dtype)[None], self.gate_up.to(dtype))  # (E, N, 2 inter)
+        gate, up = h.split(self.inter, dim=-1)
+        mix = torch.zeros(x.shape[0], self.n_experts, dtype=dtype, device=x.device).scatter_(
+            1, experts, weights.to(dtype))  # (N, E)
+        h = F.silu(gate) * up * mix.T[..., None]
+        return torch.bmm(h, self.down.to(dtype)).sum(0).to(x.dtype)  # (N, D)
 
 
 class Routing(NamedTuple):

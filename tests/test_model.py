@@ -95,6 +95,24 @@ def test_grouped_experts_equal_naive_loop():
     assert torch.equal(load, torch.bincount(choice.flatten(), minlength=cfg.n_routed_experts))
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 23])
+def test_compiled_inference_paths_equal_the_sorted_one(tokens):
+    """A compiled inference step sends one token through its gathered experts and more through every expert
+    (dense): both equal the sorted grouped matmul that training and eager inference run, in one graph."""
+    cfg = random_config(3)
+    cfg.first_k_dense_replace, cfg.n_shared_experts = 0, 1
+    moe = DeepSeekV3(cfg).init_weights(0).moe_layers()[0].eval()
+    x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    with torch.no_grad():
+        weights, experts, _ = moe.gate(x)
+        sorted_y = moe.sorted_experts(x, weights, experts)[0]
+        torch.testing.assert_close(moe.dense_experts(x, weights, experts), sorted_y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(moe.gathered_experts(x, weights, experts), sorted_y, rtol=1e-5, atol=1e-6)
+        explained = torch._dynamo.explain(moe)(x)
+        torch.testing.assert_close(torch.compile(moe, dynamic=False)(x), moe(x), rtol=1e-5, atol=1e-6)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
 def moe_pass(moe, x, autocast):
     """Output, routing and gradients of one forward and backward, under bfloat16 autocast or not."""
     moe.zero_grad(set_to_none=True)
