@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from nanoseek.device import policy
 from nanoseek.model import DeepSeekV3
-from nanoseek.sampling import SamplingParams, sample_tokens
+from nanoseek.sampling import SamplingParams, sample_tokens, seeded_noise
 from nanoseek.text import RepetitionStop, TextStream
 
 COMPILE = os.environ.get("NANOSEEK_COMPILE", "1") != "0"  # compile the decode step; NANOSEEK_COMPILE=0: eager
@@ -181,6 +181,7 @@ class Engine:
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
         compile = COMPILE if compile is None else compile
         self.decode_step = torch.compile(decode_step, **compile_options(self.device)) if compile else decode_step
+        self.noise = torch.compile(seeded_noise, dynamic=True) if compile else seeded_noise  # integer hashing
         self.speculator = Speculator(model, shape, self.compute, self.device if compile else None) \
             if speculative and len(model.mtp) else None
         if compile:
@@ -263,6 +264,7 @@ class Engine:
         try:
             for n in sorted({1, min(2, self.max_batch)}):
                 self.generate([[bos]] * n, SamplingParams(max_tokens=3, temperature=0))
+                self.generate([[bos]] * n, SamplingParams(max_tokens=2, seed=0))  # and the seeded draw's noise
         finally:
             self.stop_ids = stops
         if self.speculator:
@@ -301,7 +303,7 @@ class Engine:
         """The next token of every sequence, drawn together in one call with one host sync (two with
         logprobs); a seeded row's draw depends on its seed and token index only."""
         logits = self.logits[self._rows(seqs)]
-        tokens = sample_tokens(logits, [s.params for s in seqs], [len(s.tokens) for s in seqs])
+        tokens = sample_tokens(logits, [s.params for s in seqs], [len(s.tokens) for s in seqs], self.noise)
         picked = tokens.tolist()
         wants = [i for i, s in enumerate(seqs) if s.params.logprobs]
         if wants:

@@ -41,10 +41,11 @@ class SamplingParams:
         return self.temperature < 1e-4
 
 
-def sample_tokens(logits, params, counters=None):
+def sample_tokens(logits, params, counters=None, noise_fn=None):
     """Next tokens (B,) from logits (B, V) on the device: the most likely where temperature < 1e-4, else
     a draw after temperature, top-k and top-p. counters (B,): each row's token index, which with its seed
-    picks a seeded row's noise (seeded_noise); unseeded rows draw from torch's generator."""
+    picks a seeded row's noise (noise_fn, default seeded_noise: the engine passes it compiled); unseeded rows
+    draw from torch's generator."""
     if all(sp.greedy for sp in params):
         return logits.argmax(-1)
     device = logits.device
@@ -53,14 +54,17 @@ def sample_tokens(logits, params, counters=None):
     scaled = logits / temperature[:, None]
     if any(sp.top_k or sp.top_p < 1.0 for sp in params):
         scaled = top_k_top_p(scaled, params)
-    noise = torch.empty_like(scaled).exponential_()
     seeded = [sp.seed is not None for sp in params]
     if any(seeded):
         seeds = [sp.seed or 0 for sp in params]
         counters = counters if counters is not None else [0] * len(params)
         keys = torch.tensor([[s & MASK32, s >> 32, c & MASK32] for s, c in zip(seeds, counters)], device=device)
-        noise = torch.where(torch.tensor(seeded, device=device)[:, None],
-                            seeded_noise(keys, logits.shape[1]).to(noise.dtype), noise)
+        noise = (noise_fn or seeded_noise)(keys, logits.shape[1]).to(scaled.dtype)
+        if not all(seeded):
+            noise = torch.where(torch.tensor(seeded, device=device)[:, None], noise,
+                                torch.empty_like(scaled).exponential_())
+    else:
+        noise = torch.empty_like(scaled).exponential_()
     drawn = (scaled.softmax(-1) / noise).argmax(-1)
     return torch.where(greedy, logits.argmax(-1), drawn)
 
