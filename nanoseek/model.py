@@ -516,7 +516,8 @@ class DeepSeekV3(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, targets=None, mtp_weight=0.0,
                 document_ids=None, hidden=False, routing=None):
-        """input_ids (B, T) -> logits (B, T, vocab); attention_mask (B, T) marks real tokens with 1.
+        """input_ids (B, T) -> logits (B, T, vocab); attention_mask (B, T) marks real tokens with 1, or
+        (B, T, T) says which tokens each token sees (with position_ids, rows that pack sequences sharing a prefix).
 
         document_ids (B, T) packs several documents in a row: a token attends only to earlier tokens of its
         own document and positions restart at each document (see data.Loader).
@@ -554,8 +555,11 @@ class DeepSeekV3(nn.Module):
 def _mask(attention_mask, T):
     """Boolean (B, 1, T, T) causal mask over real keys, or None for the plain causal case.
 
-    Each position may always see itself, so rows of padding stay finite.
+    Each position may always see itself, so rows of padding stay finite. A (B, T, T) attention_mask is
+    already that: which tokens each token sees (rl.pack's rows of a prompt and its completions).
     """
+    if attention_mask is not None and attention_mask.dim() == 3:
+        return attention_mask.bool()[:, None]
     if attention_mask is None or bool(attention_mask.all()):
         return None
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()

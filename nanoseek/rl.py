@@ -93,13 +93,14 @@ def group_advantages(rewards: torch.Tensor, mode="std"):
 def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None, n_tokens=None):
     """Token-level GRPO objective (to minimise) and its statistics (0-d tensors).
 
-    logp, old_logp, ref_logp, mask: (N, T) per completion token; advantages: (N,) per completion.
+    logp, old_logp, ref_logp, mask: (N, T) per completion token; advantages: (N,) per completion, or (N, T)
+    per token where a row holds several completions.
     loss = sum over tokens of -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3, / n_tokens,
     with r = exp(logp - old_logp) and k3 = exp(ref - logp) - (ref - logp) - 1. n_tokens defaults to the mask's
     count; a micro-batch passes the whole step's, so its losses and statistics add up to the step's.
     """
     ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     unclipped, clipped = ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     kl = torch.zeros_like(logp)
@@ -113,13 +114,15 @@ def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, beta
     return loss, {"kl": (kl * mask).sum().detach() / n, "clip_frac": clip_frac.detach()}
 
 
-def token_logprobs(net, ids, completion_mask, temperature=1.0):
+def token_logprobs(net, ids, completion_mask, temperature=1.0, positions=None, sees=None):
     """Log-probabilities (N, T - 1) of ids[:, 1:] under the policy that samples at `temperature` (logits / T),
-    and that policy's entropy summed over completion tokens (a 0-d tensor, no gradient).
+    and that policy's entropy summed over completion tokens (a 0-d tensor, no gradient). positions (N, T) and
+    sees (N, T, T), the earlier tokens each token attends to, for rows that pack several sequences (Rows).
 
     The logits are made logit_chunk tokens at a time along the sequence, and made again in the backward, so
     (N, T, vocab) never exists in fp32 at once."""
-    h = net(ids, hidden=True)[:, :-1]  # (N, T - 1, D); through the wrapper, so DDP sees the forward
+    h = net(ids, hidden=True, position_ids=positions, attention_mask=sees)[:, :-1]  # (N, T - 1, D); through
+    # the wrapper, so DDP sees the forward
     head = getattr(net, "module", net).lm_head.weight
     width = max(1, logit_chunk(head.shape[0]) // ids.shape[0])  # positions per chunk
     grad = torch.is_grad_enabled()
@@ -139,16 +142,76 @@ def _chunk_logprobs(h, head, targets, temperature):
     return logp_all.gather(-1, targets[..., None]).squeeze(-1), entropy
 
 
-def micro_batches(ids, mask, advantages, rows):
-    """(ids, mask, advantages) split into pieces of `rows` rows (0: one piece), each cut after its last
-    completion token (rows are padded on the right, so what a scored token sees does not change)."""
-    rows = rows or ids.shape[0]
-    pieces = []
-    for i in range(0, ids.shape[0], rows):
-        m = mask[i : i + rows]
-        width = max(2, int(m.any(0).nonzero().max()) + 1 if m.any() else 2)
-        pieces.append((ids[i : i + rows, :width], m[:, :width], advantages[i : i + rows]))
+PACKED_WIDTH = 512  # tokens up to which a row takes more completions of its problem behind one prompt
+
+
+class Rows(NamedTuple):
+    """One forward's rows (R, W): token ids, positions, which earlier tokens each token sees (R, W, W), 1 where
+    the token is a completion's (its log-probability is scored), and that completion's advantage there."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    sees: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+
+    def logprobs(self, net, temperature):
+        """token_logprobs of these rows under net."""
+        return token_logprobs(net, self.ids, self.mask, temperature, self.positions, self.sees)
+
+
+def shared_prompt_rows(groups, per_row=0):
+    """Rows that hold a problem's prompt once and several of its completions after it, each completion seeing
+    the prompt and itself only, at the positions it was sampled at, so its log-probabilities are those of the
+    completion alone while the prompt is computed once: prompt[:-1], then for each completion the prompt's last
+    token (whose hidden state predicts the completion's first token) and the completion.
+
+    groups: [(prompt ids, [(completion ids, advantage)])]. A row takes at most per_row completions (0: any) and
+    more than one only while it stays within PACKED_WIDTH tokens, so long completions keep a row each.
+    -> [(ids, positions, segment, mask, advantages)], lists of one row's tokens; segment 0 is the prompt."""
+    rows = []
+    for prompt, completions in groups:
+        row = None
+        for tokens, advantage in completions:
+            if row is None or (per_row and row[2][-1] == per_row) or len(row[0]) + 1 + len(tokens) > PACKED_WIDTH:
+                row = (prompt[:-1], list(range(len(prompt) - 1)), [0] * (len(prompt) - 1),
+                       [0] * (len(prompt) - 1), [0.0] * (len(prompt) - 1))
+                row = tuple(list(part) for part in row)
+                rows.append(row)
+            ids, positions, segment, mask, advantages = row
+            ids += [prompt[-1], *tokens]
+            positions += range(len(prompt) - 1, len(prompt) + len(tokens))
+            segment += [(segment[-1] if segment else 0) + 1] * (1 + len(tokens))
+            mask += [0] + [1] * len(tokens)
+            advantages += [0.0] + [advantage] * len(tokens)
+    return rows
+
+
+def micro_batches(rows, per_forward):
+    """rows in pieces of at most per_forward completions (0: one piece), a row never split."""
+    pieces, count = [], 0
+    for row in rows:
+        completions = max(row[2], default=0)
+        if not pieces or (per_forward and count + completions > per_forward):
+            pieces.append([])
+            count = 0
+        pieces[-1].append(row)
+        count += completions
     return pieces
+
+
+def pack(rows, device):
+    """Rows of shared_prompt_rows as tensors, padded on the right to the longest."""
+    width = max(len(row[0]) for row in rows)
+    padded = [[part + [0] * (width - len(part)) for part in row] for row in rows]
+    ids, positions, segment, mask, advantages = (torch.tensor(list(column), device=device) for column in zip(*padded))
+    segment = torch.where(torch.arange(width, device=device) < torch.tensor([len(r[0]) for r in rows],
+                                                                            device=device)[:, None], segment, -1)
+    index = torch.arange(width, device=device)
+    sees = (index[:, None] >= index[None, :]) & (segment[:, None, :] >= 0) & (
+        (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0))
+    sees |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: finite, never scored
+    return Rows(ids, positions, sees, mask.float(), advantages.float())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -281,25 +344,30 @@ class GRPO:
         o = self.o
         if not any_rank(bool(kept)):
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-        batches = micro_batches(*self._batch(kept), o.micro_batch)
-        n_tokens = sum(mask[:, 1:].sum() for _, mask, _ in batches).clamp(min=1)
+        groups = self._groups(kept)
+        n_tokens = torch.tensor(float(sum(len(t) for _, completions in groups for t, _ in completions)) or 1.0,
+                                device=self.device)  # the loss is a mean over every completion token
+        if o.beta == 0:  # without the KL term a completion of advantage 0 adds nothing to the loss or gradient
+            groups = [(p, [(t, a) for t, a in completions if a != 0]) for p, completions in groups]
+        rows = shared_prompt_rows(groups, o.micro_batch)
+        batches = [pack(piece, self.device) for piece in micro_batches(rows, o.micro_batch)] or \
+            [pack([([self.tokenizer.bos_id] * 2, [0, 1], [0, 0], [0, 0], [0.0, 0.0])], self.device)]
+        n_trained = sum(b.mask[:, 1:].sum() for b in batches).clamp(min=1)
         with torch.no_grad(), self.compute.autocast():  # with one pass the policy that sampled is the one updated
-            old = [token_logprobs(self.model, ids, mask, o.temperature)[0] if o.mu > 1 else None
-                   for ids, mask, _ in batches]
-            ref = [token_logprobs(self.ref, ids, mask, o.temperature)[0] if self.ref is not None else None
-                   for ids, mask, _ in batches]
+            old = [b.logprobs(self.model, o.temperature)[0] if o.mu > 1 else None for b in batches]
+            ref = [b.logprobs(self.ref, o.temperature)[0] if self.ref is not None else None for b in batches]
         self.model.train()
         for _ in range(o.mu):
             totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-            for i, (ids, mask, adv) in enumerate(batches):
+            for i, b in enumerate(batches):
                 sync = self.world == 1 or (i == len(batches) - 1 and not self.replay_tasks)
                 with (nullcontext() if sync else self.net.no_sync()), self.compute.autocast():
-                    logp, entropy = token_logprobs(self.net, ids, mask, o.temperature)
+                    logp, entropy = b.logprobs(self.net, o.temperature)
                     old_logp = logp.detach() if old[i] is None else old[i]
-                    loss, stats = grpo_loss(logp, old_logp, adv, mask[:, 1:], o.eps_low, o.eps_high, o.beta,
-                                            ref[i], n_tokens)
+                    loss, stats = grpo_loss(logp, old_logp, b.advantages[:, 1:], b.mask[:, 1:], o.eps_low,
+                                            o.eps_high, o.beta, ref[i], n_tokens)
                     loss.backward()
-                for key, value in {"loss": loss.detach(), "entropy": entropy / n_tokens, **stats}.items():
+                for key, value in {"loss": loss.detach(), "entropy": entropy / n_trained, **stats}.items():
                     totals[key] = totals[key] + value
             if self.replay_tasks:
                 with self.compute.autocast():
@@ -314,24 +382,12 @@ class GRPO:
         self.model.eval()
         return {**{key: float(value) for key, value in totals.items()}, "grad_norm": float(grad_norm)}
 
-    def _batch(self, kept):
-        """Token ids (N, T), completion mask (N, T) and advantages (N,) of the kept groups on the device;
-        one row with nothing to learn (mask and advantage 0) when this rank kept none."""
-        rows, adv = [([self.tokenizer.bos_id] * 2, [])], [0.0]
-        if kept:
-            rows, adv = [], []
-            advantages = group_advantages(torch.tensor([g.totals for g in kept]), self.o.advantage)
-            for g, group_adv in zip(kept, advantages):
-                for s, a in zip(g.completions, group_adv):
-                    rows.append((g.prompt, s.tokens))
-                    adv.append(float(a))
-        width = max(len(p) + len(t) for p, t in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width)
-        for i, (p, t) in enumerate(rows):
-            ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-            mask[i, len(p) : len(p) + len(t)] = 1
-        return ids.to(self.device), mask.to(self.device), torch.tensor(adv, device=self.device)
+    def _groups(self, kept):
+        """[(prompt ids, [(completion ids, advantage)])] of the kept groups."""
+        if not kept:
+            return []
+        advantages = group_advantages(torch.tensor([g.totals for g in kept]), self.o.advantage).tolist()
+        return [(g.prompt, [(s.tokens, a) for s, a in zip(g.completions, adv)]) for g, adv in zip(kept, advantages)]
 
     def heldout_accuracy(self):
         """{"heldout_TASK": greedy accuracy} on a fixed set of eval_n test problems of each task and replay task

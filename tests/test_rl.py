@@ -231,13 +231,78 @@ def test_grpo_update_does_not_depend_on_the_micro_batch(random_policy, tmp_path)
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_micro_batches_cut_rows_after_their_last_completion_token():
-    ids = torch.arange(1, 25).view(4, 6)
-    mask = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]).float()
-    pieces = micro_batches(ids, mask, torch.arange(4.0), 2)
-    assert [p[0].shape for p in pieces] == [(2, 4), (2, 3)]
-    assert torch.equal(pieces[1][0], ids[2:, :3]) and torch.equal(pieces[1][2], torch.tensor([2.0, 3.0]))
-    assert micro_batches(ids, mask, torch.arange(4.0), 0)[0][0].shape == (4, 4)
+def one_row_each(groups):
+    """Token ids (N, T), completion mask (N, T) and advantages (N,): each completion in a row of its own
+    behind its prompt, padded on the right."""
+    rows = [(prompt + tokens, [0] * len(prompt) + [1] * len(tokens), a)
+            for prompt, completions in groups for tokens, a in completions]
+    width = max(len(ids) for ids, _, _ in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r, _, _ in rows])
+    mask = torch.tensor([m + [0] * (width - len(m)) for _, m, _ in rows]).float()
+    return ids, mask, torch.tensor([a for _, _, a in rows])
+
+
+def test_the_update_equals_one_row_per_completion(random_policy, tmp_path, monkeypatch):
+    """The update packs each problem's completions behind one copy of its prompt and, without the KL term,
+    leaves out completions of advantage 0 (a group whose rewards are all equal): its loss and gradient are
+    those of every completion in a row of its own."""
+    import nanoseek.rl
+
+    o = options_from({"init": random_policy, "out": str(tmp_path / "rl"), "task": "addition", "difficulty": 1,
+                      "prompts": 2, "group": 4, "max_new_tokens": 12, "beta": 0.0, "dynamic_sampling": False,
+                      "device": "cpu", "progress": False}, DEFAULTS, "rl")
+    trainer = GRPO(o)
+    first, second = trainer.rollouts(0)[0]
+    kept = [first._replace(totals=[1.0, 0.0, 0.0, 1.0]), second._replace(totals=[1.0] * 4)]
+    scored = []
+    monkeypatch.setattr(nanoseek.rl, "token_logprobs", lambda net, ids, mask, *a, forward=token_logprobs:
+                        scored.append(int(mask[:, 1:].sum())) or forward(net, ids, mask, *a))
+    grads = []
+    trainer.opt.step = lambda: grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                             for p in trainer.model.parameters()])
+    stats = trainer.update(kept, 0)
+    assert scored == [sum(len(s.tokens) for s in first.completions)]  # the second group never ran
+
+    model = checkpoint.load(random_policy)[0].train()
+    ids, mask, adv = one_row_each(trainer._groups(kept))
+    logp, _ = token_logprobs(model, ids, mask)
+    loss, _ = grpo_loss(logp, logp.detach(), adv, mask[:, 1:])
+    loss.backward()
+    loss = loss.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip or float("inf"))  # as the update does
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for a, p in zip(grads[0], model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad if p.grad is not None else torch.zeros_like(a), rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_row_scores_each_completion_as_alone(random_policy):
+    """Rows of one prompt and several completions give each completion's tokens the log-probabilities they have
+    in a row of their own; a row holds at most per_row completions and one past PACKED_WIDTH tokens, and a
+    micro-batch at most per_forward completions."""
+    from nanoseek.rl import PACKED_WIDTH, pack, shared_prompt_rows
+
+    model = checkpoint.load(random_policy)[0].eval()
+    g = torch.Generator().manual_seed(2)
+    groups = [([1, *torch.randint(3, 60, (n,), generator=g).tolist()],
+               [(torch.randint(3, 60, (k,), generator=g).tolist(), 0.5) for k in lengths])
+              for n, lengths in ((6, (3, 7, 1, 5)), (9, (4, 2)))]
+    rows = shared_prompt_rows(groups)
+    assert [max(r[2]) for r in rows] == [4, 2] and len(rows[0][0]) == 6 + 4 + 8 + 2 + 6
+    packed = pack(rows, "cpu")
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, packed.ids, packed.mask, 1.0, packed.positions, packed.sees)
+        ids, mask, _ = one_row_each(groups)
+        alone, _ = token_logprobs(model, ids, mask)
+    torch.testing.assert_close(logp[packed.mask[:, 1:].bool()], alone[mask[:, 1:].bool()], rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.advantages[packed.mask.bool()], torch.full((int(packed.mask.sum()),), 0.5))
+
+    assert [max(r[2]) for r in shared_prompt_rows(groups, per_row=3)] == [3, 1, 2]
+    long = [([1, 2], [([5] * (PACKED_WIDTH // 2), 1.0)] * 3)]
+    assert [max(r[2]) for r in shared_prompt_rows(long)] == [1, 1, 1]
+    pieces = micro_batches(shared_prompt_rows(groups, per_row=3), 3)
+    assert [[max(r[2]) for r in piece] for piece in pieces] == [[3], [1, 2]]
+    assert len(micro_batches(rows, 0)) == 1
 
 
 def test_logprobs_in_chunks_equal_the_whole(random_policy, monkeypatch):
