@@ -317,7 +317,8 @@ class MoE(nn.Module):
         traced = not self.training and torch.compiler.is_compiling()  # a compiled inference step: one graph
         if traced and x.shape[0] == 1:  # one token (decoding one sequence): only its k experts' weights read
             y = self.gathered_experts(x, weights, experts)
-        elif traced and compute_dtype(x) != torch.bfloat16:  # F.grouped_mm is traced for bf16 only
+        elif traced and compute_dtype(x) != torch.bfloat16 and x.shape[0] * self.n_experts <= self.dense_below:
+            # F.grouped_mm is traced for bf16 only; a decode step's few tokens through every expert
             y = self.dense_experts(x, weights, experts)
         else:
             y, load = self.sorted_experts(x, weights, experts)
@@ -342,6 +343,8 @@ class MoE(nn.Module):
         h = grouped_mm(F.silu(gate) * up, self.down.to(dtype), offsets, load)
         h = h.to(x.dtype) * weights.flatten()[order].unsqueeze(1).to(x.dtype)  # weighted and summed in x's dtype
         return torch.zeros_like(x).index_add_(0, token, h), load
+
+    dense_below = 8192  # (token, expert) pairs up to which a compiled inference step computes every expert
 
     def gathered_experts(self, x, weights, experts):
         """Each token (N, D) through the weights of its own k experts, gathered: fixed shapes, so a compiled
