@@ -54,8 +54,10 @@ def main():
             x = torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(n))
             calls = max(5, 2000 // n)
             eager = [microseconds(lambda x, p=p: run(moe, p, x), x, calls) for p in PATHS]
-            compiled = [microseconds(torch.compile(lambda x, p=p: run(moe, p, x), dynamic=False), x, calls)
-                        for p in PATHS[1:]]
+            compiled = []
+            for path in PATHS[1:]:
+                torch._dynamo.reset()  # a graph of its own for every path and size
+                compiled.append(microseconds(torch.compile(lambda x, p=path: run(moe, p, x), dynamic=False), x, calls))
             print(f"{n:>6}  " + "  ".join(f"{t:>15.0f}" for t in eager) + "  " +
                   "  ".join(f"{t:>18.0f}" for t in compiled))
 
