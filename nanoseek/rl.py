@@ -150,8 +150,8 @@ class Rows(NamedTuple):
     the token is a completion's (its log-probability is scored), and that completion's advantage there."""
 
     ids: torch.Tensor
-    positions: torch.Tensor
-    sees: torch.Tensor
+    positions: torch.Tensor | None
+    sees: torch.Tensor | None
     mask: torch.Tensor
     advantages: torch.Tensor
 
@@ -201,10 +201,14 @@ def micro_batches(rows, per_forward):
 
 
 def pack(rows, device):
-    """Rows of shared_prompt_rows as tensors, padded on the right to the longest."""
+    """Rows of shared_prompt_rows as tensors, padded on the right to the longest. Where no row holds more than
+    one completion, positions and sees are None: each row is a prompt and a completion, plain causal attention
+    (no (R, W, W) mask to hold for long completions)."""
     width = max(len(row[0]) for row in rows)
     padded = [[part + [0] * (width - len(part)) for part in row] for row in rows]
     ids, positions, segment, mask, advantages = (torch.tensor(list(column), device=device) for column in zip(*padded))
+    if max(max(row[2], default=0) for row in rows) <= 1:
+        return Rows(ids, None, None, mask.float(), advantages.float())
     segment = torch.where(torch.arange(width, device=device) < torch.tensor([len(r[0]) for r in rows],
                                                                             device=device)[:, None], segment, -1)
     index = torch.arange(width, device=device)

@@ -303,6 +303,8 @@ def test_a_packed_row_scores_each_completion_as_alone(random_policy):
     pieces = micro_batches(shared_prompt_rows(groups, per_row=3), 3)
     assert [[max(r[2]) for r in piece] for piece in pieces] == [[3], [1, 2]]
     assert len(micro_batches(rows, 0)) == 1
+    alone = pack(shared_prompt_rows(groups, per_row=1), "cpu")  # a prompt and a completion a row: plain causal
+    assert alone.sees is None and alone.positions is None and torch.equal(alone.ids, ids)
 
 
 def test_logprobs_in_chunks_equal_the_whole(random_policy, monkeypatch):
