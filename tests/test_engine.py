@@ -396,6 +396,29 @@ def test_compiled_decode_step_gives_the_same_tokens(peaky):
     assert [s.tokens for s in engine.generate(PROMPTS, seeded)] == [s.tokens for s in eager.generate(PROMPTS, seeded)]
 
 
+def test_an_engine_for_another_checkpoint_of_the_same_shape_compiles_nothing(peaky):
+    """The compiled decode step is made once per process and model shape: an engine for other weights of the
+    same shape runs the graphs already compiled (no new graph) and decodes with its own weights."""
+    model, tok, _ = peaky
+    Engine(model, tok, max_batch=4, speculative=False, compile=True)
+    other = DeepSeekV3(model.config).init_weights(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.dim() >= 2:
+                p.mul_(5)
+    torch._dynamo.utils.counters.clear()
+    engine = Engine(other, tok, max_batch=4, speculative=False, compile=True)
+    engine.stop_ids = set()
+    tokens = [s.tokens for s in engine.generate(PROMPTS, GREEDY)]
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    eager = Engine(other, tok, max_batch=4, speculative=False, compile=False)
+    eager.stop_ids = set()
+    assert tokens == [s.tokens for s in eager.generate(PROMPTS, GREEDY)]
+    first = Engine(model, tok, max_batch=4, speculative=False, compile=False)
+    first.stop_ids = set()
+    assert tokens != [s.tokens for s in first.generate(PROMPTS, GREEDY)]
+
+
 def test_the_engine_owns_its_compute_dtype(peaky):
     """Engine(dtype="bfloat16") keeps a bf16 latent cache and runs the model under its own autocast: its
     log-probabilities are the same whether the caller wraps autocast or not, and not those of float32."""
