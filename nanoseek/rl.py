@@ -340,8 +340,9 @@ class GRPO:
         return self.net(x.to(self.device), targets=y.to(self.device))[1]
 
     def update(self, kept, step):
-        """mu passes of the clipped objective over this step's rollouts, micro_batch rows per forward with
-        gradients accumulated (the update does not depend on the micro-batch), then the replay loss; statistics.
+        """mu passes of the clipped objective over this step's rollouts, in rows that hold each prompt once with
+        its completions (shared_prompt_rows), at most micro_batch rollouts per forward with gradients
+        accumulated (the update does not depend on the micro-batch), then the replay loss; statistics.
 
         Ranks agree first: when no rank kept a group, none trains; otherwise every rank runs the same
         passes, one that kept none on an empty batch (zero loss and gradient), so DDP's all-reduce finds it."""
