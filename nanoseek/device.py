@@ -9,7 +9,7 @@ every collective here runs on the device that group serves, whatever device its 
 """
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +68,18 @@ def start_ranks(device, timeout=None):
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), world
+
+
+@contextmanager
+def stage_ranks():
+    """Around a stage: the process group it joins (start_ranks) is left when it ends, however it ends; one it
+    found joined already is kept (`nanoseek run` keeps one process group over its stages)."""
+    joined = dist.is_initialized()
+    try:
+        yield
+    finally:
+        if dist.is_initialized() and not joined:
+            dist.destroy_process_group()
 
 
 def collective_device():

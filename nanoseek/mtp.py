@@ -18,11 +18,10 @@ import os
 import random
 import time
 
-import torch.distributed as dist
 from tqdm import tqdm
 
 from nanoseek import checkpoint, data
-from nanoseek.device import barrier, from_rank0, policy, start_ranks
+from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
 from nanoseek.engine import Engine
 from nanoseek.loop import options_from
 from nanoseek.rl import task_list
@@ -106,13 +105,9 @@ def align_mtp(options: dict):
     if o.problems < 1 or o.turns < 1:
         raise ValueError("--problems and --turns must be at least 1")
     compute = policy(o.device, o.dtype)
-    joined = dist.is_initialized()  # `nanoseek run` keeps one process group over its stages
-    rank, _ = start_ranks(compute.device)
-    try:
+    with stage_ranks():
+        rank, _ = start_ranks(compute.device)
         return run_stage(o, compute, rank == 0)
-    finally:
-        if dist.is_initialized() and not joined:
-            dist.destroy_process_group()
 
 
 def run_stage(o, compute, rank0):

@@ -25,7 +25,6 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-import torch.distributed as dist
 
 from nanoseek import data as data_module
 from nanoseek import evaluate as evaluate_module
@@ -33,7 +32,7 @@ from nanoseek import mtp as mtp_module
 from nanoseek import rejection as rejection_module
 from nanoseek import rl as rl_module
 from nanoseek import train as train_module
-from nanoseek.device import barrier, from_rank0, policy, start_ranks
+from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
 from nanoseek.plan import PlanError, plan_recipe
 from nanoseek.tasks import chat_documents, get_task, task_documents
 from nanoseek.tasks.smalltalk import smalltalk_texts
@@ -173,13 +172,9 @@ def run(recipe, force=(), stop_after=None, log=_say):
     Under torchrun every rank trains; rank 0 alone makes the tokenizer and data, evaluates and reports,
     while the others wait, and rank 0 decides what is complete."""
     device = recipe["run"]["device"] or None
-    joined = dist.is_initialized()
-    rank, _ = start_ranks(policy(device, recipe["run"]["dtype"]).device, timeout=RANK0_STAGE_TIMEOUT)
-    try:
+    with stage_ranks():
+        rank, _ = start_ranks(policy(device, recipe["run"]["dtype"]).device, timeout=RANK0_STAGE_TIMEOUT)
         return _run_stages(recipe, force, stop_after, log if rank == 0 else lambda line: None, rank == 0)
-    finally:
-        if dist.is_initialized() and not joined:
-            dist.destroy_process_group()
 
 
 def _run_stages(recipe, force, stop_after, log, main):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanoseek import checkpoint, data
-from nanoseek.device import barrier, from_rank0, policy, start_ranks
+from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
 from nanoseek.engine import Engine
 from nanoseek.loop import options_from
 from nanoseek.rl import task_list
@@ -267,10 +267,6 @@ def rejection_sampling(options: dict):
     o = options_from(options, DEFAULTS, "rs")
     check(o)
     compute = policy(o.device, o.dtype)
-    joined = dist.is_initialized()  # `nanoseek run` keeps one process group over its stages
-    rank, world = start_ranks(compute.device)
-    try:
+    with stage_ranks():
+        rank, world = start_ranks(compute.device)
         return run_stage(o, rank, world, compute)
-    finally:
-        if dist.is_initialized() and not joined:
-            dist.destroy_process_group()

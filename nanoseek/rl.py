@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from nanoseek import checkpoint
-from nanoseek.device import all_reduce, any_rank, policy, start_ranks
+from nanoseek.device import all_reduce, any_rank, policy, stage_ranks, start_ranks
 from nanoseek.engine import Engine, Sequence
 from nanoseek.evaluate import evaluate_model, test_problems
 from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
@@ -470,11 +470,6 @@ def plot_rl(metrics_file, out_dir):
 def rl(options: dict):
     """Run GRPO with `options` (keys of DEFAULTS); returns the last step's metrics."""
     o = options_from(options, DEFAULTS, "rl")
-    joined = torch.distributed.is_initialized()  # `nanoseek run` keeps one process group over its stages
-    trainer = GRPO(o)
-    try:
-        return trainer.run()
-    finally:
-        if torch.distributed.is_initialized() and not joined:
-            torch.distributed.destroy_process_group()
+    with stage_ranks():
+        return GRPO(o).run()
 

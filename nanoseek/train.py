@@ -14,11 +14,10 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 from nanoseek import checkpoint
 from nanoseek.data import DataError, Loader, load_manifest, sequential_batches
-from nanoseek.device import all_reduce, policy, start_ranks
+from nanoseek.device import all_reduce, policy, stage_ranks, start_ranks
 from nanoseek.hardware import peak_flops
 from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.model import (
@@ -398,10 +397,5 @@ def train(options: dict, mode: str):
     o = options_from(options, DEFAULTS, "training")
     if o.schedule not in ("cosine", "wsd"):
         raise ValueError(f"--schedule must be cosine or wsd, not {o.schedule!r}")
-    joined = dist.is_initialized()  # `nanoseek run` keeps one process group over its stages
-    trainer = Trainer(o, mode)
-    try:
-        return trainer.run()
-    finally:
-        if dist.is_initialized() and not joined:
-            dist.destroy_process_group()
+    with stage_ranks():
+        return Trainer(o, mode).run()
