@@ -160,6 +160,20 @@ class Rows(NamedTuple):
         return token_logprobs(net, self.ids, self.mask, temperature, self.positions, self.sees)
 
 
+class PackedRow(NamedTuple):
+    """One row of shared_prompt_rows, as lists over its tokens; segment 0 is the prompt, i the i-th completion."""
+
+    ids: list
+    positions: list
+    segment: list
+    mask: list
+    advantages: list
+
+    @property
+    def completions(self):
+        return max(self.segment, default=0)
+
+
 def shared_prompt_rows(groups, per_row=0):
     """Rows that hold a problem's prompt once and several of its completions after it, each completion seeing
     the prompt and itself only, at the positions it was sampled at, so its log-probabilities are those of the
@@ -168,22 +182,20 @@ def shared_prompt_rows(groups, per_row=0):
 
     groups: [(prompt ids, [(completion ids, advantage)])]. A row takes at most per_row completions (0: any) and
     more than one only while it stays within PACKED_WIDTH tokens, so long completions keep a row each.
-    -> [(ids, positions, segment, mask, advantages)], lists of one row's tokens; segment 0 is the prompt."""
+    -> [PackedRow]."""
     rows = []
     for prompt, completions in groups:
-        row = None
+        start, row = len(prompt) - 1, None
         for tokens, advantage in completions:
-            if row is None or (per_row and row[2][-1] == per_row) or len(row[0]) + 1 + len(tokens) > PACKED_WIDTH:
-                row = (prompt[:-1], list(range(len(prompt) - 1)), [0] * (len(prompt) - 1),
-                       [0] * (len(prompt) - 1), [0.0] * (len(prompt) - 1))
-                row = tuple(list(part) for part in row)
+            if row is None or row.completions == per_row or len(row.ids) + 1 + len(tokens) > PACKED_WIDTH:
+                row = PackedRow(list(prompt[:-1]), list(range(start)), [0] * start, [0] * start, [0.0] * start)
                 rows.append(row)
-            ids, positions, segment, mask, advantages = row
-            ids += [prompt[-1], *tokens]
-            positions += range(len(prompt) - 1, len(prompt) + len(tokens))
-            segment += [(segment[-1] if segment else 0) + 1] * (1 + len(tokens))
-            mask += [0] + [1] * len(tokens)
-            advantages += [0.0] + [advantage] * len(tokens)
+            segment = row.completions + 1
+            row.ids.extend([prompt[-1], *tokens])
+            row.positions.extend(range(start, start + 1 + len(tokens)))
+            row.segment.extend([segment] * (1 + len(tokens)))
+            row.mask.extend([0] + [1] * len(tokens))
+            row.advantages.extend([0.0] + [advantage] * len(tokens))
     return rows
 
 
@@ -191,12 +203,11 @@ def micro_batches(rows, per_forward):
     """rows in pieces of at most per_forward completions (0: one piece), a row never split."""
     pieces, count = [], 0
     for row in rows:
-        completions = max(row[2], default=0)
-        if not pieces or (per_forward and count + completions > per_forward):
+        if not pieces or (per_forward and count + row.completions > per_forward):
             pieces.append([])
             count = 0
         pieces[-1].append(row)
-        count += completions
+        count += row.completions
     return pieces
 
 
@@ -204,12 +215,12 @@ def pack(rows, device):
     """Rows of shared_prompt_rows as tensors, padded on the right to the longest. Where no row holds more than
     one completion, positions and sees are None: each row is a prompt and a completion, plain causal attention
     (no (R, W, W) mask to hold for long completions)."""
-    width = max(len(row[0]) for row in rows)
+    width = max(len(row.ids) for row in rows)
     padded = [[part + [0] * (width - len(part)) for part in row] for row in rows]
     ids, positions, segment, mask, advantages = (torch.tensor(list(column), device=device) for column in zip(*padded))
-    if max(max(row[2], default=0) for row in rows) <= 1:
+    if max(row.completions for row in rows) <= 1:
         return Rows(ids, None, None, mask.float(), advantages.float())
-    segment = torch.where(torch.arange(width, device=device) < torch.tensor([len(r[0]) for r in rows],
+    segment = torch.where(torch.arange(width, device=device) < torch.tensor([len(row.ids) for row in rows],
                                                                             device=device)[:, None], segment, -1)
     index = torch.arange(width, device=device)
     sees = (index[:, None] >= index[None, :]) & (segment[:, None, :] >= 0) & (
@@ -356,7 +367,7 @@ class GRPO:
             groups = [(p, [(t, a) for t, a in completions if a != 0]) for p, completions in groups]
         rows = shared_prompt_rows(groups, o.micro_batch)
         batches = [pack(piece, self.device) for piece in micro_batches(rows, o.micro_batch)] or \
-            [pack([([self.tokenizer.bos_id] * 2, [0, 1], [0, 0], [0, 0], [0.0, 0.0])], self.device)]
+            [pack([PackedRow([self.tokenizer.bos_id] * 2, [0, 1], [0, 0], [0, 0], [0.0, 0.0])], self.device)]
         n_trained = sum(b.mask[:, 1:].sum() for b in batches).clamp(min=1)
         with torch.no_grad(), self.compute.autocast():  # with one pass the policy that sampled is the one updated
             old = [b.logprobs(self.model, o.temperature)[0] if o.mu > 1 else None for b in batches]

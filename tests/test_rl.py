@@ -288,7 +288,7 @@ def test_a_packed_row_scores_each_completion_as_alone(random_policy):
                [(torch.randint(3, 60, (k,), generator=g).tolist(), 0.5) for k in lengths])
               for n, lengths in ((6, (3, 7, 1, 5)), (9, (4, 2)))]
     rows = shared_prompt_rows(groups)
-    assert [max(r[2]) for r in rows] == [4, 2] and len(rows[0][0]) == 6 + 4 + 8 + 2 + 6
+    assert [r.completions for r in rows] == [4, 2] and len(rows[0].ids) == 6 + 4 + 8 + 2 + 6
     packed = pack(rows, "cpu")
     with torch.no_grad():
         logp, _ = token_logprobs(model, packed.ids, packed.mask, 1.0, packed.positions, packed.sees)
@@ -297,11 +297,11 @@ def test_a_packed_row_scores_each_completion_as_alone(random_policy):
     torch.testing.assert_close(logp[packed.mask[:, 1:].bool()], alone[mask[:, 1:].bool()], rtol=1e-5, atol=1e-5)
     assert torch.equal(packed.advantages[packed.mask.bool()], torch.full((int(packed.mask.sum()),), 0.5))
 
-    assert [max(r[2]) for r in shared_prompt_rows(groups, per_row=3)] == [3, 1, 2]
+    assert [r.completions for r in shared_prompt_rows(groups, per_row=3)] == [3, 1, 2]
     long = [([1, 2], [([5] * (PACKED_WIDTH // 2), 1.0)] * 3)]
-    assert [max(r[2]) for r in shared_prompt_rows(long)] == [1, 1, 1]
+    assert [r.completions for r in shared_prompt_rows(long)] == [1, 1, 1]
     pieces = micro_batches(shared_prompt_rows(groups, per_row=3), 3)
-    assert [[max(r[2]) for r in piece] for piece in pieces] == [[3], [1, 2]]
+    assert [[r.completions for r in piece] for piece in pieces] == [[3], [1, 2]]
     assert len(micro_batches(rows, 0)) == 1
     alone = pack(shared_prompt_rows(groups, per_row=1), "cpu")  # a prompt and a completion a row: plain causal
     assert alone.sees is None and alone.positions is None and torch.equal(alone.ids, ids)
