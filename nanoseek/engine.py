@@ -181,7 +181,8 @@ class Engine:
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
         compile = COMPILE if compile is None else compile
         self.decode_step = torch.compile(decode_step, **compile_options(self.device)) if compile else decode_step
-        self.noise = torch.compile(seeded_noise, dynamic=True) if compile else seeded_noise  # integer hashing
+        # the seeded draws' integer hashing, compiled at the first seeded draw (chat never makes one)
+        self.noise = torch.compile(seeded_noise, dynamic=True) if compile else seeded_noise
         self.speculator = Speculator(model, shape, self.compute, self.device if compile else None) \
             if speculative and len(model.mtp) else None
         if compile:
@@ -264,7 +265,6 @@ class Engine:
         try:
             for n in sorted({1, min(2, self.max_batch)}):
                 self.generate([[bos]] * n, SamplingParams(max_tokens=3, temperature=0))
-                self.generate([[bos]] * n, SamplingParams(max_tokens=2, seed=0))  # and the seeded draw's noise
         finally:
             self.stop_ids = stops
         if self.speculator:
