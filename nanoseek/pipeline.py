@@ -25,7 +25,6 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-
 from nanoseek import data as data_module
 from nanoseek import evaluate as evaluate_module
 from nanoseek import mtp as mtp_module
