@@ -14,7 +14,8 @@ rows at a time), Hugging Face datasets row by row (nanoseek/hub.py), documents a
 time, tokens appended to their shard as they come, and the loader indexes each shard with numpy.
 """
 
-import array
+import bisect
+import collections
 import glob
 import hashlib
 import itertools
@@ -427,8 +428,8 @@ class Loader:
         return len(self._epoch(0)[1]) - 1
 
     def _epoch(self, epoch):
-        """The rows of an epoch as (order, bounds): pieces in a seeded order, row k holding the pieces
-        order[bounds[k]:bounds[k + 1]], each row filled until the next piece does not fit."""
+        """The rows of an epoch as (order, bounds): pieces in a seeded order, packed (see pack), row k holding
+        the pieces order[bounds[k]:bounds[k + 1]]."""
         while len(self._epochs) <= epoch:
             e = len(self._epochs)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
@@ -437,14 +438,9 @@ class Loader:
             if self.rows == "windows":
                 bounds = np.arange(len(order) + 1)
             else:
-                bounds, used = array.array("q", [0]), 0
-                for k, n in enumerate(self.pieces[order, 2].tolist()):
-                    if k > bounds[-1] and used + n > self.seq_len:
-                        bounds.append(k)
-                        used = 0
-                    used += n
-                bounds.append(len(order))
-                bounds = np.frombuffer(bounds, dtype=np.int64)
+                rows = pack(self.pieces[order, 2].tolist(), self.seq_len)
+                bounds = np.cumsum([0] + [len(row) for row in rows])
+                order = order[np.concatenate(rows)] if rows else order
             self._epochs.append((order, bounds))
         return self._epochs[epoch]
 
@@ -488,6 +484,37 @@ class Loader:
                             "--seq and --rows")
         self.position, self.seed = state["position"], state["seed"]
         self._epochs = []
+
+
+def pack(lengths, capacity, window=256):
+    """Pieces of these lengths (each <= capacity), in their order, into rows of at most capacity tokens ->
+    the rows as lists of indices. A row starts with the oldest piece not yet placed; its room is then filled
+    best-fit (the longest piece that fits, the oldest of that length) from the next `window` pieces not yet
+    placed, so rows come out nearly full (next-fit packing of the cpu recipe's SFT conversations pads a sixth
+    of every row, this 5%) and each piece lands about where the order put it."""
+    rows, waiting, fits = [], collections.deque(), []  # fits: sorted (length, index) of the pieces in view
+    placed = bytearray(len(lengths))
+    seen = 0
+    while True:
+        while seen < len(lengths) and len(fits) < window:
+            waiting.append(seen)
+            bisect.insort(fits, (lengths[seen], seen))
+            seen += 1
+        while waiting and placed[waiting[0]]:
+            waiting.popleft()
+        if not waiting:
+            return rows
+        first = waiting.popleft()
+        row, room = [first], capacity - lengths[first]
+        placed[first] = 1
+        fits.remove((lengths[first], first))
+        while fits and fits[0][0] <= room:
+            length = fits[bisect.bisect_right(fits, (room, len(lengths))) - 1][0]
+            i = fits.pop(bisect.bisect_left(fits, (length, -1)))[1]
+            row.append(i)
+            placed[i] = 1
+            room -= length
+        rows.append(row)
 
 
 def sequential_batches(data_dir, split, seq_len, batch, max_rows=None, tokenizer=None, rows="documents"):

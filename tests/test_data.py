@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import arithmetic_documents, chat_documents
 
-from nanoseek.data import DataError, Loader, build, load_manifest, read_texts
+from nanoseek.data import DataError, Loader, build, load_manifest, pack, read_texts
 from nanoseek.tokenizer import train_tokenizer
 
 
@@ -143,6 +143,23 @@ def test_epochs_reshuffle_and_cover_every_row(text_data):
     assert epochs[0] != epochs[1]
     n = len(epochs[0])
     assert torch.equal(loader.row(n)[0], Loader(text_data, "train", 32, 1, seed=0).row(n)[0])  # 2nd epoch's first
+
+
+def test_pack_fills_rows_and_keeps_the_order_nearly():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 200, 3000).tolist()
+    rows = pack(lengths, 256, window=64)
+    assert sorted(i for row in rows for i in row) == list(range(3000))  # every piece once
+    assert all(sum(lengths[i] for i in row) <= 256 for row in rows)
+    assert [row[0] for row in rows] == sorted(row[0] for row in rows)  # rows start in the given order
+    placed = [i for row in rows for i in row]
+    assert max(abs(i - at) for at, i in enumerate(placed)) <= 2 * 64  # each piece near its place
+    next_fit, used = 1, 0
+    for n in lengths:
+        next_fit, used = (next_fit + 1, n) if used + n > 256 else (next_fit, used + n)
+    fill = sum(lengths) / (256 * len(rows))
+    assert fill > 0.95 and len(rows) < 0.85 * next_fit, (fill, len(rows), next_fit)
+    assert pack([], 256) == [] and pack([256, 1, 256], 256) == [[0], [1], [2]]
 
 
 def test_bad_inputs_name_the_file_and_line(tmp_path, tokenizer):
