@@ -20,7 +20,7 @@ from nanoseek.device import policy
 from nanoseek.engine import Engine
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import as_chat, get_task
-from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS
+from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, KINDS
 from nanoseek.text import DEFAULT_REPETITION_STOP
 
 BATCH = 128  # sequences decoded at once (one compiled graph at any batch): 4x fewer decode steps than 32 at a time
@@ -300,14 +300,26 @@ GREETINGS = ("hello", "who are you?", "what can you do?")
 
 
 def chat_replies(ckpt, prompts=GREETINGS + tuple(HELD_OUT_PROMPTS), max_tokens=256, device=None, dtype=None):
-    """Greedy one-turn replies of a checkpoint, stopped as `nanoseek chat` stops them (the repetition stop on):
-    [{prompt, completion, finish_reason, tokens}]. The default prompts are a greeting, two questions about the
-    model and 20 requests it never trained on."""
+    """Greedy one-turn replies of a checkpoint, stopped as `nanoseek chat` stops them (the repetition stop on),
+    and how often it recognises what a conversational prompt of SFT's smalltalk is -> {"replies": [{prompt,
+    completion, finish_reason, tokens}], "kinds": {kind: {"right", "of", "missed"}}}. The default prompts are a
+    greeting, two questions about the model and 20 requests it never trained on; a smalltalk prompt (each one
+    of every kind, as written: lowercase, no punctuation) is recognised when the reply thinks its kind's thought
+    ("A greeting.")."""
     compute = policy(device, dtype)
     model, tokenizer = load(ckpt, compute.device)
     engine = Engine(model, tokenizer, max_batch=BATCH, dtype=dtype)
-    ids = [tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
+    render = lambda p: tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, repetition_stop=DEFAULT_REPETITION_STOP)
-    seqs = engine.generate(ids, params)
-    return [{"prompt": p, "completion": s.text, "finish_reason": s.finish_reason, "tokens": len(s.tokens)}
-            for p, s in zip(prompts, seqs)]
+    seqs = engine.generate([render(p) for p in prompts], params)
+    replies = [{"prompt": p, "completion": s.text, "finish_reason": s.finish_reason, "tokens": len(s.tokens)}
+               for p, s in zip(prompts, seqs)]
+    asked = [(kind, p) for kind, (kind_prompts, _) in KINDS.items() for p in kind_prompts]
+    thoughts = engine.generate([render(p) for _, p in asked], SamplingParams(max_tokens=32, temperature=0))
+    kinds = {kind: {"right": 0, "of": 0, "missed": []} for kind in KINDS}
+    for (kind, p), s in zip(asked, thoughts):
+        right = s.text.split("</think>")[0].strip().endswith(KINDS[kind][1])
+        kinds[kind]["of"] += 1
+        kinds[kind]["right"] += right
+        kinds[kind]["missed"] += [] if right else [p]
+    return {"replies": replies, "kinds": kinds}

@@ -332,8 +332,8 @@ def stage_eval(recipe, paths, device):
                              device=device, dtype=recipe["run"]["dtype"], difficulty=difficulty, k_n=e["k_n"],
                              second_turn=e["second_turn"])
     final = os.path.join(paths[e["stages"][-1]], "final")
-    replies = evaluate_module.chat_replies(final, device=device, dtype=recipe["run"]["dtype"])
-    _write_json(os.path.join(paths["eval"], "chat.json"), {"checkpoint": final, "replies": replies})
+    chat = evaluate_module.chat_replies(final, device=device, dtype=recipe["run"]["dtype"])
+    _write_json(os.path.join(paths["eval"], "chat.json"), {"checkpoint": final, **chat})
     return {}
 
 

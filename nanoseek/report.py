@@ -115,4 +115,11 @@ def chat_section(chat):
     lines += [f"{len(others)} requests it never trained on (\"describe a sunset\", \"who wrote hamlet\", ...): "
               f"{ends['stop']} answered and stopped, {ends['repetition']} stopped for repeating themselves, "
               f"{ends['length']} ran to the token limit; longest reply {max(r['tokens'] for r in others)} tokens.", ""]
+    kinds = chat.get("kinds")
+    if kinds:
+        lines += ["SFT's conversational prompts, each asked as written (lowercase, no punctuation), recognised as "
+                  "their kind (the reply's thought): " + ", ".join(f"{kind} {k['right']} of {k['of']}"
+                                                                   for kind, k in kinds.items()) + "."]
+        missed = [f"{kind}: {', '.join(k['missed'])}" for kind, k in kinds.items() if k["missed"]]
+        lines += [f"Not recognised ({'; '.join(missed)}).", ""] if missed else [""]
     return lines

@@ -108,9 +108,13 @@ def test_report_shows_rejection_sampling_second_turns_and_the_last_checkpoint(tm
 def test_chat_replies_end_as_the_terminal_chat_ends_them(random_policy, tmp_path):
     """A greeting, two questions about the model and 20 requests it never trained on, greedy, with the
     repetition stop on: every reply ends (stop, repetition or the limit), and the report counts how."""
-    replies = evaluation.chat_replies(random_policy, max_tokens=40, device="cpu")
+    chat = evaluation.chat_replies(random_policy, max_tokens=40, device="cpu")
+    replies, kinds = chat["replies"], chat["kinds"]
     assert [r["prompt"] for r in replies[:3]] == ["hello", "who are you?", "what can you do?"] and len(replies) == 23
     assert all(r["finish_reason"] in ("stop", "repetition", "length") and r["tokens"] <= 40 for r in replies)
-    text = "\n".join(chat_section({"checkpoint": random_policy, "replies": replies}))
+    text = "\n".join(chat_section({"checkpoint": random_policy, **chat}))
     ends = sum(r["finish_reason"] == "length" for r in replies[3:])
     assert "**you**: hello" in text and f"{ends} ran to the token limit" in text
+    # an untrained policy thinks no kind's thought: every smalltalk prompt asked, none recognised, all named
+    assert [k["of"] for k in kinds.values()] == [16, 14, 12, 16, 35] and not any(k["right"] for k in kinds.values())
+    assert "greeting 0 of 16" in text and "greeting: hello, hi, hey" in text

@@ -63,24 +63,29 @@ def abilities(tasks):
     return "I can " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
 
 
+GREETING_REPLIES = ["Hello! I am nanoseek, a small reasoning model. Ask me a question.",
+                    "Hi! I am nanoseek. Give me a problem to solve.", "Hello! How can I help?"]
+# each kind of turn: its prompts and the one-line thought before its reply
+KINDS = {"greeting": (GREETINGS, "A greeting."), "who": (WHO, "A question about me."),
+         "what": (WHAT, "A question about what I can do."), "thanks": (THANKS, "A reply to my answer."),
+         "cannot": (CANNOT, "Something I did not learn to do.")}
+
+
 def smalltalk_turn(tasks, rng):
     """(question, reasoning, answer) of one plain conversational turn about the model trained on `tasks`."""
     kind = rng.choice(["greeting", "who", "what", "thanks", "cannot", "cannot"])
+    prompts, thought = KINDS[kind]
+    question = styled(rng, rng.choice(prompts))
     if kind == "greeting":
-        return (styled(rng, rng.choice(GREETINGS)), "A greeting.",
-                rng.choice(["Hello! I am nanoseek, a small reasoning model. Ask me a question.",
-                            "Hi! I am nanoseek. Give me a problem to solve.", "Hello! How can I help?"]))
+        return question, thought, rng.choice(GREETING_REPLIES)
     if kind == "who":
-        return (styled(rng, rng.choice(WHO)), "A question about me.",
-                "I am nanoseek, a small reasoning model trained from scratch. I think before I answer. "
-                + abilities(tasks))
+        return (question, thought, "I am nanoseek, a small reasoning model trained from scratch. I think before I "
+                "answer. " + abilities(tasks))
     if kind == "what":
-        return styled(rng, rng.choice(WHAT)), "A question about what I can do.", abilities(tasks)
+        return question, thought, abilities(tasks)
     if kind == "thanks":
-        return (styled(rng, rng.choice(THANKS)), "A reply to my answer.",
-                rng.choice(["You're welcome!", "Glad to help. Ask me another one.", "Happy to help!"]))
-    return (styled(rng, rng.choice(CANNOT)), "Something I did not learn to do.",
-            "Sorry, I can't help with that: I am a small model. " + abilities(tasks))
+        return question, thought, rng.choice(["You're welcome!", "Glad to help. Ask me another one.", "Happy to help!"])
+    return question, thought, "Sorry, I can't help with that: I am a small model. " + abilities(tasks)
 
 
 def smalltalk_texts(tasks, n, seed=0):
