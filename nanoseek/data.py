@@ -15,7 +15,6 @@ time, tokens appended to their shard as they come, and the loader indexes each s
 """
 
 import bisect
-import collections
 import glob
 import hashlib
 import itertools
@@ -492,19 +491,17 @@ def pack(lengths, capacity, window=256):
     best-fit (the longest piece that fits, the oldest of that length) from the next `window` pieces not yet
     placed, so rows come out nearly full (next-fit packing of the cpu recipe's SFT conversations pads a sixth
     of every row, this 5%) and each piece lands about where the order put it."""
-    rows, waiting, fits = [], collections.deque(), []  # fits: sorted (length, index) of the pieces in view
+    rows, fits = [], []  # fits: sorted (length, index) of the unplaced pieces in view
     placed = bytearray(len(lengths))
-    seen = 0
+    seen = first = 0  # pieces taken into view; the oldest piece not yet placed
     while True:
         while seen < len(lengths) and len(fits) < window:
-            waiting.append(seen)
             bisect.insort(fits, (lengths[seen], seen))
             seen += 1
-        while waiting and placed[waiting[0]]:
-            waiting.popleft()
-        if not waiting:
+        while first < len(lengths) and placed[first]:
+            first += 1
+        if first == len(lengths):
             return rows
-        first = waiting.popleft()
         row, room = [first], capacity - lengths[first]
         placed[first] = 1
         fits.remove((lengths[first], first))

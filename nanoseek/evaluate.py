@@ -22,6 +22,7 @@ from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import as_chat, get_task
 from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, KINDS
 from nanoseek.text import DEFAULT_REPETITION_STOP
+from nanoseek.tokenizer import split_thinking
 
 BATCH = 128  # sequences decoded at once (one compiled graph at any batch): 4x fewer decode steps than 32 at a time
 OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default, meaning)
@@ -316,10 +317,10 @@ def chat_replies(ckpt, prompts=GREETINGS + tuple(HELD_OUT_PROMPTS), max_tokens=2
                for p, s in zip(prompts, seqs)]
     asked = [(kind, p) for kind, (kind_prompts, _) in KINDS.items() for p in kind_prompts]
     thoughts = engine.generate([render(p) for _, p in asked], SamplingParams(max_tokens=32, temperature=0))
-    kinds = {kind: {"right": 0, "of": 0, "missed": []} for kind in KINDS}
-    for (kind, p), s in zip(asked, thoughts):
-        right = s.text.split("</think>")[0].strip().endswith(KINDS[kind][1])
-        kinds[kind]["of"] += 1
-        kinds[kind]["right"] += right
-        kinds[kind]["missed"] += [] if right else [p]
+    missed = [(kind, p) for (kind, p), s in zip(asked, thoughts)
+              if not split_thinking(s.text)[0].strip().endswith(KINDS[kind][1])]
+    kinds = {}
+    for kind, (kind_prompts, _) in KINDS.items():
+        mine = [p for k, p in missed if k == kind]
+        kinds[kind] = {"right": len(kind_prompts) - len(mine), "of": len(kind_prompts), "missed": mine}
     return {"replies": replies, "kinds": kinds}
