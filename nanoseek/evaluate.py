@@ -298,6 +298,8 @@ def plot(results, file):
 
 
 GREETINGS = ("hello", "who are you?", "what can you do?")
+ANSWERED = [{"role": "user", "content": "What is 340 + 127?"}, {"role": "assistant", "content": "467"}]  # what a
+# thanks follows when the report asks one
 
 
 def chat_replies(ckpt, prompts=GREETINGS + tuple(HELD_OUT_PROMPTS), max_tokens=256, device=None, dtype=None):
@@ -305,18 +307,20 @@ def chat_replies(ckpt, prompts=GREETINGS + tuple(HELD_OUT_PROMPTS), max_tokens=2
     and how often it recognises what a conversational prompt of SFT's smalltalk is -> {"replies": [{prompt,
     completion, finish_reason, tokens}], "kinds": {kind: {"right", "of", "missed"}}}. The default prompts are a
     greeting, two questions about the model and 20 requests it never trained on; a smalltalk prompt (each one
-    of every kind, as written: lowercase, no punctuation) is recognised when the reply thinks its kind's thought
-    ("A greeting.")."""
+    of every kind, as written: lowercase, no punctuation; a thanks after an answered question, where people say
+    it) is recognised when the reply thinks its kind's thought ("A greeting.")."""
     compute = policy(device, dtype)
     model, tokenizer = load(ckpt, compute.device)
     engine = Engine(model, tokenizer, max_batch=BATCH, dtype=dtype)
-    render = lambda p: tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
+    render = lambda p, before=(): tokenizer.render_chat([*before, {"role": "user", "content": p}],
+                                                        add_generation_prompt=True)[0]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, repetition_stop=DEFAULT_REPETITION_STOP)
     seqs = engine.generate([render(p) for p in prompts], params)
     replies = [{"prompt": p, "completion": s.text, "finish_reason": s.finish_reason, "tokens": len(s.tokens)}
                for p, s in zip(prompts, seqs)]
     asked = [(kind, p) for kind, (kind_prompts, _) in KINDS.items() for p in kind_prompts]
-    thoughts = engine.generate([render(p) for _, p in asked], SamplingParams(max_tokens=32, temperature=0))
+    thoughts = engine.generate([render(p, ANSWERED if kind == "thanks" else ()) for kind, p in asked],
+                               SamplingParams(max_tokens=32, temperature=0))
     missed = [(kind, p) for (kind, p), s in zip(asked, thoughts)
               if not split_thinking(s.text)[0].strip().endswith(KINDS[kind][1])]
     kinds = {}

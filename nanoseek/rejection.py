@@ -195,10 +195,11 @@ def conversations(o, lines):
     for i, spec in enumerate(replay):
         docs = task_documents(spec, o.replay_problems, "chat", o.seed * 100 + i + 1, o.difficulty or None, o.checker)
         finals += [messages for _, messages in docs]
+    problems = list(finals)
     if o.smalltalk:
         finals += smalltalk_chats(task_list(o.task, o.checker) + task_list(o.replay, o.checker), o.smalltalk, rng)
     rng.shuffle(finals)
-    return list(with_history(finals, o.turns, rng))
+    return list(with_history(finals, o.turns, rng, problems))
 
 
 def build_data(o, lines, out_dir):

@@ -5,6 +5,7 @@ report card makes of them."""
 import json
 import os
 
+from nanoseek import checkpoint
 from nanoseek import evaluate as evaluation
 from nanoseek.evaluate import OPTIONS, evaluate, markdown_table, token_budget
 from nanoseek.report import chat_section, write_report
@@ -118,3 +119,17 @@ def test_chat_replies_end_as_the_terminal_chat_ends_them(random_policy, tmp_path
     # an untrained policy thinks no kind's thought: every smalltalk prompt asked, none recognised, all named
     assert [k["of"] for k in kinds.values()] == [16, 14, 12, 16, 35] and not any(k["right"] for k in kinds.values())
     assert "greeting 0 of 16" in text and "greeting: hello, hi, hey" in text
+
+
+def test_chat_replies_ask_thanks_after_an_answer(random_policy, monkeypatch):
+    """A thanks is asked where people say it, after a question and its answer; the other kinds alone."""
+    asked = []
+    generate = evaluation.Engine.generate
+    monkeypatch.setattr(evaluation.Engine, "generate",
+                        lambda self, prompts, params: asked.extend(prompts) or generate(self, prompts, params))
+    kinds = evaluation.chat_replies(random_policy, max_tokens=8, device="cpu")["kinds"]
+    tokenizer = checkpoint.load(random_policy)[1]
+    texts = [tokenizer.decode(p) for p in asked[-sum(k["of"] for k in kinds.values()):]]
+    after = [t for t in texts if "What is 340 + 127?" in t]
+    assert len(after) == 16 and all(any(f"{thanks}<" in t for t in after) for thanks in ("thank you", "bye"))
+    assert "hello<" in "".join(t for t in texts if t not in after)

@@ -6,7 +6,15 @@ import re
 
 import pytest
 
-from nanoseek.tasks import builtin_tasks, chat_documents, get_task, parse_completion, split_of, task_documents
+from nanoseek.tasks import (
+    builtin_tasks,
+    chat_documents,
+    get_task,
+    parse_completion,
+    smalltalk_kind,
+    split_of,
+    task_documents,
+)
 from nanoseek.tasks.countdown import evaluate_expression
 from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, smalltalk_turn
 from nanoseek.tokenizer import split_thinking
@@ -184,6 +192,24 @@ def test_sft_conversations_train_only_their_last_turn(tokenizer):
     assert sum("Countdown" in m[-1]["content"] for m in docs) >= 5  # smalltalk says what the model can do
     assert sum(bool(re.match(r"What is \d", q)) for q in questions) == 30
     assert sum(q.startswith("Using the numbers") for q in questions) == 30
+
+
+def test_smalltalk_sits_where_people_say_it():
+    """With several turns a greeting opens its conversation and a thanks follows an answer to a task's
+    problem; the other kinds come alone or after other turns, like the problems."""
+    docs = [m for _, m in chat_documents(["addition", "countdown"], {"addition": 100, "countdown": 100}, seed=1,
+                                         difficulties={"addition": [2], "countdown": [3]}, turns=2, smalltalk=300)]
+    placed = {}
+    for messages in docs:
+        kind = smalltalk_kind(messages[-2:])
+        earlier = [m["content"] for m in messages[:-2] if m["role"] == "user"]
+        placed.setdefault(kind, []).append(earlier)
+    assert all(earlier == [] for earlier in placed["greeting"]) and len(placed["greeting"]) > 20
+    assert all(len(e) == 1 and re.match(r"What is \d|Using the numbers", e[0]) for e in placed["thanks"])
+    for kind in ("who", "cannot", None):  # None: a task's problem
+        assert {len(e) for e in placed[kind]} == {0, 1}
+    alone = [m for _, m in chat_documents(["addition"], {"addition": 10}, seed=1, turns=1, smalltalk=60)]
+    assert all(len(m) == 2 for m in alone)  # one turn: nothing to place
 
 
 def test_smalltalk_describes_the_tasks_trained():

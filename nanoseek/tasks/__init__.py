@@ -20,7 +20,7 @@ from nanoseek.tasks.countdown import Countdown
 from nanoseek.tasks.custom import JsonlTask
 from nanoseek.tasks.equations import LinearEquation
 from nanoseek.tasks.hf import HFTask
-from nanoseek.tasks.smalltalk import smalltalk_turn
+from nanoseek.tasks.smalltalk import KINDS, smalltalk_turn
 from nanoseek.tasks.sorting import SortNumbers
 from nanoseek.tasks.task import (  # noqa: F401  what a task file of your own imports from nanoseek.tasks
     NOT_WELL_FORMED,
@@ -91,13 +91,13 @@ def chat_documents(specs, counts, seed=0, difficulties=None, turns=1, smalltalk=
     """SFT conversations as ("chat", messages): counts[spec] worked problems of each task and `smalltalk` plain
     conversational turns, in a random order, each asked after 0 to turns - 1 earlier turns (see with_history)."""
     rng = random.Random(seed)
-    finals = []
+    problems = []
     for i, spec in enumerate(specs):
         level = (difficulties or {}).get(spec) or None
-        finals += [m for _, m in task_documents(spec, counts[spec], "chat", seed * 100 + i + 1, level, checker)]
-    finals += smalltalk_chats([get_task(spec, checker) for spec in specs], smalltalk, rng)
+        problems += [m for _, m in task_documents(spec, counts[spec], "chat", seed * 100 + i + 1, level, checker)]
+    finals = problems + smalltalk_chats([get_task(spec, checker) for spec in specs], smalltalk, rng)
     rng.shuffle(finals)
-    yield from with_history(finals, turns, rng)
+    yield from with_history(finals, turns, rng, problems)
 
 
 def smalltalk_chats(tasks, n, rng):
@@ -110,13 +110,30 @@ def smalltalk_chats(tasks, n, rng):
     return chats
 
 
-def with_history(finals, turns, rng):
+def with_history(finals, turns, rng, problems=None):
     """Each one-turn chat of finals as ("chat", messages), asked after 0 to turns - 1 earlier turns drawn from
     finals. Earlier turns carry only their answers, as chat clients send a conversation back, and are not
-    trained on (weight 0): the model learns to answer the latest question, whatever came before it."""
+    trained on (weight 0): the model learns to answer the latest question, whatever came before it.
+
+    With turns > 1 a smalltalk turn sits where people say it: a greeting opens the conversation, a thanks
+    follows an answer to one of `problems` (the task turns among finals), so a short first message reads as a
+    greeting and not as thanks for an answer never given."""
     for messages in finals:
+        earlier = rng.randint(0, turns - 1)
+        kind = smalltalk_kind(messages)
+        if turns > 1 and kind == "greeting":
+            earlier = 0
+        pool = finals
+        if turns > 1 and kind == "thanks" and problems:
+            earlier, pool = max(1, earlier), problems
         history = []
-        for _ in range(rng.randint(0, turns - 1)):
-            question, reply = rng.choice(finals)
+        for _ in range(earlier):
+            question, reply = rng.choice(pool)
             history += [question, {"role": "assistant", "content": reply["content"], "weight": 0}]
         yield "chat", history + messages
+
+
+def smalltalk_kind(messages):
+    """The KINDS name of a one-turn smalltalk chat (its reply thinks that kind's thought), else None."""
+    thought = messages[-1].get("reasoning_content")
+    return next((kind for kind, (_, t) in KINDS.items() if t == thought), None)
