@@ -117,9 +117,9 @@ def chat_section(chat):
               f"{ends['length']} ran to the token limit; longest reply {max(r['tokens'] for r in others)} tokens.", ""]
     kinds = chat.get("kinds")
     if kinds:
+        counts = ", ".join(f"{kind} {k['right']} of {k['of']}" for kind, k in kinds.items())
         lines += ["SFT's conversational prompts, each asked as written (lowercase, no punctuation; a thanks after a "
-                  "question and its answer), recognised as their kind (the reply's thought): " + ", ".join(f"{kind} {k['right']} of {k['of']}"
-                                                                   for kind, k in kinds.items()) + "."]
+                  f"question and its answer), recognised as their kind (the reply's thought): {counts}."]
         missed = [f"{kind}: {', '.join(k['missed'])}" for kind, k in kinds.items() if k["missed"]]
         lines += [f"Not recognised ({'; '.join(missed)}).", ""] if missed else [""]
     return lines
