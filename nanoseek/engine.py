@@ -91,6 +91,12 @@ class LatentCache:
             for t in self.latent + self.rope:  # a compiled step takes any length, so growing compiles nothing
                 torch._dynamo.maybe_mark_dynamic(t, 1)
 
+    def clear(self):
+        """Length 0 again (between requests): attention reads every cached position, so a cache left as long
+        as an earlier, longer request would make every later step pay for it."""
+        self.latent = [t.new_zeros(t.shape[0], 0, t.shape[2]) for t in self.latent]
+        self.rope = [t.new_zeros(t.shape[0], 0, t.shape[2]) for t in self.rope]
+
     def views(self, rows, starts):
         """Per-layer writers for a forward over `rows` (slot ids) whose chunks start at `starts`."""
         return layer_views(self.latent, self.rope, rows, starts)
@@ -212,6 +218,9 @@ class Engine:
             if len(prompt) >= self.max_len:
                 raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_len}, "
                                  "so shorten it to leave room for an answer")
+        if not self.running:  # nothing cached is needed any more
+            for cache in [self.cache] + ([self.speculator.cache] if self.speculator else []):
+                cache.clear()
         taken = len(self.free) - len(prompts)
         slots = self.free[taken:][::-1]  # the slots pop() would give, taken only once the prefill is done
         seqs = [Sequence(next(self.ids), list(prompt), sp, slot, text_state=TextStream(self.tokenizer, sp.stop),

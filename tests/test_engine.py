@@ -227,10 +227,19 @@ def test_cache_grows_to_what_the_sequences_need(peaky):
     engine = Engine(model, tok, max_batch=4)
     engine.stop_ids = set()
     assert engine.max_len == model.config.max_position_embeddings and engine.cache.length == 0
-    engine.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0))
+    first = engine.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0))
     assert engine.cache.length == engine.cache.rope[0].shape[1] == 128  # longest: 11 + 20 tokens
     long = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=140, temperature=0))[0]
     assert len(long.tokens) == 140 and engine.cache.length == 256  # 5 + 140, in blocks of 128
+    # the next request starts from an empty cache: its steps attend over what it needs, not what the long one did
+    again = engine.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0))
+    assert engine.cache.length == 128 and [s.tokens for s in again] == [s.tokens for s in first]
+    joined = engine.add([PROMPTS[0]], SamplingParams(max_tokens=140, temperature=0))[0]
+    engine.step()
+    engine.add([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0))  # joins a running one: nothing cleared
+    while not engine.idle:
+        engine.step()
+    assert joined.tokens == long.tokens and engine.cache.length == 256
     short = Engine(model, tok, max_batch=1, max_len=40, speculative=False)
     short.generate([PROMPTS[0]], SamplingParams(max_tokens=100, temperature=0))
     assert short.cache.length == 40  # never past max_len
