@@ -97,10 +97,6 @@ class LatentCache:
         self.latent = [t.new_zeros(t.shape[0], 0, t.shape[2]) for t in self.latent]
         self.rope = [t.new_zeros(t.shape[0], 0, t.shape[2]) for t in self.rope]
 
-    def views(self, rows, starts):
-        """Per-layer writers for a forward over `rows` (slot ids) whose chunks start at `starts`."""
-        return layer_views(self.latent, self.rope, rows, starts)
-
     def bytes_per_token(self):
         return len(self.latent) * (self.latent[0].shape[-1] + self.rope[0].shape[-1]) * self.latent[0].element_size()
 
