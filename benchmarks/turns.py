@@ -14,8 +14,7 @@ from nanoseek.engine import Engine
 from nanoseek.evaluate import test_problems
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import get_task
-from nanoseek.tasks.smalltalk import KINDS
-from nanoseek.tokenizer import split_thinking
+from nanoseek.tasks.smalltalk import KINDS, reply_kind
 
 
 def earlier_turns(k, tasks, rng):
@@ -55,15 +54,13 @@ def main():
             rng = random.Random(k)
             replies = after(engine, k, [[{"role": "user", "content": p}] for _, p in talk], 32, rng,
                             [countdown, addition])
-            known = sum(split_thinking(s.text)[0].strip().endswith(KINDS[kind][1])
-                        for (kind, _), s in zip(talk, replies))
+            known = sum(reply_kind(s.text) == kind for (kind, _), s in zip(talk, replies))
             replies = after(engine, k, [p.messages() for _, p in problems], 128, rng, [countdown, addition])
-            right = {task.name: 0 for task, _ in problems}
+            right = {task.name: 0.0 for task, _ in problems}
             for (task, p), s in zip(problems, replies):
                 right[task.name] += task.score(p, s.text).accuracy
-            scores = "  ".join(f"{name} {100 * r / n:.1f}%" for name, r, n in
-                               [("countdown", right["countdown"], args.countdown),
-                                ("addition", right["addition"], args.addition)] if n)
+            counts = {"countdown": args.countdown, "addition": args.addition}
+            scores = "  ".join(f"{name} {100 * r / counts[name]:.1f}%" for name, r in right.items())
             print(f"  after {k} turns: smalltalk recognised {known} of {len(talk)}  {scores}")
 
 

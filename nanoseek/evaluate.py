@@ -20,9 +20,8 @@ from nanoseek.device import policy
 from nanoseek.engine import Engine
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import as_chat, get_task
-from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, KINDS
+from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, KINDS, reply_kind
 from nanoseek.text import DEFAULT_REPETITION_STOP
-from nanoseek.tokenizer import split_thinking
 
 BATCH = 128  # sequences decoded at once (one compiled graph at any batch): 4x fewer decode steps than 32 at a time
 OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default, meaning)
@@ -321,8 +320,7 @@ def chat_replies(ckpt, prompts=GREETINGS + tuple(HELD_OUT_PROMPTS), max_tokens=2
     asked = [(kind, p) for kind, (kind_prompts, _) in KINDS.items() for p in kind_prompts]
     thoughts = engine.generate([render(p, ANSWERED if kind == "thanks" else ()) for kind, p in asked],
                                SamplingParams(max_tokens=32, temperature=0))
-    missed = [(kind, p) for (kind, p), s in zip(asked, thoughts)
-              if not split_thinking(s.text)[0].strip().endswith(KINDS[kind][1])]
+    missed = [(kind, p) for (kind, p), s in zip(asked, thoughts) if reply_kind(s.text) != kind]
     kinds = {}
     for kind, (kind_prompts, _) in KINDS.items():
         mine = [p for k, p in missed if k == kind]

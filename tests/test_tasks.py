@@ -11,12 +11,11 @@ from nanoseek.tasks import (
     chat_documents,
     get_task,
     parse_completion,
-    smalltalk_kind,
     split_of,
     task_documents,
 )
 from nanoseek.tasks.countdown import evaluate_expression
-from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, smalltalk_turn
+from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, smalltalk_turn, thought_kind
 from nanoseek.tokenizer import split_thinking
 
 
@@ -201,7 +200,7 @@ def test_smalltalk_sits_where_people_say_it():
                                          difficulties={"addition": [2], "countdown": [3]}, turns=2, smalltalk=300)]
     placed = {}
     for messages in docs:
-        kind = smalltalk_kind(messages[-2:])
+        kind = thought_kind(messages[-1]["reasoning_content"])
         earlier = [m["content"] for m in messages[:-2] if m["role"] == "user"]
         placed.setdefault(kind, []).append(earlier)
     assert all(earlier == [] for earlier in placed["greeting"]) and len(placed["greeting"]) > 20

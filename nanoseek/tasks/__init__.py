@@ -20,7 +20,7 @@ from nanoseek.tasks.countdown import Countdown
 from nanoseek.tasks.custom import JsonlTask
 from nanoseek.tasks.equations import LinearEquation
 from nanoseek.tasks.hf import HFTask
-from nanoseek.tasks.smalltalk import KINDS, smalltalk_turn
+from nanoseek.tasks.smalltalk import smalltalk_turn, thought_kind
 from nanoseek.tasks.sorting import SortNumbers
 from nanoseek.tasks.task import (  # noqa: F401  what a task file of your own imports from nanoseek.tasks
     NOT_WELL_FORMED,
@@ -120,7 +120,7 @@ def with_history(finals, turns, rng, problems=None):
     greeting and not as thanks for an answer never given."""
     for messages in finals:
         earlier = rng.randint(0, turns - 1)
-        kind = smalltalk_kind(messages)
+        kind = thought_kind(messages[-1].get("reasoning_content", ""))
         if turns > 1 and kind == "greeting":
             earlier = 0
         pool = finals
@@ -131,9 +131,3 @@ def with_history(finals, turns, rng, problems=None):
             question, reply = rng.choice(pool)
             history += [question, {"role": "assistant", "content": reply["content"], "weight": 0}]
         yield "chat", history + messages
-
-
-def smalltalk_kind(messages):
-    """The KINDS name of a one-turn smalltalk chat (its reply thinks that kind's thought), else None."""
-    thought = messages[-1].get("reasoning_content")
-    return next((kind for kind, (_, t) in KINDS.items() if t == thought), None)

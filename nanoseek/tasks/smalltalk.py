@@ -4,6 +4,8 @@ question each), never downloaded, with a one-line thought before each reply."""
 
 import random
 
+from nanoseek.tokenizer import split_thinking
+
 # what a built-in task lets the model do, said in a reply; a task of the user's own is named as it is
 CAN_DO = {
     "addition": "add whole numbers",
@@ -69,6 +71,17 @@ GREETING_REPLIES = ["Hello! I am nanoseek, a small reasoning model. Ask me a que
 KINDS = {"greeting": (GREETINGS, "A greeting."), "who": (WHO, "A question about me."),
          "what": (WHAT, "A question about what I can do."), "thanks": (THANKS, "A reply to my answer."),
          "cannot": (CANNOT, "Something I did not learn to do.")}
+
+
+def thought_kind(reasoning):
+    """The KINDS name whose thought the reasoning ends with (the kind a reply took its prompt for), else None."""
+    reasoning = reasoning.strip()
+    return next((kind for kind, (_, thought) in KINDS.items() if reasoning.endswith(thought)), None)
+
+
+def reply_kind(completion):
+    """thought_kind of a completion that began inside <think>."""
+    return thought_kind(split_thinking(completion)[0])
 
 
 def smalltalk_turn(tasks, rng):
