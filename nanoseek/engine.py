@@ -147,12 +147,15 @@ def draft_forward(model, h, next_ids, starts, rows, latent, rope):
 def speculative_step(model, h, next_ids, draft_starts, last, newest, starts, rows, caches, draft_cache):
     """One self-speculative greedy step in one graph: the MTP module catches up on the positions whose next
     token is known (h, next_ids: (B, T) from draft_starts), drafts the token after each row's newest from its
-    position `last` (B,), and the main model runs over [newest, draft] (B, 2) at starts. -> drafts (B,),
-    hidden states (B, 2, D) and float logits (B, 2, V); a draft stands where logits[:, 0] agrees with it."""
+    position `last` (B,), and the main model runs over [newest, draft] (B, 2) at starts. -> verdict (2, B):
+    whether logits[:, 0] agree with the draft (the draft stands) and the draft; hidden states (B, 2, D);
+    float logits (B, 2, V); and each row's next logits (B, V), those after the draft where it stands."""
     normed = draft_forward(model, h, next_ids, draft_starts, rows, *draft_cache)
     drafts = model.lm_head(normed[torch.arange(h.shape[0], device=h.device), last]).argmax(-1)
     hidden, logits = decode_step(model, torch.stack([newest, drafts], 1), starts, rows, *caches)
-    return drafts, hidden, logits
+    agrees = logits[:, 0].argmax(-1) == drafts
+    next_logits = torch.where(agrees[:, None], logits[:, 1], logits[:, 0])
+    return torch.stack([agrees.long(), drafts]), hidden, logits, next_logits
 
 
 def compile_options(device):
@@ -350,8 +353,9 @@ class Engine:
         rows' slots: decode_forward's hidden states (prefill), or decode_step's with logits (T <= 2)."""
         self.cache.reserve(max(starts) + ids.shape[1])
         starts = torch.tensor(starts, device=self.device)
-        for t in (ids, starts, rows):  # and any batch size: one graph for 1 sequence, one for more
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+        if len(starts) > 1:  # and any batch size: one graph for 1 sequence, one for more
+            for t in (ids, starts, rows):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         with self.compute.autocast():
             return run(self.model, ids, starts, rows, self.cache.latent, self.cache.rope)
 
@@ -407,45 +411,58 @@ class Speculator:
         with self.compute.autocast():
             draft_forward(self.model, h, next_ids, starts, rows, self.cache.latent[0], self.cache.rope[0])
 
+    def catch_up(self, s):
+        """Bring the MTP cache of s to its newest position but one, as after a speculative step (eager)."""
+        n = len(s.mtp_states) - 1
+        ids = torch.tensor([s.tokens[-n - 1 : -1]], device=s.mtp_states[0].device)
+        self.forward(torch.stack(s.mtp_states[:n])[None], ids, torch.tensor([s.slot], device=ids.device),
+                     [s.length - n - 1])
+        s.mtp_states = s.mtp_states[n:]
+
     def verify(self, engine, seqs):
         """One speculative step of the engine's greedy sequences -> the events of the drafts it accepted."""
-        device = engine.device
+        for s in seqs:
+            if len(s.mtp_states) > 2:  # plain steps ran while a sampled sequence shared the batch
+                self.catch_up(s)
         pending = [len(s.mtp_states) for s in seqs]  # positions whose next token is known, not yet in MTP's cache
         width = 2  # 1 after a rejected draft, 2 after an accepted one: always 2, so the graph's shape is fixed;
         pad = [width - n for n in pending]  # a row with one repeats it (its copy is overwritten a step later)
         h_prev = torch.stack([torch.stack(s.mtp_states + s.mtp_states[-1:] * p) for s, p in zip(seqs, pad)])
-        next_ids = torch.tensor([s.tokens[-n:] + s.tokens[-1:] * p for s, n, p in zip(seqs, pending, pad)],
-                                device=device)
-        draft_starts = [s.length - n for s, n in zip(seqs, pending)]
         starts = engine._starts(seqs)
-        self.cache.reserve(max(draft_starts) + width)
+        self.cache.reserve(max(starts) + 1)  # the MTP module writes positions length - pending + 0, 1
         engine.cache.reserve(max(starts) + 2)
-        rows = engine._rows(seqs)
-        tensors = (h_prev, next_ids, torch.tensor(draft_starts, device=device),
-                   torch.tensor(pending, device=device) - 1, torch.tensor([s.tokens[-1] for s in seqs], device=device),
-                   torch.tensor(starts, device=device), rows)
-        for t in tensors:  # any batch size: one graph for 1 sequence, one for more
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+        # per row: the tokens after the pending positions, where they start, the one to draft from, the newest
+        # token, its position and the slot; one tensor, its columns the step's inputs
+        ints = torch.tensor([s.tokens[-n:] + s.tokens[-1:] * p + [s.length - n, n - 1, s.tokens[-1], start, s.slot]
+                             for s, n, p, start in zip(seqs, pending, pad, starts)], device=engine.device)
+        next_ids, (draft_starts, last, newest, starts, rows) = ints[:, :width], ints[:, width:].unbind(1)
+        tensors = (h_prev, next_ids, draft_starts, last, newest, starts, rows)
+        if len(seqs) > 1:  # any batch size: one graph for 1 sequence, one for more
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         with self.compute.autocast():
-            drafts, h, logits = self.step(self.model, *tensors, (engine.cache.latent, engine.cache.rope),
-                                          (self.cache.latent[0], self.cache.rope[0]))
-        engine.logits[rows] = logits[:, 0]
-        agrees, drafted = torch.stack([logits[:, 0].argmax(-1) == drafts, drafts]).tolist()  # the one host sync
+            verdict, h, logits, next_logits = self.step(self.model, *tensors, (engine.cache.latent, engine.cache.rope),
+                                                        (self.cache.latent[0], self.cache.rope[0]))
+        agrees, drafted = verdict.tolist()  # the one host sync
         accepted = [i for i, (s, agree) in enumerate(zip(seqs, agrees)) if agree and engine._room(s) > 1]
         self.drafted += len(seqs)
         self.accepted += len(accepted)
+        engine.logits[rows] = next_logits
         for i, s in enumerate(seqs):
-            s.mtp_states = [h[i, 0], h[i, 1]] if i in accepted else [h[i, 0]]
+            s.mtp_states = list(h[i].unbind(0)) if i in accepted else [h[i, 0]]
+            if agrees[i] and i not in accepted:  # no room for the draft: the row goes on from its newest token
+                engine.logits[s.slot] = logits[i, 0]
         if not accepted:
             return []
         mine = [seqs[i] for i in accepted]
         if any(s.params.logprobs for s in mine):
+            engine.logits[rows[accepted]] = logits[accepted, 0]
             tokens = engine._sample(mine)  # greedy: the drafts, with their log-probabilities
+            engine.logits[rows[accepted]] = logits[accepted, 1]
         else:
             tokens = [drafted[i] for i in accepted]
             for s, token in zip(mine, tokens):
                 s.tokens.append(token)
-        engine.logits[rows[accepted]] = logits[accepted, 1]
         return [engine._emit(s, [t]) for s, t in zip(mine, tokens)]
 
 

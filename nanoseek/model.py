@@ -220,6 +220,9 @@ class Attention(nn.Module):
         latents, rope_keys, mask = cache.write(self.kv_a_layernorm(latent), k_pe)
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, C), (H, v, C)
+        if T <= 2 and torch.compiler.is_compiling():  # a decode or speculative step
+            out = few_query_attention(q_nope, q_pe, w_uk, w_uv, latents, rope_keys, mask, self.scale)
+            return self.o_proj(out.reshape(B, T, -1))
         q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
         scores = q_latent @ latents.unsqueeze(1).transpose(-1, -2)  # (B, H, T, L)
         scores = scores + q_pe.transpose(1, 2) @ rope_keys.unsqueeze(1).transpose(-1, -2)
@@ -227,6 +230,20 @@ class Attention(nn.Module):
         out = torch.softmax(scores.float(), dim=-1).to(x.dtype) @ latents.unsqueeze(1)  # (B, H, T, C)
         out = torch.einsum("bhtc,hvc->bthv", out, w_uv)
         return self.o_proj(out.reshape(B, T, -1))
+
+
+def few_query_attention(q_nope, q_pe, w_uk, w_uv, latents, rope_keys, mask, scale):
+    """forward_absorbed's attention for a step's one or two queries per row, written as products summed over
+    a dimension: a compiled step fuses each layer's attention into one loop, where the batched matmuls of
+    the general form copy the cache once per head. q_nope (B, T, H, nope), q_pe (B, T, H, R), latents
+    (B, L, C), rope_keys (B, L, R), mask (B, T, L) -> (B, T, H, v)."""
+    q_latent = (q_nope.unsqueeze(-1) * w_uk).sum(-2)  # (B, T, H, C)
+    scores = (q_latent.unsqueeze(3) * latents[:, None, None]).sum(-1)  # (B, T, H, L)
+    scores = scores + (q_pe.unsqueeze(3) * rope_keys[:, None, None]).sum(-1)
+    scores = (scores * scale).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q_nope.dtype)
+    out = (probs.unsqueeze(-1) * latents[:, None, None]).sum(-2)  # (B, T, H, C)
+    return (out.unsqueeze(3) * w_uv).sum(-1)
 
 
 # ----------------------------------------------------------------------------- feed-forward: dense and DeepSeekMoE
@@ -315,7 +332,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, experts, scores = self.gate(x)
         traced = not self.training and torch.compiler.is_compiling()  # a compiled inference step: one graph
-        if traced and x.shape[0] == 1:  # one token (decoding one sequence): only its k experts' weights read
+        few = isinstance(x.shape[0], int) and x.shape[0] * experts.shape[1] <= self.n_experts
+        if traced and few:  # a handful of tokens, known when compiling (one sequence's step): their picks read
             y = self.gathered_experts(x, weights, experts)
         elif traced and compute_dtype(x) != torch.bfloat16 and x.shape[0] * self.n_experts <= self.dense_below:
             # F.grouped_mm is traced for bf16 only; a decode step's few tokens through every expert
@@ -348,7 +366,7 @@ class MoE(nn.Module):
 
     def gathered_experts(self, x, weights, experts):
         """Each token (N, D) through the weights of its own k experts, gathered: fixed shapes, so a compiled
-        decode step stays one graph. It copies N k experts' weights: for one token that reads less than
+        decode step stays one graph. It copies N k experts' weights: while N k <= E that reads less than
         dense_experts."""
         picks = experts.flatten()  # (N k)
         dtype = compute_dtype(x)

@@ -193,12 +193,32 @@ def test_logprobs_match_a_full_forward(peaky):
 def test_mtp_speculative_decoding_is_exact_and_accepts(trained):
     model, tok = trained
     prompts = [[tok.bos_id] + tok.encode(t) for t in ("12 + 34 =", "7 + 5", "99 + 1 = 100.")]  # as trained
-    params = SamplingParams(max_tokens=24, temperature=0)
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=True)
     plain = Engine(model, tok, speculative=False).generate(prompts, params)
     fast = Engine(model, tok, speculative=True)
     drafted = fast.generate(prompts, params)
     assert [s.tokens for s in drafted] == [s.tokens for s in plain]
+    for a, b in zip(drafted, plain):  # a drafted token's log-probability is its verification's
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-4, atol=1e-4)
     assert fast.speculator.drafted > 0 and fast.acceptance_rate > 0.3
+
+
+def test_speculative_greedy_beside_sampled_sequences_is_exact(trained):
+    """Greedy sequences in a speculative engine decode plainly while a sampled one shares the batch, and
+    speculate again once it has gone: the same tokens as a plain engine's, whenever they joined."""
+    model, tok = trained
+    prompts = [[tok.bos_id] + tok.encode(t) for t in ("12 + 34 =", "7 + 5")]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    plain, fast = Engine(model, tok, speculative=False), Engine(model, tok, max_batch=4, speculative=True)
+    plain.stop_ids = fast.stop_ids = set()  # 24 tokens each, past the end of sequence
+    plain = [s.tokens for s in plain.generate(prompts, params)]
+    (first,) = fast.add(prompts[:1], params)
+    fast.add(prompts[:1], SamplingParams(max_tokens=6, temperature=1.0, seed=0))
+    fast.step()
+    (second,) = fast.add(prompts[1:], params)
+    while not fast.idle:
+        fast.step()
+    assert [first.tokens, second.tokens] == plain and fast.speculator.accepted > 0
 
 
 def test_compiled_speculative_step_is_exact_without_graph_breaks(trained):
@@ -403,6 +423,31 @@ def test_compiled_decode_step_gives_the_same_tokens(peaky):
     eager = Engine(model, tok, speculative=False, compile=False)
     eager.stop_ids = set()
     assert [s.tokens for s in engine.generate(PROMPTS, seeded)] == [s.tokens for s in eager.generate(PROMPTS, seeded)]
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_compiled_step_attention_equals_eager(width):
+    """A compiled step over one or two positions a row (decoding, speculative verification) computes attention
+    as sums that fuse (model.few_query_attention) and sends its few tokens through their gathered experts:
+    the hidden states and the cache it writes equal the eager forward's, rows at different lengths."""
+    model = DeepSeekV3(config_for_size(2, vocab_size=448)).init_weights(3).eval()
+    cfg = model.config
+    rows, starts = torch.tensor([2, 0]), torch.tensor([9, 4])
+    ids = torch.randint(3, 448, (2, width), generator=torch.Generator().manual_seed(width))
+    step = torch.compile(engine_module.decode_forward, fullgraph=True, dynamic=False)
+    outputs = []
+    for run in (engine_module.decode_forward, step):
+        cache = engine_module.LatentCache(cfg.num_hidden_layers, 3, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                          torch.float32, "cpu")
+        cache.reserve(16)
+        for t in cache.latent + cache.rope:  # earlier positions, as a prefill would have left them
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(0)))
+        with torch.no_grad():
+            outputs.append((run(model, ids, starts, rows, cache.latent, cache.rope), cache.latent + cache.rope))
+    (eager, eager_cache), (compiled, compiled_cache) = outputs
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_cache, eager_cache):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_an_engine_for_another_checkpoint_of_the_same_shape_compiles_nothing(peaky):

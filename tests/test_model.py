@@ -97,8 +97,9 @@ def test_grouped_experts_equal_naive_loop():
 
 @pytest.mark.parametrize("tokens", [1, 2, 23])
 def test_compiled_inference_paths_equal_the_sorted_one(tokens):
-    """A compiled inference step sends one token through its gathered experts and more through every expert
-    (dense): both equal the sorted grouped matmul that training and eager inference run, in one graph."""
+    """A compiled inference step sends a handful of tokens through their gathered experts and more through
+    every expert (dense): both equal the sorted grouped matmul that training and eager inference run, in one
+    graph."""
     cfg = random_config(3)
     cfg.first_k_dense_replace, cfg.n_shared_experts = 0, 1
     moe = DeepSeekV3(cfg).init_weights(0).moe_layers()[0].eval()
