@@ -3,11 +3,11 @@
 Sequences live in slots of a latent KV cache (kv_lora_rank + qk_rope_head_dim numbers per token and
 layer). A step samples one token for every running sequence and runs one batched forward, compiled into
 one graph (`decode_step`); sequences join (`add`, a chunked eager prefill) and leave between steps, which
-is all continuous batching needs. With speculative=True, MTP modules and greedy decoding, each step drafts
-one more token with the MTP module and verifies it in the same graph (Speculator, self-speculative
-decoding): the output is exactly what plain greedy decoding gives. Off by default: on the cpu model's own
-tasks 98-99% of drafts are accepted, yet a step costs about twice a plain one, so it measures 1.06x plain
-decoding at batch 1 and 0.70x at batch 16 (docs/BENCHMARKS.md).
+is all continuous batching needs. With an MTP module and greedy decoding, a speculative step drafts one
+more token with the MTP module and verifies it in the same graph (Speculator, self-speculative decoding):
+the output is exactly what plain greedy decoding gives. On by default in an engine of one sequence while
+most drafts stand: on the cpu model's own tasks 98-99% of them do, and its decode steps run 1.33x plain
+decoding at batch 1, 1.0x at batch 16 (docs/BENCHMARKS.md).
 
 Sampling lives in sampling.py, a sequence's text (detokenising, stop strings, streaming) in text.py.
 """
@@ -167,10 +167,14 @@ def compile_options(device):
 class Engine:
     """Slots of a latent cache, sequences joining and leaving them, and one compiled forward a step."""
 
-    def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=False, compile=None,
+    def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=None, compile=None,
                  dtype=None):
         """dtype: the compute dtype, auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32. The
-        engine runs the model under its autocast and keeps its latent cache in it; callers wrap nothing."""
+        engine runs the model under its autocast and keeps its latent cache in it; callers wrap nothing.
+        speculative: MTP self-speculation for greedy steps, True always, False never, None (the default) where
+        it pays: in an engine of one sequence (chat) with an MTP module, while more than half of the recent
+        drafts stand (Speculator.worth_it), compiled at its first step. A speculative step yields 1 + acceptance
+        tokens for ~1.5x a plain step's time at batch 1 and gains nothing at 16 (docs/BENCHMARKS.md)."""
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -188,7 +192,9 @@ class Engine:
         self.decode_step = torch.compile(decode_step, **compile_options(self.device)) if compile else decode_step
         # the seeded draws' integer hashing, compiled at the first seeded draw (chat never makes one)
         self.noise = torch.compile(seeded_noise, dynamic=True) if compile else seeded_noise
-        self.speculator = Speculator(model, shape, self.compute, self.device if compile else None) \
+        adaptive = speculative is None
+        speculative = max_batch == 1 if adaptive else speculative
+        self.speculator = Speculator(model, shape, self.compute, self.device if compile else None, adaptive) \
             if speculative and len(model.mtp) else None
         if compile:
             self.warm_up()
@@ -270,11 +276,14 @@ class Engine:
         process and shape) before any request waits on it."""
         bos = self.tokenizer.bos_id if self.tokenizer is not None else self.model.config.bos_token_id
         stops, self.stop_ids = self.stop_ids, set()  # decode whatever comes, end of sequence included
+        speculator = self.speculator
+        if speculator is not None and speculator.adaptive:
+            self.speculator = None  # compiled at its first step, so sampled chats never wait for it
         try:
             for n in sorted({1, min(2, self.max_batch)}):
                 self.generate([[bos]] * n, SamplingParams(max_tokens=3, temperature=0))
         finally:
-            self.stop_ids = stops
+            self.stop_ids, self.speculator = stops, speculator
         if self.speculator:
             self.speculator.drafted = self.speculator.accepted = 0
 
@@ -292,11 +301,13 @@ class Engine:
     def step(self) -> list[Event]:
         """Sample the next token of every running sequence, then one forward for those that go on."""
         seqs = list(self.running.values())
+        if not seqs:
+            return []
         events = [self._emit(s, [token]) for s, token in zip(seqs, self._sample(seqs))]
         go_on = [s for s in seqs if s.finish_reason is None]
         if not go_on:
             return events
-        if self.speculator and all(s.params.greedy for s in go_on):
+        if self.speculator and all(s.params.greedy for s in go_on) and self.speculator.worth_it():
             return _merge(events + self.speculator.verify(self, go_on))
         ids = torch.tensor([[s.tokens[-1]] for s in go_on], device=self.device)
         rows = self._rows(go_on)
@@ -392,13 +403,26 @@ class Speculator:
     is exactly plain greedy decoding's. Draft and verification run as one graph (speculative_step), compiled
     when the engine's decode step is; the MTP module keeps its own latent cache, with the engine's slots."""
 
-    def __init__(self, model, cache_shape, compute, compile_for=None):
-        """compile_for: the device to compile the step for (None: eager)."""
-        self.model, self.compute = model, compute
+    PROBE = 32  # plain steps between tries while too few drafts stand
+
+    def __init__(self, model, cache_shape, compute, compile_for=None, adaptive=False):
+        """compile_for: the device to compile the step for (None: eager). adaptive: speculate only while it
+        pays (worth_it)."""
+        self.model, self.compute, self.adaptive = model, compute, adaptive
         self.cache = LatentCache(1, *cache_shape)
         self.step = speculative_step if compile_for is None else \
             torch.compile(speculative_step, **compile_options(compile_for))
         self.drafted = self.accepted = 0
+        self.recent, self.waited = 1.0, 0  # drafts that stood, a moving average; plain steps since the last try
+
+    def worth_it(self):
+        """Whether to speculate this step: always, or where adaptive while more than half the recent drafts
+        stood (a step yields 1 + acceptance tokens for ~1.5x a plain step's time), and once every PROBE steps
+        when they did not, to notice when they would again."""
+        if not self.adaptive or self.recent > 0.5:
+            return True
+        self.waited = (self.waited + 1) % self.PROBE
+        return self.waited == 0
 
     @property
     def acceptance_rate(self):
@@ -447,6 +471,7 @@ class Speculator:
         accepted = [i for i, (s, agree) in enumerate(zip(seqs, agrees)) if agree and engine._room(s) > 1]
         self.drafted += len(seqs)
         self.accepted += len(accepted)
+        self.recent += 0.2 * (len(accepted) / len(seqs) - self.recent)
         engine.logits[rows] = next_logits
         for i, s in enumerate(seqs):
             s.mtp_states = list(h[i].unbind(0)) if i in accepted else [h[i, 0]]

@@ -221,6 +221,24 @@ def test_speculative_greedy_beside_sampled_sequences_is_exact(trained):
     assert [first.tokens, second.tokens] == plain and fast.speculator.accepted > 0
 
 
+def test_speculation_by_default_only_for_one_sequence_and_while_drafts_stand(trained):
+    """By default an engine of one sequence speculates on greedy steps (exactly), one of more never; once
+    most recent drafts fail it takes plain steps and tries a draft every Speculator.PROBE steps."""
+    model, tok = trained
+    prompt = [tok.bos_id] + tok.encode("12 + 34 =")
+    params = SamplingParams(max_tokens=80, temperature=0)
+    assert Engine(model, tok, max_batch=2, compile=False).speculator is None
+    plain = Engine(model, tok, max_batch=1, speculative=False, compile=False)
+    auto = Engine(model, tok, max_batch=1, compile=False)
+    plain.stop_ids = auto.stop_ids = set()
+    expected = plain.generate([prompt], params)[0].tokens
+    assert auto.generate([prompt], params)[0].tokens == expected and auto.speculator.drafted > 0
+    auto.speculator.recent = 0.0  # as after a run of failed drafts
+    drafted = auto.speculator.drafted
+    assert auto.generate([prompt], params)[0].tokens == expected
+    assert 1 <= auto.speculator.drafted - drafted <= 80 // auto.speculator.PROBE  # a try every PROBE steps
+
+
 def test_compiled_speculative_step_is_exact_without_graph_breaks(trained):
     """Draft and verification compiled as one graph decode exactly what plain greedy decoding does, alone
     and in a batch, with nothing falling back to Python."""
