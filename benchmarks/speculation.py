@@ -54,7 +54,7 @@ def main():
     ratios = {}
     for batch in (1, 16):
         mine = prompts if batch > 1 else prompts[::5]
-        plain = Engine(model, tokenizer, max_batch=batch)
+        plain = Engine(model, tokenizer, max_batch=batch, speculative=False)
         fast = Engine(model, tokenizer, max_batch=batch, speculative=True)
         for engine in (plain, fast):
             engine.generate(mine[: 2 * batch], greedy)  # compiles the steps for this batch

@@ -118,6 +118,8 @@ class _LayerView:
 
 
 def layer_views(latent, rope, rows, starts):
+    for t in latent + rope:  # every layer's cache is one length: one size for a compiled step to pass, not 2 a layer
+        torch._check(t.shape[1] == latent[0].shape[1])
     return [_LayerView(lat, k_pe, rows, starts) for lat, k_pe in zip(latent, rope)]
 
 
@@ -150,6 +152,7 @@ def speculative_step(model, h, next_ids, draft_starts, last, newest, starts, row
     position `last` (B,), and the main model runs over [newest, draft] (B, 2) at starts. -> verdict (2, B):
     whether logits[:, 0] agree with the draft (the draft stands) and the draft; hidden states (B, 2, D);
     float logits (B, 2, V); and each row's next logits (B, V), those after the draft where it stands."""
+    torch._check(draft_cache[0].shape[1] == caches[0][0].shape[1])  # one cache length: one size to pass
     normed = draft_forward(model, h, next_ids, draft_starts, rows, *draft_cache)
     drafts = model.lm_head(normed[torch.arange(h.shape[0], device=h.device), last]).argmax(-1)
     hidden, logits = decode_step(model, torch.stack([newest, drafts], 1), starts, rows, *caches)
@@ -194,7 +197,7 @@ class Engine:
         self.noise = torch.compile(seeded_noise, dynamic=True) if compile else seeded_noise
         adaptive = speculative is None
         speculative = max_batch == 1 if adaptive else speculative
-        self.speculator = Speculator(model, shape, self.compute, self.device if compile else None, adaptive) \
+        self.speculator = Speculator(model, self.cache, self.compute, self.device if compile else None, adaptive) \
             if speculative and len(model.mtp) else None
         if compile:
             self.warm_up()
@@ -405,11 +408,14 @@ class Speculator:
 
     PROBE = 32  # plain steps between tries while too few drafts stand
 
-    def __init__(self, model, cache_shape, compute, compile_for=None, adaptive=False):
-        """compile_for: the device to compile the step for (None: eager). adaptive: speculate only while it
-        pays (worth_it)."""
-        self.model, self.compute, self.adaptive = model, compute, adaptive
-        self.cache = LatentCache(1, *cache_shape)
+    def __init__(self, model, main_cache, compute, compile_for=None, adaptive=False):
+        """main_cache: the engine's LatentCache, whose slots and length the MTP module's cache keeps;
+        compile_for: the device to compile the step for (None: eager); adaptive: speculate only while it pays
+        (worth_it)."""
+        self.model, self.main_cache, self.compute, self.adaptive = model, main_cache, compute, adaptive
+        latent, rope = main_cache.latent[0], main_cache.rope[0]
+        self.cache = LatentCache(1, latent.shape[0], main_cache.max_len, latent.shape[2], rope.shape[2], latent.dtype,
+                                 latent.device)
         self.step = speculative_step if compile_for is None else \
             torch.compile(speculative_step, **compile_options(compile_for))
         self.drafted = self.accepted = 0
@@ -430,7 +436,7 @@ class Speculator:
 
     def forward(self, h, next_ids, rows, starts):
         """The MTP module over a prefill's (B, T) positions: main hidden states h and the tokens after them."""
-        self.cache.reserve(max(starts) + h.shape[1])
+        self.cache.reserve(self.main_cache.length)  # as long as the main cache, which holds these positions
         starts = torch.tensor(starts, device=h.device)
         with self.compute.autocast():
             draft_forward(self.model, h, next_ids, starts, rows, self.cache.latent[0], self.cache.rope[0])
@@ -453,8 +459,8 @@ class Speculator:
         pad = [width - n for n in pending]  # a row with one repeats it (its copy is overwritten a step later)
         h_prev = torch.stack([torch.stack(s.mtp_states + s.mtp_states[-1:] * p) for s, p in zip(seqs, pad)])
         starts = engine._starts(seqs)
-        self.cache.reserve(max(starts) + 1)  # the MTP module writes positions length - pending + 0, 1
         engine.cache.reserve(max(starts) + 2)
+        self.cache.reserve(engine.cache.length)  # the MTP module writes positions length - pending + 0, 1
         # per row: the tokens after the pending positions, where they start, the one to draft from, the newest
         # token, its position and the slot; one tensor, its columns the step's inputs
         ints = torch.tensor([s.tokens[-n:] + s.tokens[-1:] * p + [s.length - n, n - 1, s.tokens[-1], start, s.slot]
