@@ -1,8 +1,9 @@
 """The three ways an MoE layer runs its routed experts at inference, timed on one layer of a model size:
 sorted (one grouped matmul, what training and eager inference run), gathered (each token through copies of
 its k experts' weights) and dense (every token through every expert, weighted by its routing weight), eager
-and under torch.compile, for several token counts. A compiled decode step runs gathered for one token and
-dense for more (model.MoE.forward). Prints microseconds per call, median of several timings.
+and under torch.compile, for several token counts. A compiled decode step runs gathered for a handful of
+tokens known when compiling (N k <= E: one sequence's step) and dense for more (model.MoE.forward).
+Prints microseconds per call, median of several timings.
 
 Usage: python benchmarks/moe_paths.py [--size 4] [--tokens 1 4 16 64 128 512]
 """
