@@ -6,7 +6,7 @@ one graph (`decode_step`); sequences join (`add`, a chunked eager prefill) and l
 is all continuous batching needs. With an MTP module and greedy decoding, a speculative step drafts one
 more token with the MTP module and verifies it in the same graph (Speculator, self-speculative decoding):
 the output is exactly what plain greedy decoding gives. On by default in an engine of one sequence while
-most drafts stand: on the cpu model's own tasks 98-99% of them do, and its decode steps run 1.33x plain
+most drafts stand: on the cpu model's own tasks 98-99% of them do, and its decode steps run ~1.3x plain
 decoding at batch 1, 1.0x at batch 16 (docs/BENCHMARKS.md).
 
 Sampling lives in sampling.py, a sequence's text (detokenising, stop strings, streaming) in text.py.
@@ -118,7 +118,7 @@ class _LayerView:
 
 
 def layer_views(latent, rope, rows, starts):
-    for t in latent + rope:  # every layer's cache is one length: one size for a compiled step to pass, not 2 a layer
+    for t in latent + rope:  # every layer's cache is one length: one size for a compiled step to pass, not one a layer
         torch._check(t.shape[1] == latent[0].shape[1])
     return [_LayerView(lat, k_pe, rows, starts) for lat, k_pe in zip(latent, rope)]
 
