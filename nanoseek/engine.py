@@ -5,8 +5,8 @@ layer). A step samples one token for every running sequence and runs one batched
 one graph (`decode_step`); sequences join (`add`, a chunked eager prefill) and leave between steps, which
 is all continuous batching needs. With an MTP module and greedy decoding, a speculative step drafts one
 more token with the MTP module and verifies it in the same graph (Speculator, self-speculative decoding):
-the output is exactly what plain greedy decoding gives. On by default in an engine of one sequence while
-most drafts stand: on the cpu model's own tasks 98-99% of them do, and its decode steps run ~1.3x plain
+the output is exactly what plain greedy decoding gives. On by default in an engine of one sequence on a CPU
+while most drafts stand: on the cpu model's own tasks 98-99% of them do, and its decode steps run ~1.3x plain
 decoding at batch 1, 1.0x at batch 16 (docs/BENCHMARKS.md).
 
 Sampling lives in sampling.py, a sequence's text (detokenising, stop strings, streaming) in text.py.
@@ -175,9 +175,10 @@ class Engine:
         """dtype: the compute dtype, auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32. The
         engine runs the model under its autocast and keeps its latent cache in it; callers wrap nothing.
         speculative: MTP self-speculation for greedy steps, True always, False never, None (the default) where
-        it pays: in an engine of one sequence (chat) with an MTP module, while more than half of the recent
-        drafts stand (Speculator.worth_it), compiled at its first step. A speculative step yields 1 + acceptance
-        tokens for ~1.5x a plain step's time at batch 1 and gains nothing at 16 (docs/BENCHMARKS.md)."""
+        it was measured to pay: in an engine of one sequence (chat) on a CPU with an MTP module, while more
+        than half of the recent drafts stand (Speculator.worth_it), compiled at its first step. A speculative
+        step yields 1 + acceptance tokens for ~1.5x a plain step's time at batch 1 and gains nothing at 16
+        (docs/BENCHMARKS.md); on a GPU it has not been measured."""
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -195,8 +196,8 @@ class Engine:
         self.decode_step = torch.compile(decode_step, **compile_options(self.device)) if compile else decode_step
         # the seeded draws' integer hashing, compiled at the first seeded draw (chat never makes one)
         self.noise = torch.compile(seeded_noise, dynamic=True) if compile else seeded_noise
-        adaptive = speculative is None
-        speculative = max_batch == 1 if adaptive else speculative
+        adaptive = speculative is None  # by default where measured faster: one sequence, on a CPU
+        speculative = max_batch == 1 and self.device.type == "cpu" if adaptive else speculative
         self.speculator = Speculator(model, self.cache, self.compute, self.device if compile else None, adaptive) \
             if speculative and len(model.mtp) else None
         if compile:
