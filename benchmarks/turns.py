@@ -11,7 +11,7 @@ import random
 
 from nanoseek.checkpoint import load
 from nanoseek.engine import Engine
-from nanoseek.evaluate import test_problems
+from nanoseek.evaluate import right_answer, test_problems
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import get_task
 from nanoseek.tasks.smalltalk import KINDS, reply_kind
@@ -23,8 +23,7 @@ def earlier_turns(k, tasks, rng):
     for _ in range(k):
         task = rng.choice(tasks)
         problem = task.sample(rng, "test", 3)
-        messages += [{"role": "user", "content": problem.question},
-                     {"role": "assistant", "content": task.solve(problem)[1]}]
+        messages += [*problem.messages(), {"role": "assistant", "content": right_answer(task, problem)}]
     return messages
 
 

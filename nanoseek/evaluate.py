@@ -119,12 +119,12 @@ def second_turns(tasks, levels, problems, seed):
     for i, mine in enumerate(problems):
         other, level = tasks[(i + 1) % len(tasks)], levels[(i + 1) % len(tasks)]
         firsts = test_problems(other, len(mine), seed + 1, level)
-        out.append([[*f.messages(), {"role": "assistant", "content": _answer(other, f)}, *p.messages()]
+        out.append([[*f.messages(), {"role": "assistant", "content": right_answer(other, f)}, *p.messages()]
                     for p, f in zip(mine, firsts)])
     return out
 
 
-def _answer(task, problem):
+def right_answer(task, problem):
     """The answer a right completion gives (countdown's is an expression, not the target), else the reference."""
     solution = worked(task, problem)
     return solution[1] if solution else problem.answer
