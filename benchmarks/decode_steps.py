@@ -1,7 +1,8 @@
 """The engine's compiled steps timed alone, per call: the plain decode step for 1 and 16 sequences and the
 speculative step (MTP draft and verification of [newest, draft]) for one, over a cache of --length
-positions, on a checkpoint's weights. What a decode step costs without the engine's Python around it; run it
-with PYTHONPATH pointing at another checkout to compare two versions of the engine on one machine.
+positions, on a checkpoint's weights; for one sequence both under torch.compile and compiled ahead of time
+(aot.AotStep, what an engine of one sequence on a CPU runs). What a decode step costs without the engine's
+Python around it; run it with PYTHONPATH pointing at another checkout to compare two versions on one machine.
 
 Usage: python benchmarks/decode_steps.py CKPT [--length 194] [--rounds 7]
 """
@@ -12,8 +13,10 @@ import time
 
 import torch
 
+from nanoseek.aot import AotStep
 from nanoseek.checkpoint import load
-from nanoseek.engine import LatentCache, compile_options, decode_step, speculative_step
+from nanoseek.speculation import speculative_step
+from nanoseek.step import LatentCache, compile_options, decode_step
 
 
 def milliseconds(call, calls, rounds):
@@ -43,24 +46,26 @@ def main():
     model = load(args.ckpt)[0].float().eval()
     cfg, options = model.config, compile_options(torch.device("cpu"))
     plain, spec = torch.compile(decode_step, **options), torch.compile(speculative_step, **options)
+    ahead = {"decode": AotStep(decode_step, model, plain), "speculative": AotStep(speculative_step, model, spec)}
     start = args.length - 40  # the newest token's position
     with torch.no_grad():
         for batch in (1, 16):
             cache = caches(cfg, cfg.num_hidden_layers, batch, args.length)
-            ids = torch.randint(3, cfg.vocab_size, (batch, 1))
-            rows, starts = torch.arange(batch), torch.full((batch,), start)
-            if batch > 1:  # as the engine marks them: one graph for any batch of more than one
-                for t in (ids, rows, starts):
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-            ms = milliseconds(lambda: plain(model, ids, starts, rows, cache.latent, cache.rope),  # noqa: B023
-                              max(10, 200 // batch), args.rounds)
-            print(f"decode step, {batch:>2} sequence(s): {ms:.3f} ms a call", flush=True)
+            ints = torch.stack([torch.randint(3, cfg.vocab_size, (batch,)), torch.full((batch,), start),
+                                torch.arange(batch)], 1)  # token, position, slot
+            if batch > 1:  # as the engine marks it: one graph for any batch of more than one
+                torch._dynamo.maybe_mark_dynamic(ints, 0)
+            for how, step in [("torch.compile", plain)] + ([("ahead of time", ahead["decode"])] if batch == 1 else []):
+                ms = milliseconds(lambda: step(model, ints, cache.latent, cache.rope),  # noqa: B023
+                                  max(10, 200 // batch), args.rounds)
+                print(f"decode step, {batch:>2} sequence(s), {how}: {ms:.3f} ms a call", flush=True)
         main_cache, draft = caches(cfg, cfg.num_hidden_layers, 1, args.length), caches(cfg, 1, 1, args.length)
         one = torch.tensor
         inputs = (torch.randn(1, 2, cfg.hidden_size), one([[5, 6]]), one([start - 2]), one([1]), one([7]), one([start]),
                   one([0]), (main_cache.latent, main_cache.rope), (draft.latent[0], draft.rope[0]))
-        ms = milliseconds(lambda: spec(model, *inputs), 200, args.rounds)
-        print(f"speculative step, 1 sequence: {ms:.3f} ms a call (two tokens when the draft stands)")
+        for how, step in (("torch.compile", spec), ("ahead of time", ahead["speculative"])):
+            ms = milliseconds(lambda: step(model, *inputs), 200, args.rounds)  # noqa: B023
+            print(f"speculative step, 1 sequence, {how}: {ms:.3f} ms a call (two tokens when the draft stands)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,10 @@
 """One engine for every generation: RL rollouts, evaluation, chat and the server.
 
-Sequences live in slots of a latent KV cache (kv_lora_rank + qk_rope_head_dim numbers per token and
-layer). A step samples one token for every running sequence and runs one batched forward, compiled into
-one graph (`decode_step`); sequences join (`add`, a chunked eager prefill) and leave between steps, which
-is all continuous batching needs. With an MTP module and greedy decoding, a speculative step drafts one
-more token with the MTP module and verifies it in the same graph (Speculator, self-speculative decoding):
-the output is exactly what plain greedy decoding gives. On by default in an engine of one sequence on a CPU
-while most drafts stand: on the cpu model's own tasks 98-99% of them do, and its decode steps run ~1.3x plain
-decoding at batch 1, 1.0x at batch 16 (docs/BENCHMARKS.md).
+Sequences live in slots of a latent KV cache (step.py). A step samples one token for every running sequence
+and runs one batched forward, compiled into one graph (step.decode_step; for one sequence on a CPU compiled
+ahead of time, aot.py); sequences join (`add`, a chunked eager prefill) and leave between steps, which is all
+continuous batching needs. With speculative=True and greedy decoding, a step drafts one more token with the
+MTP module and verifies it in the same graph (speculation.py): the output is exactly plain greedy decoding's.
 
 Sampling lives in sampling.py, a sequence's text (detokenising, stop strings, streaming) in text.py.
 """
@@ -19,9 +16,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanoseek.aot import AotStep
 from nanoseek.device import policy
 from nanoseek.model import DeepSeekV3
 from nanoseek.sampling import SamplingParams, sample_tokens, seeded_noise
+from nanoseek.speculation import Speculator, speculative_step
+from nanoseek.step import LatentCache, compile_options, decode_forward, decode_step
 from nanoseek.text import RepetitionStop, TextStream
 
 COMPILE = os.environ.get("NANOSEEK_COMPILE", "1") != "0"  # compile the decode step; NANOSEEK_COMPILE=0: eager
@@ -64,121 +64,17 @@ class Event:
     finished: bool
 
 
-class LatentCache:
-    """Per layer: (slots, length, kv_lora_rank) latents and (slots, length, rope) keys, one tensor each (a
-    compiled decode step writes them in place). The length grows in blocks to what the longest sequence
-    held needs (prompt + new tokens), up to max_len, never more."""
-
-    GROW = 128  # positions added at a time
-
-    def __init__(self, n_layers, slots, max_len, latent_dim, rope_dim, dtype, device):
-        self.max_len = max_len
-        self.latent = [torch.zeros(slots, 0, latent_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.rope = [torch.zeros(slots, 0, rope_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-
-    @property
-    def length(self):  # positions each slot has room for
-        return self.latent[0].shape[1]
-
-    def reserve(self, length):
-        """Room for positions 0 .. length - 1 in every slot."""
-        if length > self.max_len:
-            raise ValueError(f"position {length - 1} is past the engine's context of {self.max_len} tokens")
-        if length > self.length:
-            more = min(self.max_len, -(-length // self.GROW) * self.GROW) - self.length
-            self.latent = [F.pad(t, (0, 0, 0, more)) for t in self.latent]
-            self.rope = [F.pad(t, (0, 0, 0, more)) for t in self.rope]
-            for t in self.latent + self.rope:  # a compiled step takes any length, so growing compiles nothing
-                torch._dynamo.maybe_mark_dynamic(t, 1)
-
-    def clear(self):
-        """Length 0 again (between requests): attention reads every cached position, so a cache left as long
-        as an earlier, longer request would make every later step pay for it."""
-        self.latent = [t.new_zeros(t.shape[0], 0, t.shape[2]) for t in self.latent]
-        self.rope = [t.new_zeros(t.shape[0], 0, t.shape[2]) for t in self.rope]
-
-    def bytes_per_token(self):
-        return len(self.latent) * (self.latent[0].shape[-1] + self.rope[0].shape[-1]) * self.latent[0].element_size()
-
-
-class _LayerView:
-    """One layer's slice of the cache for a forward over `rows` (slot ids) whose chunks start at `starts`;
-    the engine reserves room first, so a write needs no host sync and keeps every shape fixed."""
-
-    def __init__(self, latent, rope, rows, starts):
-        self.latent, self.rope, self.rows, self.starts = latent, rope, rows, starts
-
-    def write(self, latent, k_pe):
-        pos = self.starts[:, None] + torch.arange(latent.shape[1], device=latent.device)  # (B, T)
-        self.latent.index_put_((self.rows[:, None], pos), latent.to(self.latent.dtype))
-        self.rope.index_put_((self.rows[:, None], pos), k_pe.to(self.rope.dtype))
-        L = self.latent.shape[1]
-        mask = torch.arange(L, device=latent.device) <= pos[..., None]  # (B, T, L): causal over the cache
-        return self.latent[self.rows], self.rope[self.rows], mask
-
-
-def layer_views(latent, rope, rows, starts):
-    for t in latent + rope:  # every layer's cache is one length: one size for a compiled step to pass, not one a layer
-        torch._check(t.shape[1] == latent[0].shape[1])
-    return [_LayerView(lat, k_pe, rows, starts) for lat, k_pe in zip(latent, rope)]
-
-
-def decode_forward(model, ids, starts, rows, latent, rope):
-    """Hidden states (B, T, D) of ids (B, T) at positions starts (B,) + t, reading and writing the slots
-    `rows` of the per-layer caches: latent, a list of (slots, L, C), and rope, a list of (slots, L, R)."""
-    positions = starts[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    return model.forward_cached(ids, positions, layer_views(latent, rope, rows, starts))
-
-
-def decode_step(model, ids, starts, rows, latent, rope):
-    """decode_forward, then the output head: hidden states (B, T, D) and float logits (B, T, V)."""
-    h = decode_forward(model, ids, starts, rows, latent, rope)
-    return h, model.lm_head(h).float()
-
-
-def draft_forward(model, h, next_ids, starts, rows, latent, rope):
-    """The first MTP module over (B, T) positions at starts (B,) + t: main hidden states h (B, T, D) and the
-    tokens after them (B, T), read from and written into its cache (latent, rope: one layer's tensors) ->
-    its normed hidden states (B, T, D)."""
-    positions = starts[:, None] + torch.arange(h.shape[1], device=h.device)
-    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
-    (view,) = layer_views([latent], [rope], rows, starts)
-    return model.mtp[0](h, model.model.embed_tokens(next_ids), cos, sin, None, view)[1]
-
-
-def speculative_step(model, h, next_ids, draft_starts, last, newest, starts, rows, caches, draft_cache):
-    """One self-speculative greedy step in one graph: the MTP module catches up on the positions whose next
-    token is known (h, next_ids: (B, T) from draft_starts), drafts the token after each row's newest from its
-    position `last` (B,), and the main model runs over [newest, draft] (B, 2) at starts. -> verdict (2, B):
-    whether logits[:, 0] agree with the draft (the draft stands) and the draft; hidden states (B, 2, D);
-    float logits (B, 2, V); and each row's next logits (B, V), those after the draft where it stands."""
-    torch._check(draft_cache[0].shape[1] == caches[0][0].shape[1])  # one cache length: one size to pass
-    normed = draft_forward(model, h, next_ids, draft_starts, rows, *draft_cache)
-    drafts = model.lm_head(normed[torch.arange(h.shape[0], device=h.device), last]).argmax(-1)
-    hidden, logits = decode_step(model, torch.stack([newest, drafts], 1), starts, rows, *caches)
-    agrees = logits[:, 0].argmax(-1) == drafts
-    next_logits = torch.where(agrees[:, None], logits[:, 1], logits[:, 0])
-    return torch.stack([agrees.long(), drafts]), hidden, logits, next_logits
-
-
-def compile_options(device):
-    """torch.compile arguments for the decode step (batch and cache length are marked dynamic where the
-    engine makes them): on a CPU the generated C++ calls its kernels directly, no Python between them."""
-    return {"options": {"cpp_wrapper": device.type == "cpu"}}
-
-
 class Engine:
     """Slots of a latent cache, sequences joining and leaving them, and one compiled forward a step."""
 
-    def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=None, compile=None,
+    def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=False, compile=None,
                  dtype=None):
         """dtype: the compute dtype, auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32. The
         engine runs the model under its autocast and keeps its latent cache in it; callers wrap nothing.
-        speculative: MTP self-speculation for greedy steps, True always, False never, None (the default) where
-        it was measured to pay: in an engine of one sequence (chat) on a CPU with an MTP module, while more
-        than half of the recent drafts stand (Speculator.worth_it), compiled at its first step. A speculative
-        step yields 1 + acceptance tokens for ~1.5x a plain step's time at batch 1 and gains nothing at 16
-        (docs/BENCHMARKS.md); on a GPU it has not been measured."""
+        speculative: MTP self-speculation for greedy steps (with an MTP module). Off by default: on a CPU a
+        speculative step costs ~2 plain steps at one sequence (both compiled ahead of time) and ~1 at 16, so
+        even with 99% of drafts standing it gains nothing measurable (docs/BENCHMARKS.md); on a GPU it has not
+        been measured."""
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -193,17 +89,26 @@ class Engine:
         self.ids = itertools.count()
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
         compile = COMPILE if compile is None else compile
-        self.decode_step = torch.compile(decode_step, **compile_options(self.device)) if compile else decode_step
+        self.decode_step = self.compiled(decode_step) if compile else decode_step
         # the seeded draws' integer hashing, compiled at the first seeded draw (chat never makes one)
         self.noise = torch.compile(seeded_noise, dynamic=True) if compile else seeded_noise
-        adaptive = speculative is None  # by default where measured faster: one sequence, on a CPU
-        speculative = max_batch == 1 and self.device.type == "cpu" if adaptive else speculative
-        self.speculator = Speculator(model, self.cache, self.compute, self.device if compile else None, adaptive) \
-            if speculative and len(model.mtp) else None
+        self.speculator = None
+        if speculative and len(model.mtp):
+            step = self.compiled(speculative_step) if compile else speculative_step
+            self.speculator = Speculator(model, self.cache, self.compute, step)
         if compile:
             self.warm_up()
 
     prefill_tokens = 2048  # tokens (prompts x positions) per prefill forward: bounds its activations
+
+    def compiled(self, step):
+        """A step compiled for this engine: ahead of time (AotStep: no guards, weights bound once, ~0.25 ms
+        less a call) for one sequence on a CPU in float32, where torch.compile's runtime would be most of a
+        step; torch.compile elsewhere (any batch size, autocast, a GPU)."""
+        jit = torch.compile(step, **compile_options(self.device))
+        if self.max_batch == 1 and self.device.type == "cpu" and self.compute.dtype == torch.float32:
+            return AotStep(step, self.model, fallback=jit)
+        return jit
 
     @property
     def refill(self):
@@ -280,14 +185,11 @@ class Engine:
         process and shape) before any request waits on it."""
         bos = self.tokenizer.bos_id if self.tokenizer is not None else self.model.config.bos_token_id
         stops, self.stop_ids = self.stop_ids, set()  # decode whatever comes, end of sequence included
-        speculator = self.speculator
-        if speculator is not None and speculator.adaptive:
-            self.speculator = None  # compiled at its first step, so sampled chats never wait for it
         try:
             for n in sorted({1, min(2, self.max_batch)}):
                 self.generate([[bos]] * n, SamplingParams(max_tokens=3, temperature=0))
         finally:
-            self.stop_ids, self.speculator = stops, speculator
+            self.stop_ids = stops
         if self.speculator:
             self.speculator.drafted = self.speculator.accepted = 0
 
@@ -311,16 +213,37 @@ class Engine:
         go_on = [s for s in seqs if s.finish_reason is None]
         if not go_on:
             return events
-        if self.speculator and all(s.params.greedy for s in go_on) and self.speculator.worth_it():
-            return _merge(events + self.speculator.verify(self, go_on))
-        ids = torch.tensor([[s.tokens[-1]] for s in go_on], device=self.device)
-        rows = self._rows(go_on)
-        h, logits = self._forward(ids, rows, self._starts(go_on), self.decode_step)
-        self.logits[rows] = logits[:, 0]
+        if self.speculator and all(s.params.greedy for s in go_on):
+            return _merge(events + self._speculate(go_on))
+        ints = torch.tensor([[s.tokens[-1], s.length, s.slot] for s in go_on], device=self.device)
+        self.cache.reserve(max(s.length for s in go_on) + 1)
+        if len(go_on) > 1:  # any batch size: one graph for 1 sequence, one for more
+            torch._dynamo.maybe_mark_dynamic(ints, 0)
+        with self.compute.autocast():
+            h, logits = self.decode_step(self.model, ints, self.cache.latent, self.cache.rope)
+        self.logits[ints[:, 2]] = logits
         if self.speculator:
             for i, s in enumerate(go_on):
                 s.mtp_states.append(h[i, 0])
         return events
+
+    def _speculate(self, seqs):
+        """A speculative step of greedy sequences -> the events of the drafts that stood."""
+        accepted, drafts, logits, next_logits = self.speculator.verify(seqs, [self._room(s) for s in seqs])
+        rows = self._rows(seqs)
+        self.logits[rows] = next_logits
+        if not accepted:
+            return []
+        mine = [seqs[i] for i in accepted]
+        if any(s.params.logprobs for s in mine):  # greedy: the drafts, with their log-probabilities
+            self.logits[rows[accepted]] = logits[accepted, 0]
+            tokens = self._sample(mine)
+            self.logits[rows[accepted]] = logits[accepted, 1]
+        else:
+            tokens = [drafts[i] for i in accepted]
+            for s, token in zip(mine, tokens):
+                s.tokens.append(token)
+        return [self._emit(s, [t]) for s, t in zip(mine, tokens)]
 
     def _sample(self, seqs: list[Sequence]) -> list[int]:
         """The next token of every sequence, drawn together in one call with one host sync (two with
@@ -360,19 +283,13 @@ class Engine:
     def _rows(self, seqs):
         return torch.tensor([s.slot for s in seqs], device=self.device)
 
-    def _starts(self, seqs):
-        return [s.length for s in seqs]
-
-    def _forward(self, ids, rows, starts, run=decode_forward):
-        """run(model, ids, starts, rows, caches) over ids (B, T) written at positions starts[b] + t of the
-        rows' slots: decode_forward's hidden states (prefill), or decode_step's with logits (T <= 2)."""
+    def _forward(self, ids, rows, starts):
+        """decode_forward's hidden states over ids (B, T) written at positions starts[b] + t of the rows' slots
+        (prefill)."""
         self.cache.reserve(max(starts) + ids.shape[1])
         starts = torch.tensor(starts, device=self.device)
-        if len(starts) > 1:  # and any batch size: one graph for 1 sequence, one for more
-            for t in (ids, starts, rows):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
         with self.compute.autocast():
-            return run(self.model, ids, starts, rows, self.cache.latent, self.cache.rope)
+            return decode_forward(self.model, ids, starts, rows, self.cache.latent, self.cache.rope)
 
     # ------------------------------------------------------------------------- whole requests
 
@@ -399,103 +316,6 @@ class Engine:
             for e in self.step():
                 if e.seq is seq:
                     yield e
-
-
-class Speculator:
-    """Self-speculative decoding with the first MTP module, for greedy steps: it drafts the token after each
-    sequence's newest one, and one forward of the main model over [newest, draft] verifies it, so the output
-    is exactly plain greedy decoding's. Draft and verification run as one graph (speculative_step), compiled
-    when the engine's decode step is; the MTP module keeps its own latent cache, with the engine's slots."""
-
-    PROBE = 32  # plain steps between tries while too few drafts stand
-
-    def __init__(self, model, main_cache, compute, compile_for=None, adaptive=False):
-        """main_cache: the engine's LatentCache, whose slots and length the MTP module's cache keeps;
-        compile_for: the device to compile the step for (None: eager); adaptive: speculate only while it pays
-        (worth_it)."""
-        self.model, self.main_cache, self.compute, self.adaptive = model, main_cache, compute, adaptive
-        latent, rope = main_cache.latent[0], main_cache.rope[0]
-        self.cache = LatentCache(1, latent.shape[0], main_cache.max_len, latent.shape[2], rope.shape[2], latent.dtype,
-                                 latent.device)
-        self.step = speculative_step if compile_for is None else \
-            torch.compile(speculative_step, **compile_options(compile_for))
-        self.drafted = self.accepted = 0
-        self.recent, self.waited = 1.0, 0  # drafts that stood, a moving average; plain steps since the last try
-
-    def worth_it(self):
-        """Whether to speculate this step: always, or where adaptive while more than half the recent drafts
-        stood (a step yields 1 + acceptance tokens for ~1.5x a plain step's time), and once every PROBE steps
-        when they did not, to notice when they would again."""
-        if not self.adaptive or self.recent > 0.5:
-            return True
-        self.waited = (self.waited + 1) % self.PROBE
-        return self.waited == 0
-
-    @property
-    def acceptance_rate(self):
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    def forward(self, h, next_ids, rows, starts):
-        """The MTP module over a prefill's (B, T) positions: main hidden states h and the tokens after them."""
-        self.cache.reserve(self.main_cache.length)  # as long as the main cache, which holds these positions
-        starts = torch.tensor(starts, device=h.device)
-        with self.compute.autocast():
-            draft_forward(self.model, h, next_ids, starts, rows, self.cache.latent[0], self.cache.rope[0])
-
-    def catch_up(self, s):
-        """Bring the MTP cache of s to its newest position but one, as after a speculative step (eager)."""
-        n = len(s.mtp_states) - 1
-        ids = torch.tensor([s.tokens[-n - 1 : -1]], device=s.mtp_states[0].device)
-        self.forward(torch.stack(s.mtp_states[:n])[None], ids, torch.tensor([s.slot], device=ids.device),
-                     [s.length - n - 1])
-        s.mtp_states = s.mtp_states[n:]
-
-    def verify(self, engine, seqs):
-        """One speculative step of the engine's greedy sequences -> the events of the drafts it accepted."""
-        for s in seqs:
-            if len(s.mtp_states) > 2:  # plain steps ran while a sampled sequence shared the batch
-                self.catch_up(s)
-        pending = [len(s.mtp_states) for s in seqs]  # positions whose next token is known, not yet in MTP's cache
-        width = 2  # 1 after a rejected draft, 2 after an accepted one: always 2, so the graph's shape is fixed;
-        pad = [width - n for n in pending]  # a row with one repeats it (its copy is overwritten a step later)
-        h_prev = torch.stack([torch.stack(s.mtp_states + s.mtp_states[-1:] * p) for s, p in zip(seqs, pad)])
-        starts = engine._starts(seqs)
-        engine.cache.reserve(max(starts) + 2)
-        self.cache.reserve(engine.cache.length)  # the MTP module writes positions length - pending + 0, 1
-        # per row: the tokens after the pending positions, where they start, the one to draft from, the newest
-        # token, its position and the slot; one tensor, its columns the step's inputs
-        ints = torch.tensor([s.tokens[-n:] + s.tokens[-1:] * p + [s.length - n, n - 1, s.tokens[-1], start, s.slot]
-                             for s, n, p, start in zip(seqs, pending, pad, starts)], device=engine.device)
-        next_ids, (draft_starts, last, newest, starts, rows) = ints[:, :width], ints[:, width:].unbind(1)
-        tensors = (h_prev, next_ids, draft_starts, last, newest, starts, rows)
-        if len(seqs) > 1:  # any batch size: one graph for 1 sequence, one for more
-            for t in tensors:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-        with self.compute.autocast():
-            verdict, h, logits, next_logits = self.step(self.model, *tensors, (engine.cache.latent, engine.cache.rope),
-                                                        (self.cache.latent[0], self.cache.rope[0]))
-        agrees, drafted = verdict.tolist()  # the one host sync
-        accepted = [i for i, (s, agree) in enumerate(zip(seqs, agrees)) if agree and engine._room(s) > 1]
-        self.drafted += len(seqs)
-        self.accepted += len(accepted)
-        self.recent += 0.2 * (len(accepted) / len(seqs) - self.recent)
-        engine.logits[rows] = next_logits
-        for i, s in enumerate(seqs):
-            s.mtp_states = list(h[i].unbind(0)) if i in accepted else [h[i, 0]]
-            if agrees[i] and i not in accepted:  # no room for the draft: the row goes on from its newest token
-                engine.logits[s.slot] = logits[i, 0]
-        if not accepted:
-            return []
-        mine = [seqs[i] for i in accepted]
-        if any(s.params.logprobs for s in mine):
-            engine.logits[rows[accepted]] = logits[accepted, 0]
-            tokens = engine._sample(mine)  # greedy: the drafts, with their log-probabilities
-            engine.logits[rows[accepted]] = logits[accepted, 1]
-        else:
-            tokens = [drafted[i] for i in accepted]
-            for s, token in zip(mine, tokens):
-                s.tokens.append(token)
-        return [engine._emit(s, [t]) for s, t in zip(mine, tokens)]
 
 
 def _merge(events):

@@ -9,6 +9,8 @@ from transformers.utils import logging as hf_logging
 import nanoseek
 from nanoseek import checkpoint
 from nanoseek import engine as engine_module
+from nanoseek import step as step_module
+from nanoseek.aot import AotStep
 from nanoseek.engine import Engine, EngineFull
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.sampling import SamplingParams, sample_tokens
@@ -221,22 +223,64 @@ def test_speculative_greedy_beside_sampled_sequences_is_exact(trained):
     assert [first.tokens, second.tokens] == plain and fast.speculator.accepted > 0
 
 
-def test_speculation_by_default_only_for_one_sequence_and_while_drafts_stand(trained):
-    """By default an engine of one sequence speculates on greedy steps (exactly), one of more never; once
-    most recent drafts fail it takes plain steps and tries a draft every Speculator.PROBE steps."""
+def test_one_sequence_steps_compiled_ahead_of_time(trained, tmp_path, monkeypatch):
+    """An engine of one sequence on a CPU runs its steps as packages compiled ahead of time: plain and
+    speculative greedy tokens as eager decoding's, seeded draws too; the packages are kept on disk and a
+    later engine loads them without exporting anything; their weights are the model's own tensors, so a
+    change made in place is decoded with. Speculation is off unless asked."""
     model, tok = trained
-    prompt = [tok.bos_id] + tok.encode("12 + 34 =")
-    params = SamplingParams(max_tokens=80, temperature=0)
-    assert Engine(model, tok, max_batch=2, compile=False).speculator is None
-    plain = Engine(model, tok, max_batch=1, speculative=False, compile=False)
-    auto = Engine(model, tok, max_batch=1, compile=False)
-    plain.stop_ids = auto.stop_ids = set()
-    expected = plain.generate([prompt], params)[0].tokens
-    assert auto.generate([prompt], params)[0].tokens == expected and auto.speculator.drafted > 0
-    auto.speculator.recent = 0.0  # as after a run of failed drafts
-    drafted = auto.speculator.drafted
-    assert auto.generate([prompt], params)[0].tokens == expected
-    assert 1 <= auto.speculator.drafted - drafted <= 80 // auto.speculator.PROBE  # a try every PROBE steps
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    prompts = [[tok.bos_id] + tok.encode(t) for t in ("12 + 34 =", "7 + 5", "99 + 1 = 100.")]
+    greedy, seeded = SamplingParams(max_tokens=24, temperature=0), SamplingParams(max_tokens=24, seed=3)
+
+    def tokens(engine, params=greedy):
+        engine.stop_ids = set()
+        return [engine.generate([p], params)[0].tokens for p in prompts]
+
+    eager = Engine(model, tok, max_batch=1, compile=False)
+    assert eager.speculator is None
+    expected, expected_seeded = tokens(eager), tokens(eager, seeded)
+    plain = Engine(model, tok, max_batch=1, compile=True)
+    fast = Engine(model, tok, max_batch=1, speculative=True, compile=True)
+    for step in (plain.decode_step, fast.speculator.step):  # packages, not the torch.compile fallback
+        assert isinstance(step, AotStep) and step.run is not step.fallback
+    assert tokens(plain) == expected and tokens(plain, seeded) == expected_seeded
+    assert tokens(fast) == expected and fast.acceptance_rate > 0.3
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "nanoseek" / "aot").iterdir()) == \
+        ["decode_step", "speculative_step"]
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    again = Engine(model, tok, max_batch=1, compile=True)
+    assert tokens(again) == expected
+    head = model.lm_head.weight
+    saved = head.detach().clone()
+    with torch.no_grad():
+        head[:, : head.shape[1] // 2] *= -1
+    try:
+        assert tokens(again) == tokens(eager) != expected
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+
+
+def test_a_step_that_cannot_be_compiled_ahead_of_time_falls_back(peaky, tmp_path, monkeypatch):
+    """Where export fails, the engine warns and runs its step under torch.compile instead."""
+    model, tok, _ = peaky
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def no_export(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    with pytest.warns(UserWarning, match="cannot trace this"):
+        engine = Engine(model, tok, max_batch=1, compile=True)
+    engine.stop_ids = set()
+    eager = Engine(model, tok, max_batch=1, compile=False)
+    eager.stop_ids = set()
+    assert engine.generate([PROMPTS[0]], GREEDY)[0].tokens == eager.generate([PROMPTS[0]], GREEDY)[0].tokens
 
 
 def test_compiled_speculative_step_is_exact_without_graph_breaks(trained):
@@ -452,10 +496,10 @@ def test_compiled_step_attention_equals_eager(width):
     cfg = model.config
     rows, starts = torch.tensor([2, 0]), torch.tensor([9, 4])
     ids = torch.randint(3, 448, (2, width), generator=torch.Generator().manual_seed(width))
-    step = torch.compile(engine_module.decode_forward, fullgraph=True, dynamic=False)
+    step = torch.compile(step_module.decode_forward, fullgraph=True, dynamic=False)
     outputs = []
-    for run in (engine_module.decode_forward, step):
-        cache = engine_module.LatentCache(cfg.num_hidden_layers, 3, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+    for run in (step_module.decode_forward, step):
+        cache = step_module.LatentCache(cfg.num_hidden_layers, 3, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                           torch.float32, "cpu")
         cache.reserve(16)
         for t in cache.latent + cache.rope:  # earlier positions, as a prefill would have left them

@@ -1,0 +1,103 @@
+"""MTP self-speculative decoding: the first MTP module drafts the token after each sequence's newest one, and
+one forward of the main model over [newest, draft] verifies it, so greedy output is exactly plain decoding's.
+Draft and verification run as one graph (speculative_step); the MTP module keeps its own latent cache, with
+the engine's slots.
+"""
+
+import torch
+
+from nanoseek.step import LatentCache, forward_logits, layer_views
+
+
+def draft_forward(model, h, next_ids, starts, rows, latent, rope):
+    """The first MTP module over (B, T) positions at starts (B,) + t: main hidden states h (B, T, D) and the
+    tokens after them (B, T), read from and written into its cache (latent, rope: one layer's tensors) ->
+    its normed hidden states (B, T, D)."""
+    positions = starts[:, None] + torch.arange(h.shape[1], device=h.device)
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    (view,) = layer_views([latent], [rope], rows, starts)
+    return model.mtp[0](h, model.model.embed_tokens(next_ids), cos, sin, None, view)[1]
+
+
+def speculative_step(model, h, next_ids, draft_starts, last, newest, starts, rows, caches, draft_cache):
+    """One self-speculative greedy step in one graph: the MTP module catches up on the positions whose next
+    token is known (h, next_ids: (B, T) from draft_starts), drafts the token after each row's newest from its
+    position `last` (B,), and the main model runs over [newest, draft] (B, 2) at starts. -> verdict (2, B):
+    whether logits[:, 0] agree with the draft (the draft stands) and the draft; hidden states (B, 2, D);
+    float logits (B, 2, V); and each row's next logits (B, V), those after the draft where it stands."""
+    torch._check(draft_cache[0].shape[1] == caches[0][0].shape[1])  # one cache length: one size to pass
+    normed = draft_forward(model, h, next_ids, draft_starts, rows, *draft_cache)
+    drafts = model.lm_head(normed[torch.arange(h.shape[0], device=h.device), last]).argmax(-1)
+    hidden, logits = forward_logits(model, torch.stack([newest, drafts], 1), starts, rows, *caches)
+    agrees = logits[:, 0].argmax(-1) == drafts
+    next_logits = torch.where(agrees[:, None], logits[:, 1], logits[:, 0])
+    return torch.stack([agrees.long(), drafts]), hidden, logits, next_logits
+
+
+class Speculator:
+    """The MTP module's cache and the speculative steps of an engine's greedy sequences (verify); a sequence's
+    mtp_states hold the main model's hidden states the MTP cache has not taken yet."""
+
+    def __init__(self, model, main_cache, compute, step=speculative_step):
+        """main_cache: the engine's LatentCache, whose slots and length the MTP module's cache keeps;
+        step: speculative_step, compiled or not."""
+        self.model, self.main_cache, self.compute = model, main_cache, compute
+        latent, rope = main_cache.latent[0], main_cache.rope[0]
+        self.cache = LatentCache(1, latent.shape[0], main_cache.max_len, latent.shape[2], rope.shape[2], latent.dtype,
+                                 latent.device)
+        self.step = step
+        self.drafted = self.accepted = 0
+
+    @property
+    def acceptance_rate(self):
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def forward(self, h, next_ids, rows, starts):
+        """The MTP module over a prefill's (B, T) positions: main hidden states h and the tokens after them."""
+        self.cache.reserve(self.main_cache.length)  # as long as the main cache, which holds these positions
+        starts = torch.tensor(starts, device=h.device)
+        with self.compute.autocast():
+            draft_forward(self.model, h, next_ids, starts, rows, self.cache.latent[0], self.cache.rope[0])
+
+    def catch_up(self, s):
+        """Bring the MTP cache of s to its newest position but one, as after a speculative step (eager)."""
+        n = len(s.mtp_states) - 1
+        ids = torch.tensor([s.tokens[-n - 1 : -1]], device=s.mtp_states[0].device)
+        self.forward(torch.stack(s.mtp_states[:n])[None], ids, torch.tensor([s.slot], device=ids.device),
+                     [s.length - n - 1])
+        s.mtp_states = s.mtp_states[n:]
+
+    def verify(self, seqs, rooms):
+        """One speculative step of greedy sequences; rooms: the new tokens each may still take. -> the indices of
+        the seqs whose draft stands and fits, every row's draft, the verification's logits (B, 2, V) and each
+        row's next logits (B, V): those after its draft where that stands and fits, else after its newest."""
+        for s in seqs:
+            if len(s.mtp_states) > 2:  # plain steps ran while a sampled sequence shared the batch
+                self.catch_up(s)
+        pending = [len(s.mtp_states) for s in seqs]  # positions whose next token is known, not yet in MTP's cache
+        width = 2  # 1 after a rejected draft, 2 after an accepted one: always 2, so the graph's shape is fixed;
+        pad = [width - n for n in pending]  # a row with one repeats it (its copy is overwritten a step later)
+        h_prev = torch.stack([torch.stack(s.mtp_states + s.mtp_states[-1:] * p) for s, p in zip(seqs, pad)])
+        self.main_cache.reserve(max(s.length for s in seqs) + 2)
+        self.cache.reserve(self.main_cache.length)  # the MTP module writes positions length - pending + 0, 1
+        # per row: the tokens after the pending positions, where they start, the one to draft from, the newest
+        # token, its position and the slot; one tensor, its columns the step's inputs
+        ints = torch.tensor([s.tokens[-n:] + s.tokens[-1:] * p + [s.length - n, n - 1, s.tokens[-1], s.length, s.slot]
+                             for s, n, p in zip(seqs, pending, pad)], device=h_prev.device)
+        next_ids, (draft_starts, last, newest, starts, rows) = ints[:, :width], ints[:, width:].unbind(1)
+        tensors = (h_prev, next_ids, draft_starts, last, newest, starts, rows)
+        if len(seqs) > 1:  # any batch size: one graph for 1 sequence, one for more
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        caches = (self.main_cache.latent, self.main_cache.rope), (self.cache.latent[0], self.cache.rope[0])
+        with self.compute.autocast():
+            verdict, h, logits, next_logits = self.step(self.model, *tensors, *caches)
+        agrees, drafts = verdict.tolist()  # the one host sync
+        accepted = [i for i, (agree, room) in enumerate(zip(agrees, rooms)) if agree and room > 1]
+        self.drafted += len(seqs)
+        self.accepted += len(accepted)
+        for i, s in enumerate(seqs):
+            s.mtp_states = list(h[i].unbind(0)) if i in accepted else [h[i, 0]]
+            if agrees[i] and i not in accepted:  # no room for the draft: the row goes on from its newest token
+                next_logits[i] = logits[i, 0]
+        return accepted, drafts, logits, next_logits
