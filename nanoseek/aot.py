@@ -64,12 +64,13 @@ class AotStep:
         if not os.path.exists(path):
             length = torch.export.Dim("cache_length", min=2, max=self.model.config.max_position_embeddings)
             dynamic = tuple(_cache_dims(a, length) if isinstance(a, (list, tuple)) else None for a in args)
-            program = torch.export.export(wrapper, args, dynamic_shapes=(dynamic,))  # forward(*args)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:  # written whole, then renamed
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp, warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own deprecations, not the user's
+                program = torch.export.export(wrapper, args, dynamic_shapes=(dynamic,))  # forward(*args)
                 built = torch._inductor.aoti_compile_and_package(
                     program, package_path=os.path.join(tmp, "step.pt2"), inductor_configs=INDUCTOR_CONFIGS)
-                os.replace(built, path)
+                os.replace(built, path)  # written whole, then renamed
         runner = torch._inductor.aoti_load_package(path)
         named = dict(wrapper.named_parameters(remove_duplicate=False))
         named.update(wrapper.named_buffers(remove_duplicate=False))
