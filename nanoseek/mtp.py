@@ -1,6 +1,6 @@
 """`nanoseek mtp`: the MTP module learns to draft what the finished model writes.
 
-Self-speculative decoding (engine.Speculator) keeps a drafted token only where the main model agrees, so the
+Self-speculative decoding (speculation.Speculator) keeps a drafted token only where the main model agrees, so the
 draft is worth what it predicts of the model's own greedy output. After GRPO the main model has moved away
 from the text the MTP module was trained on (GRPO trains the main model only), and a recipe may not train it
 at all before. This stage decodes the model's greedy answers to training problems of its tasks through the
