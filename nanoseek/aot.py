@@ -129,6 +129,7 @@ def _signature(arg, cache=False):
     return str(arg.dtype), tuple(arg.shape[:1]) + tuple(arg.shape[2:]) if cache else tuple(arg.shape)
 
 
-def cache_dir():
+def cache_dir(name="aot"):
+    """A folder of nanoseek's in the user's cache (XDG_CACHE_HOME, else ~/.cache): the packages by default."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "nanoseek", "aot")
+    return os.path.join(root, "nanoseek", name)

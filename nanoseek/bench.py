@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from nanoseek import checkpoint
+from nanoseek.aot import cache_dir
 from nanoseek.data import Loader, build, sequential_batches
 from nanoseek.device import policy
 from nanoseek.hardware import matmul_peak_flops
@@ -410,8 +411,7 @@ def llama_cpp_python_version():
 
 
 def native_cache_dir(version):
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "nanoseek", f"llama.cpp-{version}")
+    return cache_dir(f"llama.cpp-{version}")
 
 
 def native_llama_tools(version=None):
