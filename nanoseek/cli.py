@@ -69,12 +69,26 @@ def cmd_info(args):
 def cmd_bench(args):
     from nanoseek import bench
 
+    if args.what == "decode" and args.prompts == "tasks" and args.peer:
+        raise ValueError("bench decode --prompts tasks compares MTP self-speculation with plain decoding, no peer: "
+                         "drop --peer (it compares with a peer on random prompts)")
     args.peer = args.peer or ("trl" if args.what == "grpo" else "transformers")
     if args.what == "train":
         r = bench.bench_train(size=args.size or 4, batch=args.batch, seq=args.seq, steps=args.steps or 100,
                               sweep=args.sweep, device=args.device, peer=args.peer)
         bench.print_train(r)
+    elif args.what == "decode" and (args.prompts or "random") == "tasks":
+        if not args.ckpt:
+            raise ValueError("bench decode --prompts tasks needs --ckpt: a checkpoint with an MTP module and its "
+                             "tokenizer, e.g. runs/cpu/rl/final after make run")
+        r = bench.bench_speculation(args.ckpt, tasks=args.task or ["addition", "countdown"], n=args.n,
+                                    difficulty=args.difficulty or 3, batches=tuple(args.batches),
+                                    new_tokens=args.new_tokens, rounds=args.rounds, device=args.device)
+        bench.print_speculation(r)
     elif args.what == "decode":
+        if (args.prompts or "random") != "random":
+            raise ValueError(f"bench decode --prompts is random (random tokens, the default) or tasks (held-out "
+                             f"prompts of the checkpoint's tasks), not {args.prompts!r}")
         r = bench.bench_decode(ckpt=args.ckpt, size=args.size or 6, batches=tuple(args.batches),
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
                                peer=args.peer, rounds=args.rounds)
@@ -82,8 +96,12 @@ def cmd_bench(args):
     elif args.what == "grpo":
         if not args.ckpt:
             raise ValueError("bench grpo needs --ckpt (an SFT checkpoint, e.g. runs/cpu/sft/final)")
-        r = bench.bench_grpo(args.ckpt, task=args.task, difficulty=args.difficulty, steps=args.steps or 10,
-                             prompts=args.prompts, group=args.group, max_new_tokens=args.new_tokens, peer=args.peer)
+        task = args.task or ["addition"]
+        if len(task) > 1 or not (args.prompts or "4").isdigit():
+            raise ValueError("bench grpo takes one --task and a number of --prompts (problems per step)")
+        r = bench.bench_grpo(args.ckpt, task=task[0], difficulty=args.difficulty or 2, steps=args.steps or 10,
+                             prompts=int(args.prompts or 4), group=args.group, max_new_tokens=args.new_tokens,
+                             peer=args.peer)
         bench.print_grpo(r)
     elif args.what == "data":
         r = bench.bench_data(sizes_mb=tuple(args.sizes), vocab_size=args.vocab_size, repeats=args.repeats)
@@ -180,7 +198,7 @@ def cmd_serve(args):
     from nanoseek.server import serve
 
     serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          model_name=args.model_name, device=args.device)
+          model_name=args.model_name, device=args.device, threads=args.threads)
 
 
 def cmd_chat(args):
@@ -311,6 +329,8 @@ def build_parser():
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together; more get 429")
     s.add_argument("--model-name", help="model id in the API (default: the directory name)")
     s.add_argument("--device", default=None)
+    s.add_argument("--threads", type=int, help="CPU threads for decoding (default: one fewer than the cores, so "
+                   "the HTTP side keeps one)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("init", help="write a randomly initialised checkpoint")
@@ -337,16 +357,20 @@ def build_parser():
     s.add_argument("--sizes", type=float, nargs="+", default=[20, 200], help="data: corpus sizes in MB")
     s.add_argument("--vocab-size", type=int, default=8192, help="data: tokenizer vocabulary")
     s.add_argument("--repeats", type=int, default=3, help="data: turns of each side (the median time is kept)")
-    s.add_argument("--task", default="addition", help="grpo: task")
-    s.add_argument("--difficulty", type=int, default=2, help="grpo: task difficulty")
-    s.add_argument("--prompts", type=int, default=4, help="grpo: problems per step")
+    s.add_argument("--task", nargs="+", help="grpo: the task (default addition); decode --prompts tasks: the "
+                   "tasks whose held-out prompts are decoded (default addition countdown)")
+    s.add_argument("--difficulty", type=int, help="grpo: task difficulty (default 2); decode --prompts tasks: 3")
+    s.add_argument("--prompts", help="grpo: problems per step (default 4); decode: random (random tokens, the "
+                   "default) or tasks (held-out prompts of --task, asked as chat and decoded to their end, plain "
+                   "against MTP self-speculation)")
+    s.add_argument("--n", type=int, default=50, help="decode --prompts tasks: held-out problems per task")
     s.add_argument("--group", type=int, default=8, help="grpo: completions per problem")
     s.add_argument("--ckpt", help="decode: checkpoint to benchmark (default: a random model of --size)")
     s.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode: batch sizes")
     s.add_argument("--prompt-len", type=int, default=64, help="decode: prompt tokens")
     s.add_argument("--new-tokens", type=int, default=128, help="decode: tokens to generate")
-    s.add_argument("--rounds", type=int, default=5, help="decode with --peer llama.cpp: rounds in which nanoseek "
-                   "and llama.cpp's own tools take turns (the medians are compared)")
+    s.add_argument("--rounds", type=int, default=5, help="decode with --peer llama.cpp or --prompts tasks: rounds "
+                   "in which the two sides take turns (the medians are compared)")
     s.add_argument("--peer", default=None, choices=["transformers", "llama.cpp", "trl"],
                    help="transformers (train, decode), llama.cpp (decode) or trl (grpo)")
     s.add_argument("--size", type=int, help="size dial (depth; default: train 4, the cpu recipe's; decode 6)")

@@ -68,9 +68,13 @@ class Engine:
     """Slots of a latent cache, sequences joining and leaving them, and one compiled forward a step."""
 
     def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=False, compile=None,
-                 dtype=None):
+                 dtype=None, ahead_of_time=None):
         """dtype: the compute dtype, auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32. The
         engine runs the model under its autocast and keeps its latent cache in it; callers wrap nothing.
+        ahead_of_time: a compiling engine on a CPU in float32 runs its steps for one sequence as packages
+        compiled ahead of time (aot.py; ~1.6x the tokens a second of torch.compile's one-sequence graph), so
+        the model's weights must change only in place. Default: for an engine of one slot (chat); a server
+        passes True, as most of its steps are a lone request's. Steps of several sequences keep torch.compile.
         speculative: MTP self-speculation for greedy steps (with an MTP module). Off by default: on a CPU a
         speculative step costs ~2 plain steps at one sequence (both compiled ahead of time) and ~1 at 16, so
         even with 99% of drafts standing it gains nothing measurable (docs/BENCHMARKS.md); on a GPU it has not
@@ -89,6 +93,7 @@ class Engine:
         self.ids = itertools.count()
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
         compile = COMPILE if compile is None else compile
+        self.ahead_of_time = max_batch == 1 if ahead_of_time is None else ahead_of_time
         self.decode_step = self.compiled(decode_step) if compile else decode_step
         # the seeded draws' integer hashing, compiled at the first seeded draw (chat never makes one)
         self.noise = torch.compile(seeded_noise, dynamic=True) if compile else seeded_noise
@@ -102,13 +107,14 @@ class Engine:
     prefill_tokens = 2048  # tokens (prompts x positions) per prefill forward: bounds its activations
 
     def compiled(self, step):
-        """A step compiled for this engine: ahead of time (AotStep: no guards, weights bound once, ~0.25 ms
-        less a call) for one sequence on a CPU in float32, where torch.compile's runtime would be most of a
-        step; torch.compile elsewhere (any batch size, autocast, a GPU)."""
+        """A step compiled for this engine: torch.compile, and with ahead_of_time on a CPU in float32, a
+        package for one sequence (AotStep: no guards, weights bound once, ~0.25 ms less a call), where
+        torch.compile's runtime would be most of a step."""
         jit = torch.compile(step, **compile_options(self.device))
-        if self.max_batch == 1 and self.device.type == "cpu" and self.compute.dtype == torch.float32:
-            return AotStep(step, self.model, fallback=jit)
-        return jit
+        if not (self.ahead_of_time and self.device.type == "cpu" and self.compute.dtype == torch.float32):
+            return jit
+        one = AotStep(step, self.model, fallback=jit)
+        return one if self.max_batch == 1 else OneOrMore(one, jit)
 
     @property
     def refill(self):
@@ -319,6 +325,16 @@ class Engine:
             for e in self.step():
                 if e.seq is seq:
                     yield e
+
+
+class OneOrMore:
+    """A step that runs `one` for a single sequence (its first input's batch of 1) and `more` for several."""
+
+    def __init__(self, one, more):
+        self.one, self.more = one, more
+
+    def __call__(self, model, first, *rest):
+        return (self.one if first.shape[0] == 1 else self.more)(model, first, *rest)
 
 
 def _merge(events):

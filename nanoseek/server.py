@@ -25,6 +25,7 @@ from importlib import resources
 from typing import Annotated, Literal
 
 import h11
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
@@ -657,19 +658,34 @@ async def _stream(job, rid, created, req, chat):
     yield "data: [DONE]\n\n"
 
 
-def serve(path, host="127.0.0.1", port=8000, api_key=None, max_batch=16, model_name=None, device=None):
+def decode_threads(threads=None):
+    """The threads the server decodes with: by default one fewer than torch's (its cores), so the HTTP side
+    has a core of its own. On 2 cores, decoding on both made each token wait for the event loop to get a core
+    back from the kernels' threads: 3.3x the time for requests one at a time (docs/BENCHMARKS.md)."""
+    if threads is None:
+        return max(1, torch.get_num_threads() - 1)
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1 (got {threads})")
+    return threads
+
+
+def serve(path, host="127.0.0.1", port=8000, api_key=None, max_batch=16, model_name=None, device=None,
+          threads=None):
     import uvicorn
 
     from nanoseek.checkpoint import load
     from nanoseek.device import policy
 
+    threads = decode_threads(threads)
+    torch.set_num_threads(threads)
     model, tokenizer = load(path, policy(device).device)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; serve a checkpoint made by nanoseek")
     if COMPILE:
         print(COMPILE_NOTE)
-    engine = Engine(model, tokenizer, max_batch=max_batch)
+    engine = Engine(model, tokenizer, max_batch=max_batch, ahead_of_time=True)  # a lone request's steps: packages
     name = model_name or os.path.basename(os.path.normpath(path))
     app = create_app(engine, name, api_key=api_key, host=host)
-    print(f"serving {name} on http://{host}:{port} (OpenAI API at /v1, chat page at /)")
+    print(f"serving {name} on http://{host}:{port} (OpenAI API at /v1, chat page at /), decoding with {threads} "
+          f"thread{'s' if threads > 1 else ''}")
     uvicorn.Server(uvicorn_config(app, host, port)).run()

@@ -157,3 +157,32 @@ def test_cached_tools_are_not_built_again(monkeypatch, tmp_path):
         os.chmod(folder / name, 0o755)
     monkeypatch.setattr(bench, "check_build_tools", lambda: pytest.fail("a cached tool was built again"))
     assert bench.native_llama_tools("0.3.36") == {name: str(folder / name) for name in bench.NATIVE_TOOLS}
+
+
+def test_speculation_on_task_prompts_is_exact_and_prints_its_ratio_last(chat_model, capsys):
+    """bench decode --prompts tasks: held-out prompts of the task, decoded plainly and speculatively, the same
+    tokens; rates of both sides in every round, the speedups printed last."""
+    r = bench.bench_speculation(chat_model, tasks=["addition"], n=5, difficulty=2, batches=(1, 2), new_tokens=24,
+                                rounds=2)
+    assert [(row["batch"], row["prompts"]) for row in r["runs"]] == [(1, 1), (2, 5)]
+    for row in r["runs"]:
+        assert row["identical"] == row["prompts"] and row["tokens"] >= row["prompts"]
+        assert 0 <= row["acceptance"] <= 1 and row["speedup"] > 0
+        assert all(len(row[side][what]["rounds"]) == 2 for side in ("plain", "speculative")
+                   for what in ("decode_steps", "whole_requests"))
+    bench.print_speculation(r)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("speedup vs plain decoding (batch 2): ")
+
+
+def test_bench_decode_prompts_say_what_is_wrong(capsys):
+    from nanoseek.cli import main
+
+    assert main(["bench", "decode", "--prompts", "tasks"]) == 1
+    assert "needs --ckpt" in capsys.readouterr().err
+    assert main(["bench", "decode", "--prompts", "tasks", "--ckpt", "x", "--peer", "llama.cpp"]) == 1
+    assert "drop --peer" in capsys.readouterr().err
+    assert main(["bench", "decode", "--prompts", "words"]) == 1
+    assert "random (random tokens, the default) or tasks" in capsys.readouterr().err
+    assert main(["bench", "grpo", "--ckpt", "x", "--prompts", "tasks"]) == 1
+    assert "a number of --prompts" in capsys.readouterr().err

@@ -266,6 +266,25 @@ def test_one_sequence_steps_compiled_ahead_of_time(trained, tmp_path, monkeypatc
             head.copy_(saved)
 
 
+def test_a_server_engine_decodes_a_lone_request_ahead_of_time(trained, tmp_path, monkeypatch):
+    """An engine of several slots with ahead_of_time (the server's) decodes a lone request with a package and
+    several together with torch.compile: eager decoding's tokens either way."""
+    model, tok = trained
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    prompts = [[tok.bos_id] + tok.encode(t) for t in ("12 + 34 =", "7 + 5", "99 + 1 = 100.")]
+    greedy = SamplingParams(max_tokens=24, temperature=0)
+    eager = Engine(model, tok, max_batch=4, compile=False)
+    served = Engine(model, tok, max_batch=4, compile=True, ahead_of_time=True)
+    for engine in (eager, served):
+        engine.stop_ids = set()
+    one = served.decode_step.one  # compiled by the engine's warm-up
+    assert isinstance(one, AotStep) and one.run is not one.fallback
+    assert [served.generate([p], greedy)[0].tokens for p in prompts] == \
+        [eager.generate([p], greedy)[0].tokens for p in prompts]
+    assert [s.tokens for s in served.generate(prompts, greedy)] == [s.tokens for s in eager.generate(prompts, greedy)]
+    assert [p.name.split("-")[0] for p in (tmp_path / "nanoseek" / "aot").iterdir()] == ["decode_step"]
+
+
 def test_a_step_that_cannot_be_compiled_ahead_of_time_falls_back(peaky, tmp_path, monkeypatch):
     """Where export fails, the engine warns and runs its step under torch.compile instead."""
     model, tok, _ = peaky
