@@ -2,9 +2,10 @@
 
 Sequences live in slots of a latent KV cache (step.py). A step samples one token for every running sequence
 and runs one batched forward, compiled into one graph (step.decode_step; for one sequence on a CPU compiled
-ahead of time, aot.py); sequences join (`add`, a chunked eager prefill) and leave between steps, which is all
-continuous batching needs. With speculative=True and greedy decoding, a step drafts one more token with the
-MTP module and verifies it in the same graph (speculation.py): the output is exactly plain greedy decoding's.
+ahead of time in chat and the server, aot.py); sequences join (`add`, a chunked eager prefill) and leave
+between steps, which is all continuous batching needs. With speculative=True and greedy decoding, a step
+drafts one more token with the MTP module and verifies it in the same graph (speculation.py): the output is
+exactly plain greedy decoding's.
 
 Sampling lives in sampling.py, a sequence's text (detokenising, stop strings, streaming) in text.py.
 """
