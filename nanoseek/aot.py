@@ -6,7 +6,8 @@ wrappers passing ~60 tensors. A package compiled by AOTInductor holds the graph 
 only the step's inputs: no guard runs, and the weights are bound once, by reference, from the model, so
 nothing is copied and weights changed in place are decoded with (weights replaced by new tensors are not:
 make a new engine). The package depends on the code, the model's shape and the thread count, not on its
-weights, so it is kept on disk: ~15 s to compile the first time, ~1.5 s to load in a later process.
+weights, so it is kept on disk: ~15 s to compile the first time, ~1.5 s to load in a later process;
+compiling one deletes those of other nanoseek source.
 
 A step is fn(model, *tensors, *caches): tensors have fixed shapes; caches are lists or tuples of tensors
 (one per layer) whose dimension 1, the cache length, is one dynamic size for all of them.
@@ -60,7 +61,8 @@ class AotStep:
     def package(self, args):
         """The loaded package, compiled first if the disk holds none, its constants bound to the weights."""
         wrapper = _Bound(self.fn, self.model)
-        path = os.path.join(cache_dir(), f"{self.fn.__name__}-{self.key(args)}.pt2")
+        source = source_key()
+        path = os.path.join(cache_dir(), f"{self.fn.__name__}-{source}-{self.key(args)}.pt2")
         if not os.path.exists(path):
             length = torch.export.Dim("cache_length", min=2, max=self.model.config.max_position_embeddings)
             dynamic = tuple(_cache_dims(a, length) if isinstance(a, (list, tuple)) else None for a in args)
@@ -71,6 +73,7 @@ class AotStep:
                 built = torch._inductor.aoti_compile_and_package(
                     program, package_path=os.path.join(tmp, "step.pt2"), inductor_configs=INDUCTOR_CONFIGS)
                 os.replace(built, path)  # written whole, then renamed
+            prune(source)
         runner = torch._inductor.aoti_load_package(path)
         named = dict(wrapper.named_parameters(remove_duplicate=False))
         named.update(wrapper.named_buffers(remove_duplicate=False))
@@ -79,17 +82,33 @@ class AotStep:
         return runner
 
     def key(self, args):
-        """What the package depends on: nanoseek's code, torch's version, the model's config, the dtypes and
-        the fixed shapes of the inputs, and the threads its kernels were compiled for."""
+        """What the package depends on besides nanoseek's code (source_key): torch's version, the model's
+        config, the dtypes and the fixed shapes of the inputs, and the threads its kernels were compiled for."""
         h = hashlib.sha256()
-        for path in sorted(glob.glob(os.path.join(os.path.dirname(nanoseek.__file__), "*.py"))):
-            with open(path, "rb") as f:
-                h.update(f.read())
         shapes = [_signature(a) for a in args]
         params = sorted({str(p.dtype) for p in self.model.parameters()})
         for part in (torch.__version__, repr(self.model.config), shapes, params, torch.get_num_threads()):
             h.update(repr(part).encode())
         return h.hexdigest()[:20]
+
+
+def source_key():
+    """A hash of nanoseek's source: a package compiled from other code is never loaded."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(nanoseek.__file__), "*.py"))):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def prune(source):
+    """Delete the packages compiled from other nanoseek source than `source` (an older version's, ~2 MB each)."""
+    for path in glob.glob(os.path.join(cache_dir(), "*.pt2")):
+        if os.path.basename(path).split("-")[1:2] != [source]:
+            try:
+                os.remove(path)
+            except OSError:  # another process removed it first
+                pass
 
 
 class _Bound(torch.nn.Module):

@@ -227,7 +227,8 @@ def test_one_sequence_steps_compiled_ahead_of_time(trained, tmp_path, monkeypatc
     """An engine of one sequence on a CPU runs its steps as packages compiled ahead of time: plain and
     speculative greedy tokens as eager decoding's, seeded draws too; the packages are kept on disk and a
     later engine loads them without exporting anything; their weights are the model's own tensors, so a
-    change made in place is decoded with. Speculation is off unless asked."""
+    change made in place is decoded with; packages of other nanoseek source are deleted. Speculation is off
+    unless asked."""
     model, tok = trained
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     prompts = [[tok.bos_id] + tok.encode(t) for t in ("12 + 34 =", "7 + 5", "99 + 1 = 100.")]
@@ -240,6 +241,9 @@ def test_one_sequence_steps_compiled_ahead_of_time(trained, tmp_path, monkeypatc
     eager = Engine(model, tok, max_batch=1, compile=False)
     assert eager.speculator is None
     expected, expected_seeded = tokens(eager), tokens(eager, seeded)
+    older = tmp_path / "nanoseek" / "aot" / "decode_step-0123456789ab-0123456789abcdef0123.pt2"
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"a package of other nanoseek source")
     plain = Engine(model, tok, max_batch=1, compile=True)
     fast = Engine(model, tok, max_batch=1, speculative=True, compile=True)
     for step in (plain.decode_step, fast.speculator.step):  # packages, not the torch.compile fallback
@@ -247,7 +251,7 @@ def test_one_sequence_steps_compiled_ahead_of_time(trained, tmp_path, monkeypatc
     assert tokens(plain) == expected and tokens(plain, seeded) == expected_seeded
     assert tokens(fast) == expected and fast.acceptance_rate > 0.3
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "nanoseek" / "aot").iterdir()) == \
-        ["decode_step", "speculative_step"]
+        ["decode_step", "speculative_step"] and not older.exists()  # the other source's package deleted
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
