@@ -392,10 +392,11 @@ DECODE_PEERS = {"transformers": TransformersDecoder, "llama.cpp": LlamaCppDecode
 # llama.cpp the Python peer runs, measured the way a CPU user measures it.
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the release whose llama.cpp is built when llama-cpp-python is not installed
-NATIVE_TOOLS = ("llama-bench", "llama-batched-bench")
+NATIVE_TOOLS = ("llama-bench", "llama-batched-bench", "llama-server")
 CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF")
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF")  # the server without its web page: no download
 BUILD_JOBS = 2
 ROUND_TOKENS = 2048  # each side decodes at least this many tokens a round: long enough to time steadily
 
@@ -415,8 +416,8 @@ def native_cache_dir(version):
 
 
 def native_llama_tools(version=None):
-    """{tool: path} for llama.cpp's llama-bench and llama-batched-bench (CPU, Release), built once from
-    llama-cpp-python's source package and kept in the cache; later calls build nothing."""
+    """{tool: path} for llama.cpp's llama-bench, llama-batched-bench and llama-server (CPU, Release), built
+    once from llama-cpp-python's source package and kept in the cache; later calls build nothing."""
     version = version or llama_cpp_python_version()
     cache = native_cache_dir(version)
     tools = {name: os.path.join(cache, "bin", name) for name in NATIVE_TOOLS}

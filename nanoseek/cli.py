@@ -72,7 +72,8 @@ def cmd_bench(args):
     if args.what == "decode" and args.prompts == "tasks" and args.peer:
         raise ValueError("bench decode --prompts tasks compares MTP self-speculation with plain decoding, no peer: "
                          "drop --peer (it compares with a peer on random prompts)")
-    args.peer = args.peer or ("trl" if args.what == "grpo" else "transformers")
+    if args.what != "serve":
+        args.peer = args.peer or ("trl" if args.what == "grpo" else "transformers")
     if args.what == "train":
         r = bench.bench_train(size=args.size or 4, batch=args.batch, seq=args.seq, steps=args.steps or 100,
                               sweep=args.sweep, device=args.device, peer=args.peer)
@@ -103,6 +104,16 @@ def cmd_bench(args):
                              prompts=int(args.prompts or 4), group=args.group, max_new_tokens=args.new_tokens,
                              peer=args.peer)
         bench.print_grpo(r)
+    elif args.what == "serve":
+        from nanoseek.bench_serve import bench_serve, print_serve
+
+        if not args.ckpt:
+            raise ValueError("bench serve needs --ckpt: a checkpoint with its tokenizer, e.g. runs/cpu/rl/final")
+        if args.peer not in (None, "llama.cpp"):
+            raise ValueError("bench serve compares with llama.cpp's llama-server: --peer llama.cpp (the default)")
+        r = bench_serve(args.ckpt, at_once=tuple(args.at_once), tasks=args.task or ["addition", "countdown"],
+                        n=args.n, difficulty=args.difficulty or 3, max_tokens=args.new_tokens, rounds=args.rounds)
+        print_serve(r)
     elif args.what == "data":
         r = bench.bench_data(sizes_mb=tuple(args.sizes), vocab_size=args.vocab_size, repeats=args.repeats)
         bench.print_data(r)
@@ -329,8 +340,7 @@ def build_parser():
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together; more get 429")
     s.add_argument("--model-name", help="model id in the API (default: the directory name)")
     s.add_argument("--device", default=None)
-    s.add_argument("--threads", type=int, help="CPU threads for decoding (default: one fewer than the cores, so "
-                   "the HTTP side keeps one)")
+    s.add_argument("--threads", type=int, help="CPU threads for decoding (default: torch's, one a core)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("init", help="write a randomly initialised checkpoint")
@@ -353,7 +363,7 @@ def build_parser():
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("bench", help="benchmark against a peer and print the speedup")
-    s.add_argument("what", choices=["train", "decode", "grpo", "data"])
+    s.add_argument("what", choices=["train", "decode", "grpo", "serve", "data"])
     s.add_argument("--sizes", type=float, nargs="+", default=[20, 200], help="data: corpus sizes in MB")
     s.add_argument("--vocab-size", type=int, default=8192, help="data: tokenizer vocabulary")
     s.add_argument("--repeats", type=int, default=3, help="data: turns of each side (the median time is kept)")
@@ -363,16 +373,18 @@ def build_parser():
     s.add_argument("--prompts", help="grpo: problems per step (default 4); decode: random (random tokens, the "
                    "default) or tasks (held-out prompts of --task, asked as chat and decoded to their end, plain "
                    "against MTP self-speculation)")
-    s.add_argument("--n", type=int, default=50, help="decode --prompts tasks: held-out problems per task")
+    s.add_argument("--n", type=int, default=50, help="decode --prompts tasks, serve: held-out problems per task")
+    s.add_argument("--at-once", type=int, nargs="+", default=[1, 8], help="serve: requests in flight at a time")
     s.add_argument("--group", type=int, default=8, help="grpo: completions per problem")
-    s.add_argument("--ckpt", help="decode: checkpoint to benchmark (default: a random model of --size)")
+    s.add_argument("--ckpt", help="decode: checkpoint to benchmark (default: a random model of --size); "
+                   "grpo, serve: the checkpoint")
     s.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode: batch sizes")
     s.add_argument("--prompt-len", type=int, default=64, help="decode: prompt tokens")
     s.add_argument("--new-tokens", type=int, default=128, help="decode: tokens to generate")
-    s.add_argument("--rounds", type=int, default=5, help="decode with --peer llama.cpp or --prompts tasks: rounds "
-                   "in which the two sides take turns (the medians are compared)")
+    s.add_argument("--rounds", type=int, default=5, help="decode with --peer llama.cpp or --prompts tasks, serve: "
+                   "rounds in which the two sides take turns (the medians are compared)")
     s.add_argument("--peer", default=None, choices=["transformers", "llama.cpp", "trl"],
-                   help="transformers (train, decode), llama.cpp (decode) or trl (grpo)")
+                   help="transformers (train, decode), llama.cpp (decode, serve) or trl (grpo)")
     s.add_argument("--size", type=int, help="size dial (depth; default: train 4, the cpu recipe's; decode 6)")
     s.add_argument("--batch", type=int, default=8, help="train: sequences per step")
     s.add_argument("--seq", type=int, default=256)

@@ -1,8 +1,11 @@
 """An OpenAI-compatible server over the engine, with continuous batching and a web chat at `/`.
 
-One worker thread owns the engine: it admits new sequences between steps, runs a step, and hands each
-token to the request that waits for it. The HTTP side reserves engine slots before it queues work, so a
-request that finds every slot taken gets 429 at once, and one that could never fit gets 400.
+One worker owns the engine: it admits new sequences between steps, runs a step, and hands each token to
+the request that waits for it. `nanoseek serve` runs it in the main thread and the HTTP side in another:
+torch's OpenMP threads belong to the thread that first ran parallel work (loading, compiling), and a second
+thread running kernels makes a second team, which libgomp then wakes slowly (7.7x slower decoding on 2
+cores). The HTTP side reserves engine slots before it queues work, so a request that finds every slot taken
+gets 429 at once, and one that could never fit gets 400.
 
 What one client can hold is bounded. `Guard`, a pure ASGI middleware (so disconnects still reach the
 handlers), checks the Host header and the key and reads the body itself, refusing it once it passes the
@@ -160,10 +163,12 @@ class CompletionRequest(SamplingFields):
 
 class Job:
     """Sequences of one HTTP request: the worker pushes ("admitted", None), then (index, Event) into
-    `events`, or ("error", exception). `close` hands back what the request took, once, however it ends."""
+    `events` (every event when streaming, else only the last of each sequence: each push wakes the event
+    loop, which then competes with decoding for the cores), or ("error", exception). `close` hands back what
+    the request took, once, however it ends."""
 
-    def __init__(self, prompts, params, loop, worker):
-        self.prompts, self.params, self.loop, self.worker = prompts, params, loop, worker
+    def __init__(self, prompts, params, loop, worker, stream):
+        self.prompts, self.params, self.loop, self.worker, self.stream = prompts, params, loop, worker, stream
         self.events: asyncio.Queue = asyncio.Queue()
         self.seq_ids: list[int] = []
         self.closed = False
@@ -179,14 +184,15 @@ class Job:
 
 
 class Worker:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, thread=True):
+        """thread: run in a thread of its own, started here; else the caller runs `run` where it likes."""
         self.engine = engine
         self.inbox: queue.Queue = queue.Queue()
         self.reserved = 0
         self.lock = threading.Lock()
         self.jobs: dict[int, tuple[Job, int]] = {}  # sequence id -> (job, index in job)
-        self.thread = threading.Thread(target=self._run, daemon=True, name="nanoseek-engine")
-        self.thread.start()
+        if thread:
+            threading.Thread(target=self.run, daemon=True, name="nanoseek-engine").start()
 
     def reserve(self, n):
         with self.lock:
@@ -210,11 +216,14 @@ class Worker:
         return {"running": len(self.engine.running), "reserved": self.reserved, "free": len(self.engine.free),
                 "slots": self.engine.max_batch}
 
-    def _run(self):
-        while True:
+    def run(self, running=lambda: True):
+        """Admit, abort and step, for as long as running() (checked at least every second while idle)."""
+        while running():
             try:
-                kind, job = self.inbox.get(timeout=None if self.engine.idle else 0)
+                kind, job = self.inbox.get(timeout=1.0 if self.engine.idle else 0)
             except queue.Empty:
+                if self.engine.idle:
+                    continue
                 kind = None
             if kind == "add":
                 try:
@@ -242,10 +251,10 @@ class Worker:
                 continue
             for event in events:
                 job, index = self.jobs.get(event.seq.id, (None, None))
-                if job is not None:
+                if job is not None and (job.stream or event.finished):
                     job.push((index, event))
-                    if event.finished:
-                        self.jobs.pop(event.seq.id, None)
+                if event.finished:
+                    self.jobs.pop(event.seq.id, None)
 
 
 # ----------------------------------------------------------------------------- limits
@@ -389,11 +398,12 @@ def uvicorn_config(app, host="127.0.0.1", port=8000, header_timeout=10.0, max_co
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes=1 << 20,
-               host="127.0.0.1", body_timeout=30.0):
+               host="127.0.0.1", body_timeout=30.0, engine_thread=True):
     """The API over `engine`. `host` is the address the server is bound to: on loopback without an
-    API key, requests must name a loopback host (see `allowed_hosts`)."""
+    API key, requests must name a loopback host (see `allowed_hosts`). engine_thread: the engine's worker
+    runs in a thread of its own; else the caller runs app.state.worker.run (serve: in the main thread)."""
     app = FastAPI(title="nanoseek", version="0.1.0", description="OpenAI-compatible API of a nanoseek model")
-    worker = Worker(engine)
+    worker = Worker(engine, thread=engine_thread)
     tokenizer = engine.tokenizer
     context = engine.max_len
     token_bytes = max(len(tokenizer.decode([i]).encode()) for i in range(len(tokenizer)))  # the most one covers
@@ -529,7 +539,7 @@ def _params(req, max_tokens, prompt_len, context, field):
 
 
 async def _serve(request, worker: Worker, prompts, params, req, chat):
-    job = await _admit(request, worker, prompts, params)
+    job = await _admit(request, worker, prompts, params, req.stream)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if req.stream:
@@ -556,7 +566,7 @@ async def _serve(request, worker: Worker, prompts, params, req, chat):
     }
 
 
-async def _admit(request, worker: Worker, prompts, params):
+async def _admit(request, worker: Worker, prompts, params, stream):
     """Reserve slots, queue the job and wait until the engine has admitted it; on any failure, what was
     taken is handed back before the error goes out."""
     n, slots = len(prompts), worker.engine.max_batch
@@ -566,7 +576,7 @@ async def _admit(request, worker: Worker, prompts, params):
     if not worker.reserve(n):
         raise APIError(429, f"the server is at capacity ({slots} sequences); retry shortly",
                        "rate_limit_error", code="server_busy")
-    job = Job(prompts, params, asyncio.get_running_loop(), worker)
+    job = Job(prompts, params, asyncio.get_running_loop(), worker, stream)
     worker.submit(job)
     try:
         kind, error = await _next_event(request, job)
@@ -658,26 +668,18 @@ async def _stream(job, rid, created, req, chat):
     yield "data: [DONE]\n\n"
 
 
-def decode_threads(threads=None):
-    """The threads the server decodes with: by default one fewer than torch's (its cores), so the HTTP side
-    has a core of its own. On 2 cores, decoding on both made each token wait for the event loop to get a core
-    back from the kernels' threads: 3.3x the time for requests one at a time (docs/BENCHMARKS.md)."""
-    if threads is None:
-        return max(1, torch.get_num_threads() - 1)
-    if threads < 1:
-        raise ValueError(f"--threads must be at least 1 (got {threads})")
-    return threads
-
-
 def serve(path, host="127.0.0.1", port=8000, api_key=None, max_batch=16, model_name=None, device=None,
           threads=None):
+    """The API and the web chat until interrupted: HTTP in a thread, the engine in this (the main) one."""
     import uvicorn
 
     from nanoseek.checkpoint import load
     from nanoseek.device import policy
 
-    threads = decode_threads(threads)
-    torch.set_num_threads(threads)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1 (got {threads})")
+        torch.set_num_threads(threads)
     model, tokenizer = load(path, policy(device).device)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; serve a checkpoint made by nanoseek")
@@ -685,7 +687,16 @@ def serve(path, host="127.0.0.1", port=8000, api_key=None, max_batch=16, model_n
         print(COMPILE_NOTE)
     engine = Engine(model, tokenizer, max_batch=max_batch, ahead_of_time=True)  # a lone request's steps: packages
     name = model_name or os.path.basename(os.path.normpath(path))
-    app = create_app(engine, name, api_key=api_key, host=host)
-    print(f"serving {name} on http://{host}:{port} (OpenAI API at /v1, chat page at /), decoding with {threads} "
-          f"thread{'s' if threads > 1 else ''}")
-    uvicorn.Server(uvicorn_config(app, host, port)).run()
+    app = create_app(engine, name, api_key=api_key, host=host, engine_thread=False)
+    server = uvicorn.Server(uvicorn_config(app, host, port))
+    print(f"serving {name} on http://{host}:{port} (OpenAI API at /v1, chat page at /), decoding with "
+          f"{torch.get_num_threads()} threads", flush=True)
+    http = threading.Thread(target=server.run, name="nanoseek-http")
+    http.start()
+    try:
+        app.state.worker.run(running=http.is_alive)  # returns if the HTTP side stops (a port in use)
+    finally:
+        server.should_exit = True
+        http.join()
+    if not server.started:
+        raise RuntimeError(f"could not listen on {host}:{port} (see above): is another server on that port?")

@@ -3,6 +3,7 @@ decode benchmark reads llama.cpp's own tools and compares medians."""
 
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -186,3 +187,26 @@ def test_bench_decode_prompts_say_what_is_wrong(capsys):
     assert "random (random tokens, the default) or tasks" in capsys.readouterr().err
     assert main(["bench", "grpo", "--ckpt", "x", "--prompts", "tasks"]) == 1
     assert "a number of --prompts" in capsys.readouterr().err
+
+
+def test_serve_bench_drives_servers_in_turns_and_compares_replies(chat_model, tmp_path):
+    """bench serve's machinery on nanoseek alone: `nanoseek serve` started as a user starts it, waited for,
+    asked the same chat requests as both sides (so every reply is the same), and stopped; a server that
+    exits at once is reported with its log."""
+    from nanoseek.bench_serve import free_port, running, serve_rounds
+    from nanoseek.evaluate import test_problems
+    from nanoseek.tasks import get_task
+
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "nanoseek", "serve", chat_model, "--port", url.rsplit(":", 1)[1],
+               "--max-batch", "2"]
+    conversations = [p.messages() for p in test_problems(get_task("addition"), 4, 0, 2)]
+    with running(command, url, tmp_path / "serve.log") as process:
+        row = serve_rounds(url, url, conversations, at_once=2, max_tokens=24, rounds=2)
+    assert process.returncode is not None  # stopped on leaving
+    assert row["same_replies"] == 4 and row["speedup"] > 0
+    assert len(row["nanoseek"]["rounds"]) == len(row["llama.cpp"]["rounds"]) == 2
+    assert "decoding with" in (tmp_path / "serve.log").read_text()
+    with pytest.raises(RuntimeError, match="did not start: see .*broken.log"):
+        with running([sys.executable, "-c", "raise SystemExit(3)"], url, tmp_path / "broken.log"):
+            pass

@@ -7,9 +7,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
-
-from nanoseek.server import decode_threads
 
 KEY = "sekrit"
 ASK = [{"role": "user", "content": "What is 12 + 30?"}]
@@ -227,13 +224,7 @@ def test_the_bearer_scheme_is_case_insensitive(live_server):
     assert httpx.get(url + "/v1/models", headers={"Authorization": KEY}, timeout=10).status_code == 401
 
 
-def test_the_server_leaves_a_core_to_its_http_side(monkeypatch, capsys):
-    """Decoding takes one thread fewer than torch's unless told; a count below one is refused before anything
-    loads."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert (decode_threads(), decode_threads(2)) == (1, 2)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert decode_threads() == 1
+def test_serve_refuses_a_thread_count_below_one_before_loading(capsys):
     from nanoseek.cli import main
 
     assert main(["serve", "no-such-checkpoint", "--threads", "0"]) == 1
