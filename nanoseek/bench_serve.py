@@ -33,14 +33,17 @@ def free_port():
 @contextmanager
 def running(command, url, log):
     """A server process started with command, its output going to log; yields once url/health answers 200, and
-    is stopped on leaving. Raises with the log's path if it exits or does not answer within START_SECONDS."""
+    is stopped on leaving. Raises with the log's last lines if it exits or does not answer within
+    START_SECONDS."""
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_SECONDS
         while not _healthy(url):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{os.path.basename(command[0])} did not start: see {log}")
+                with open(log) as f:
+                    tail = "".join(f.readlines()[-10:])
+                raise RuntimeError(f"{os.path.basename(command[0])} did not start; its log ({log}) ends:\n{tail}")
             time.sleep(0.5)
         yield process
     finally:
