@@ -598,13 +598,18 @@ def native_rounds(engine, params, tools, gguf, prompts, rounds, device):
                                                                               figures["llama.cpp"])}
 
 
-def task_prompts(tokenizer, tasks, n, difficulty=None):
-    """n held-out problems of each task (the ones `nanoseek eval` asks), rendered as chat prompts."""
+def held_out_conversations(tasks, n, difficulty=None):
+    """n held-out problems of each task (the ones `nanoseek eval` asks), as chat messages."""
     from nanoseek.evaluate import test_problems
     from nanoseek.tasks import get_task
 
-    problems = [p for name in tasks for p in test_problems(get_task(name), n, 0, difficulty)]
-    return [tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in problems]
+    return [p.messages() for name in tasks for p in test_problems(get_task(name), n, 0, difficulty)]
+
+
+def task_prompts(tokenizer, tasks, n, difficulty=None):
+    """held_out_conversations rendered as chat prompts (token ids)."""
+    conversations = held_out_conversations(tasks, n, difficulty)
+    return [tokenizer.render_chat(m, add_generation_prompt=True)[0] for m in conversations]
 
 
 def timed_generate(engine, prompts, params):

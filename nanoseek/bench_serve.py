@@ -17,9 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from nanoseek import checkpoint
-from nanoseek.bench import compare, interleaved, native_llama_tools
-from nanoseek.evaluate import test_problems
-from nanoseek.tasks import get_task
+from nanoseek.bench import compare, held_out_conversations, interleaved, native_llama_tools
 
 START_SECONDS = 300  # a server's first start compiles its steps (nanoseek) or loads the model: minutes at most
 
@@ -102,7 +100,7 @@ def bench_serve(ckpt, at_once=(1, 8), tasks=("addition", "countdown"), n=16, dif
     _, tokenizer = checkpoint.load(ckpt)
     if tokenizer is None:
         raise ValueError(f"{ckpt} has no tokenizer; benchmark a checkpoint made by nanoseek")
-    conversations = [p.messages() for name in tasks for p in test_problems(get_task(name), n, 0, difficulty)]
+    conversations = held_out_conversations(tasks, n, difficulty)
     slots, threads = max(at_once), torch.get_num_threads()
     out = {"ckpt": str(ckpt), "tasks": list(tasks), "requests": len(conversations), "max_tokens": max_tokens,
            "rounds": rounds, "threads": threads, "runs": []}

@@ -78,7 +78,7 @@ def cmd_bench(args):
         r = bench.bench_train(size=args.size or 4, batch=args.batch, seq=args.seq, steps=args.steps or 100,
                               sweep=args.sweep, device=args.device, peer=args.peer)
         bench.print_train(r)
-    elif args.what == "decode" and (args.prompts or "random") == "tasks":
+    elif args.what == "decode" and args.prompts == "tasks":
         if not args.ckpt:
             raise ValueError("bench decode --prompts tasks needs --ckpt: a checkpoint with an MTP module and its "
                              "tokenizer, e.g. runs/cpu/rl/final after make run")

@@ -194,13 +194,11 @@ def test_serve_bench_drives_servers_in_turns_and_compares_replies(chat_model, tm
     asked the same chat requests as both sides (so every reply is the same), and stopped; a server that
     exits at once is reported with its log."""
     from nanoseek.bench_serve import free_port, running, serve_rounds
-    from nanoseek.evaluate import test_problems
-    from nanoseek.tasks import get_task
 
     url = f"http://127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "nanoseek", "serve", chat_model, "--port", url.rsplit(":", 1)[1],
                "--max-batch", "2"]
-    conversations = [p.messages() for p in test_problems(get_task("addition"), 4, 0, 2)]
+    conversations = bench.held_out_conversations(["addition"], 4, 2)
     with running(command, url, tmp_path / "serve.log") as process:
         row = serve_rounds(url, url, conversations, at_once=2, max_tokens=24, rounds=2)
     assert process.returncode is not None  # stopped on leaving
