@@ -3,7 +3,7 @@
 One worker owns the engine: it admits new sequences between steps, runs a step, and hands each token to
 the request that waits for it. `nanoseek serve` runs it in the main thread and the HTTP side in another:
 torch's OpenMP threads belong to the thread that first ran parallel work (loading, compiling), and a second
-thread running kernels makes a second team, which libgomp then wakes slowly (7.7x slower decoding on 2
+thread running kernels makes a second team, which libgomp then wakes slowly (7.7-8.7x slower decoding on 2
 cores). The HTTP side reserves engine slots before it queues work, so a request that finds every slot taken
 gets 429 at once, and one that could never fit gets 400.
 
