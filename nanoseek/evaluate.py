@@ -20,9 +20,12 @@ from nanoseek.device import policy
 from nanoseek.engine import Engine
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import as_chat, get_task
-from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, KINDS, reply_kind
+from nanoseek.model import trained_context
+from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, KINDS, reply_kind, smalltalk_turn, thought_kind
 from nanoseek.text import DEFAULT_REPETITION_STOP
+from nanoseek.tokenizer import trim_conversation
 
+SLICES = ("lengths", "phrasing")  # problem data the report breaks accuracy down by, where a task has it
 BATCH = 128  # sequences decoded at once (one compiled graph at any batch): 4x fewer decode steps than 32 at a time
 OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default, meaning)
     "task": (["countdown"], "tasks (built-in names, .jsonl, file.py:Class)"),
@@ -33,6 +36,8 @@ OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default,
     "difficulty": (0, "one difficulty (0: the task's whole range)"),
     "max_new_tokens": (256, "longest completion (0: per task, twice its longest worked solution, at least 64)"),
     "second_turn": (False, "also ask each problem as the second turn, after one of another task and its answer"),
+    "depth_n": (0, "also ask the first depth_n problems as turn 10 of a chat of mixed turns, and a third as many at "
+                   "each turn 2..9, trimmed as `nanoseek chat` trims (0: not)"),
     "seed": (0, "seed of the held-out problems and the pass@k samples"),
     "out": (None, "directory for eval.json, eval.md and eval.png"),
     "device": (None, "cpu or cuda (default: cuda when available)"),
@@ -58,9 +63,11 @@ def pass_at_k(n, c, k):
 
 
 def test_problems(task, n, seed=0, difficulty=None):
-    """n held-out problems, the same for every checkpoint: seeded, from the test split only."""
+    """n held-out problems, the same for every checkpoint: seeded, from the test split only. A task with strata
+    (addition: every pair of operand lengths) gets each stratum in turn, so every one is asked n / strata times."""
     rng = random.Random(seed)
-    return [task.sample(rng, "test", difficulty) for _ in range(n)]
+    strata = task.strata(difficulty) if hasattr(task, "strata") else [difficulty]
+    return [task.sample(rng, "test", strata[i % len(strata)]) for i in range(n)]
 
 
 def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0, k_n=0, conversations=None):
@@ -83,7 +90,7 @@ def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0, k_n=
         thinking = g.tokens.index(tokenizer.end_think_id) if tokenizer.end_think_id in g.tokens else len(g.tokens)
         mine = samples[i * k : (i + 1) * k]
         correct = sum(task.score(p, s.text).accuracy for s in mine) if k > 1 and i < sampled else None
-        rows.append({"difficulty": p.difficulty, "correct": reward.accuracy, "format": reward.format,
+        rows.append({"difficulty": p.difficulty, **{key: p.data[key] for key in SLICES if key in p.data}, "correct": reward.accuracy, "format": reward.format,
                      "truncated": g.finish_reason == "length", "thinking_tokens": thinking,
                      "sample_correct": correct, "question": p.question, "completion": g.text,
                      "reason": reward.reason, "generated_tokens": len(g.tokens) + sum(len(s.tokens) for s in mine)})
@@ -130,6 +137,47 @@ def right_answer(task, problem):
     return solution[1] if solution else problem.answer
 
 
+DEPTHS = range(2, 11)  # turn depths the report asks a problem at (1: the problem alone)
+
+
+def mixed_history(k, tasks, levels, rng):
+    """k earlier turns of mixed kinds, as a chat client sends them back (replies without their thinking): held-out
+    problems of the tasks with their right answers, greetings, thanks, questions about the model and requests it
+    cannot help with, with the replies SFT teaches. A greeting only opens a conversation; a thanks follows an
+    answer."""
+    messages, answered = [], False
+    while len(messages) < 2 * k:
+        if rng.random() < 0.5:
+            i = rng.randrange(len(tasks))
+            problem = tasks[i].sample(rng, "test", levels[i])
+            messages += [*problem.messages(), {"role": "assistant", "content": right_answer(tasks[i], problem)}]
+            answered = True
+            continue
+        question, thought, reply = smalltalk_turn(tasks, rng)
+        kind = thought_kind(thought)
+        if (kind == "greeting" and messages) or (kind == "thanks" and not answered):
+            continue
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        answered = False
+    return messages
+
+
+def deep_turns(tasks, levels, problems, depth_n, tokenizer, context, seed):
+    """Per task, {depth: conversations}: its first depth_n problems asked as turn 10 and depth_n // 3 at each turn
+    2..9, after mixed earlier turns (mixed_history, seeded by the depth), each trimmed to the trained context as
+    `nanoseek chat` trims it."""
+    out = []
+    for i, mine in enumerate(problems):
+        by_depth = {}
+        for depth in DEPTHS:
+            rng = random.Random(seed * 1_000_003 + 1009 * depth + i)
+            asked = mine[: depth_n if depth == DEPTHS[-1] else max(1, depth_n // 3)]
+            by_depth[depth] = [trim_conversation(tokenizer, mixed_history(depth - 1, tasks, levels, rng)
+                                                 + p.messages(), context)[0] for p in asked]
+        out.append(by_depth)
+    return out
+
+
 def summarize(rows, k):
     """pass@1, format, truncated and thinking length over the rows; pass@k over those with samples, and their
     count as pass@k_n."""
@@ -150,11 +198,12 @@ def summarize(rows, k):
 
 
 def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=None, device=None, checker="exact",
-             difficulty=None, dtype=None, k_n=0, second_turn=False):
+             difficulty=None, dtype=None, k_n=0, second_turn=False, depth_n=0):
     """Evaluate each checkpoint on each task's held-out problems; write eval.json/.md/.png to out.
     difficulty: one for every task, or {task: difficulty}. k_n: how many of the n problems get the k samples
     (0: all). max_new_tokens 0: a budget per task from its worked solutions (token_budget). second_turn: also
-    ask each problem after a problem of the next task in the list and its answer (greedy only)."""
+    ask each problem after a problem of the next task in the list and its answer (greedy only). depth_n: also ask
+    problems as turns 2..10 of a mixed conversation (deep_turns)."""
     compute = policy(device, dtype)
     loaded = [get_task(spec, checker) for spec in tasks]
     levels = [difficulty.get(spec) if isinstance(difficulty, dict) else difficulty for spec in tasks]
@@ -166,30 +215,54 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
         if tokenizer is None:
             raise ValueError(f"{ckpt} has no tokenizer; evaluate checkpoints made by nanoseek")
         engine = Engine(model, tokenizer, max_batch=BATCH, dtype=dtype)
+        context = trained_context(model.config)
+        deep = deep_turns(loaded, levels, problems, depth_n, tokenizer, context, seed) if depth_n else [{}] * len(loaded)
         results[ckpt] = {}
-        for task, mine, history in zip(loaded, problems, histories):
+        for task, mine, history, by_depth in zip(loaded, problems, histories, deep):
             budget = max_new_tokens or token_budget(task, mine, tokenizer)
             start = time.perf_counter()
             rows = evaluate_model(engine, task, mine, k, budget, seed, k_n)
             rows2 = evaluate_model(engine, task, mine, 1, budget, conversations=history) if history else []
+            depth_rows = {depth: evaluate_model(engine, task, mine[: len(c)], 1, budget, conversations=c)
+                          for depth, c in by_depth.items()}
             seconds = time.perf_counter() - start
-            results[ckpt][task.name] = task_results(rows, rows2, k, budget, seconds)
+            results[ckpt][task.name] = task_results(rows, rows2, k, budget, seconds, depth_rows)
+            if depth_rows:
+                results[ckpt][task.name]["context"] = context
     if out:
         write_results(results, k, out)
     return results
 
 
-def task_results(rows, rows2, k, budget, seconds):
-    """One task's entry of eval.json: all problems, each difficulty, examples, the budget, generation speed and,
-    with rows2, the second-turn summary."""
-    tokens = sum(r["generated_tokens"] for r in rows + rows2)
+def task_results(rows, rows2, k, budget, seconds, depth_rows=None):
+    """One task's entry of eval.json: all problems, each difficulty and slice, examples, the budget, generation
+    speed, with rows2 the second-turn summary, and with depth_rows ({depth: rows}) each turn depth's summary beside
+    the same problems asked alone (depth 1)."""
+    depth_rows = depth_rows or {}
+    tokens = sum(r["generated_tokens"] for r in rows + rows2 + [r for d in depth_rows.values() for r in d])
     by_difficulty = {str(d): summarize([r for r in rows if r["difficulty"] == d], k)
                      for d in sorted({r["difficulty"] for r in rows})}
+    slices = {key: {value: summarize([r for r in rows if r.get(key) == value], 1)
+                    for value in sorted({r[key] for r in rows if key in r})} for key in SLICES}
     out = {"all": summarize(rows, k), "by_difficulty": by_difficulty, "max_new_tokens": budget,
+           **{f"by_{key}": by_value for key, by_value in slices.items() if by_value},
            "examples": rows[:3], "generation": {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}}
     if rows2:
         out["second_turn"] = summarize(rows2, 1)
+    if depth_rows:
+        deepest = max(len(d) for d in depth_rows.values())
+        out["by_depth"] = {"1": summarize(rows[:deepest], 1), **{str(k): summarize(d, 1) for k, d in depth_rows.items()}}
+        out["deep_replies"] = depth_cleanliness([r for d in depth_rows.values() for r in d])
     return out
+
+
+CONTROL_TEXT = ("<｜", "｜>", "<think>", "</think>")  # chat-template and tool tokens, as text
+
+
+def depth_cleanliness(rows):
+    """How many of the deep-turn replies leak chat-template or tool tokens into the answer, or run to the limit."""
+    leaked = sum(any(t in r["completion"].partition("</think>")[2] for t in CONTROL_TEXT) for r in rows)
+    return {"n": len(rows), "leaked": leaked, "truncated": sum(r["truncated"] for r in rows)}
 
 
 def write_results(results, k, out):
@@ -227,7 +300,53 @@ def markdown_table(results, k):
         text += "\n".join(warnings) + "\n\n"
     text += "\n".join(speed) + "\n"
     second = second_turn_table(results)
-    return text + ("\n" + second if second else "")
+    return text + ("\n" + second if second else "") + slice_tables(results) + depth_table(results)
+
+
+def depth_table(results):
+    """Each task's greedy pass@1 asked alone (depth 1) and as turn 2..10 of a mixed conversation."""
+    rows, context, n10, n2 = [], None, 0, 0
+    for t in next(iter(results.values())):
+        for c, by_task in results.items():
+            if "by_depth" not in (r := by_task[t]):
+                continue
+            context, depths = r["context"], r["by_depth"]
+            n10, n2 = depths["10"]["n"], depths["2"]["n"]
+            cells = [f"{100 * s['pass@1']:.1f}" for s in depths.values()]
+            clean = r["deep_replies"]
+            rows.append(f"| {t} | {_short(c)} | " + " | ".join(cells) + f" | {_pass1(depths['1'])} (n={depths['1']['n']})"
+                        f" | {_pass1(depths['10'])} | {clean['leaked']} / {clean['truncated']} of {clean['n']} |")
+    if not rows:
+        return ""
+    head = " | ".join(str(d) for d in [1, *DEPTHS])
+    return (f"\nTurn depth: each problem asked as turn d of a conversation of mixed turns (problems with their "
+            f"answers, greetings, thanks, questions about the model, requests it cannot help with), trimmed to the "
+            f"{context} tokens the model was trained on as `nanoseek chat` trims it (greedy pass@1 %, {n10} problems at "
+            f"turns 1 and 10, {n2} between; the last column counts deep replies with template or tool tokens in "
+            f"their answer / run to the token limit)\n\n| task | checkpoint | {head} | turn 1 | turn 10 | leaked / "
+            f"truncated |\n|---|---|" + "---|" * (len(DEPTHS) + 4) + "\n" + "\n".join(rows) + "\n")
+
+
+SLICE_TITLES = {"lengths": "digits of the two operands", "phrasing": "phrasing"}
+
+
+def slice_tables(results):
+    """Per task and slice key (operand lengths, phrasing), greedy pass@1 of every value side by side, and the
+    worst value of each checkpoint: what a person asking that way gets."""
+    ckpts, text = list(results), ""
+    for t in next(iter(results.values())):
+        for key, title in SLICE_TITLES.items():
+            values = results[ckpts[0]][t].get(f"by_{key}")
+            if not values:
+                continue
+            text += (f"\n{t} by {title} (greedy pass@1, 95% Wilson interval)\n\n| {key} | "
+                     + " | ".join(_short(c) for c in ckpts) + " |\n|---|" + "---|" * len(ckpts) + "\n")
+            for value in values:
+                cells = [f"{_pass1(s)} (n={s['n']})" for c in ckpts if (s := results[c][t][f"by_{key}"].get(value))]
+                text += f"| {value} | " + " | ".join(cells) + " |\n"
+            worst = [min(results[c][t][f"by_{key}"].items(), key=lambda kv: kv[1]["pass@1"]) for c in ckpts]
+            text += "| worst | " + " | ".join(f"{v}: {100 * s['pass@1']:.1f}%" for v, s in worst) + " |\n"
+    return text
 
 
 def _cell(s, k):

@@ -35,6 +35,7 @@ from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_rank
 from nanoseek.plan import PlanError, plan_recipe
 from nanoseek.tasks import chat_documents, get_task, task_documents
 from nanoseek.tasks.smalltalk import smalltalk_texts
+from nanoseek.tokenizer import trim_conversation
 
 SECTIONS = {  # section -> key -> (default, meaning)
     "run": {
@@ -64,7 +65,7 @@ SECTIONS = {  # section -> key -> (default, meaning)
     "eval": {
         "tasks": (["addition", "countdown"], "tasks to evaluate every stage on"),
         "difficulties": ({}, "per task, the difficulties to evaluate (empty: those of [data])"),
-        **{k: evaluate_module.OPTIONS[k] for k in ("n", "k", "k_n", "max_new_tokens", "second_turn")},
+        **{k: evaluate_module.OPTIONS[k] for k in ("n", "k", "k_n", "max_new_tokens", "second_turn", "depth_n")},
         "stages": (["pretrain", "sft", "rl"], "stages whose checkpoints are evaluated"),
     },
     "pretrain": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
@@ -245,10 +246,12 @@ def _text_docs(recipe):
                                   difficulty=d["difficulties"].get(spec) or None)
 
 
-def _chat_docs(recipe):
+def _chat_docs(recipe, tok):
+    """The SFT conversations, each trimmed as the chat trims one to the context SFT trains at."""
     d = recipe["data"]
+    fit = lambda messages: trim_conversation(tok, messages, recipe["sft"]["seq"])[0]  # noqa: E731
     return chat_documents(d["tasks"], _counts(recipe, "sft_problems"), recipe["run"]["seed"], d["difficulties"],
-                          turns=d["turns"], smalltalk=d["smalltalk"])
+                          turns=d["turns"], smalltalk=d["smalltalk"], fit=fit)
 
 
 def _hf_docs(recipe, column):
@@ -280,7 +283,7 @@ def stage_data(recipe, paths, device):
     d = recipe["data"]
     tok = Tokenizer.load(paths["tokenizer"])
     text_docs = itertools.chain(_text_docs(recipe), data_module.read_corpus(d["corpus"]), _hf_docs(recipe, "text"))
-    chat_docs = itertools.chain(_chat_docs(recipe), _hf_docs(recipe, "messages"))
+    chat_docs = itertools.chain(_chat_docs(recipe, tok), _hf_docs(recipe, "messages"))
     text = data_module.build(None, tok, paths["text"], d["val_fraction"], documents=text_docs)
     chat = data_module.build(None, tok, paths["chat"], d["val_fraction"], documents=chat_docs)
     count = lambda m: sum(s["tokens"] for s in m["splits"]["train"])  # noqa: E731
@@ -330,7 +333,7 @@ def stage_eval(recipe, paths, device):
     evaluate_module.evaluate([os.path.join(paths[s], "final") for s in e["stages"]], e["tasks"], n=e["n"], k=e["k"],
                              max_new_tokens=e["max_new_tokens"], seed=recipe["run"]["seed"], out=paths["eval"],
                              device=device, dtype=recipe["run"]["dtype"], difficulty=difficulty, k_n=e["k_n"],
-                             second_turn=e["second_turn"])
+                             second_turn=e["second_turn"], depth_n=e["depth_n"])
     final = os.path.join(paths[e["stages"][-1]], "final")
     chat = evaluate_module.chat_replies(final, device=device, dtype=recipe["run"]["dtype"])
     _write_json(os.path.join(paths["eval"], "chat.json"), {"checkpoint": final, **chat})

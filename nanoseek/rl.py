@@ -44,6 +44,7 @@ OPTIONS = {  # every option of rl: (default, meaning)
     "replay": ("", "tasks whose worked solutions keep training beside GRPO, comma-separated (empty: none), "
                    "so that a skill learned in SFT is not lost"),
     "replay_rows": (16, "worked solutions per step for --replay"),
+    "replay_difficulty": ([], "difficulties of the --replay tasks' problems (empty: those of --difficulty)"),
     "temperature": (1.0, "sampling temperature of the rollouts"),
     "optimizer": ("adamw", "adamw: AdamW on every weight; muon: Muon on the hidden matrices, AdamW on the rest"),
     "lr": (1e-4, "learning rate"),
@@ -254,6 +255,13 @@ def task_list(specs, checker):
     return [get_task(spec.strip(), checker) for spec in specs.split(",") if spec.strip()]
 
 
+def sample_levels(difficulty):
+    """A difficulty option (one level, a list, or empty) as Task.sample takes it: a level, a list, or None."""
+    levels = difficulty if isinstance(difficulty, list) else [difficulty] * bool(difficulty)
+    levels = [int(d) for d in levels]  # from the command line they come as text
+    return levels[0] if len(levels) == 1 else levels or None
+
+
 class GRPO:
     def __init__(self, o):
         self.o = o
@@ -270,9 +278,8 @@ class GRPO:
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
         self.tasks, self.replay_tasks = task_list(o.task, o.checker), task_list(o.replay, o.checker)
-        levels = o.difficulty if isinstance(o.difficulty, list) else [o.difficulty] * bool(o.difficulty)
-        levels = [int(d) for d in levels]  # from the command line they come as text
-        self.difficulty = levels[0] if len(levels) == 1 else levels or None  # what Task.sample takes
+        self.difficulty = sample_levels(o.difficulty)
+        self.replay_difficulty = sample_levels(o.replay_difficulty) or self.difficulty
         if not self.tasks:
             raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
         point = resume_point(o.out) if o.resume else None
@@ -340,7 +347,7 @@ class GRPO:
         rows = []
         for i in range(o.replay_rows):
             task = self.replay_tasks[i % len(self.replay_tasks)]
-            problem = task.sample(rng, "train", self.difficulty)
+            problem = task.sample(rng, "train", self.replay_difficulty)
             rows.append(self.tokenizer.render_chat(as_chat(problem, *task.solve(problem))))
         width = max(len(ids) for ids, _ in rows)
         x = torch.full((len(rows), width), self.tokenizer.pad_id)
@@ -411,8 +418,10 @@ class GRPO:
         if not self.rank0 or not self.o.eval_every:
             return {}
         accuracy = {}
+        levels = {**{t.name: self.replay_difficulty for t in self.replay_tasks},
+                  **{t.name: self.difficulty for t in self.tasks}}
         for task in {t.name: t for t in self.tasks + self.replay_tasks}.values():
-            problems = test_problems(task, self.o.eval_n, self.o.seed, self.difficulty)
+            problems = test_problems(task, self.o.eval_n, self.o.seed, levels[task.name])
             rows = evaluate_model(self.engine, task, problems, max_new_tokens=self.o.max_new_tokens)
             accuracy[f"heldout_{task.name}"] = sum(r["correct"] for r in rows) / len(rows)
         return accuracy

@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -14,6 +15,8 @@ from nanoseek.tasks import (
     split_of,
     task_documents,
 )
+from nanoseek.tasks.arithmetic import ADDITION_PHRASINGS
+from nanoseek.tasks.countdown import PHRASINGS as COUNTDOWN_PHRASINGS
 from nanoseek.tasks.countdown import evaluate_expression
 from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, smalltalk_turn, thought_kind
 from nanoseek.tokenizer import split_thinking
@@ -23,8 +26,8 @@ from nanoseek.tokenizer import split_thinking
 def test_splits_never_overlap_and_solutions_score(name):
     task = get_task(name)
     rng = random.Random(0)
-    train = {task.sample(rng, "train").question for _ in range(1500)}
-    test = {task.sample(rng, "test").question for _ in range(300)}
+    train = {task.sample(rng, "train").key for _ in range(1500)}  # the problem, whatever its phrasing
+    test = {task.sample(rng, "test").key for _ in range(300)}
     assert train and test and not train & test
     for d in task.difficulties:
         p = task.sample(rng, "train", d)
@@ -167,7 +170,7 @@ def test_task_documents_are_worked_training_problems():
     for (kind, messages), (text_kind, text) in zip(chats, texts):
         question, reply = messages[0]["content"], messages[1]
         a, b = map(int, re.findall(r"\d+", question))
-        assert (kind, text_kind) == ("chat", "text") and split_of(question) == "train"
+        assert (kind, text_kind) == ("chat", "text") and split_of(f"{a} + {b}") == "train"  # the split ignores phrasing
         assert reply["content"] == str(a + b) and reply["reasoning_content"].strip()
         assert text == f"{question}\n{reply['reasoning_content']}\nAnswer: {a + b}"  # the same problem
     with pytest.raises(ValueError, match="kind must be 'chat' or 'text'"):
@@ -189,8 +192,8 @@ def test_sft_conversations_train_only_their_last_turn(tokenizer):
         assert trained == f"<think>\n{last['reasoning_content']}\n</think>\n\n{last['content']}<｜end▁of▁sentence｜>"
     questions = [m[-2]["content"] for m in docs]
     assert sum("Countdown" in m[-1]["content"] for m in docs) >= 5  # smalltalk says what the model can do
-    assert sum(bool(re.match(r"What is \d", q)) for q in questions) == 30
-    assert sum(q.startswith("Using the numbers") for q in questions) == 30
+    assert sum(len(re.findall(r"\d+", q)) == 2 for q in questions) == 30  # a + b, in any phrasing
+    assert sum(len(re.findall(r"\d+", q)) == 4 for q in questions) == 30  # three numbers and a target
 
 
 def test_smalltalk_sits_where_people_say_it():
@@ -204,7 +207,7 @@ def test_smalltalk_sits_where_people_say_it():
         earlier = [m["content"] for m in messages[:-2] if m["role"] == "user"]
         placed.setdefault(kind, []).append(earlier)
     assert all(earlier == [] for earlier in placed["greeting"]) and len(placed["greeting"]) > 20
-    assert all(len(e) == 1 and re.match(r"What is \d|Using the numbers", e[0]) for e in placed["thanks"])
+    assert all(len(e) == 1 and len(re.findall(r"\d+", e[0])) in (2, 4) for e in placed["thanks"])  # a problem
     for kind in ("who", "cannot", None):  # None: a task's problem
         assert {len(e) for e in placed[kind]} == {0, 1}
     alone = [m for _, m in chat_documents(["addition"], {"addition": 10}, seed=1, turns=1, smalltalk=60)]
@@ -225,3 +228,37 @@ def test_countdown_steps_are_checked_one_by_one():
     p = cd.make(random.Random(2), 3)
     assert cd.check_steps(p, "14+6=20,20-2=18\n14-6=8,8+2=11\n</think>\n\n14") == (3, 4)
     assert cd.check_steps(p, "no steps here\n</think>\n\n14") == (0, 0)
+
+
+def test_addition_covers_every_length_pair_in_every_phrasing():
+    """Each operand's length is drawn on its own (1 + 4 digits as often as 4 + 4, 0 and single digits included),
+    every phrasing comes up, the split hashes the sum whatever its phrasing, and the score reads the answer."""
+    task, rng = get_task("addition"), random.Random(0)
+    problems = [task.sample(rng, "train", 4) for _ in range(4000)]
+    pairs = {p.data["lengths"] for p in problems}
+    assert pairs == {f"{x}+{y}" for x in range(1, 5) for y in range(1, 5)}
+    assert {p.data["phrasing"] for p in problems} == set(ADDITION_PHRASINGS) and len(ADDITION_PHRASINGS) >= 5
+    assert min(p.data["a"] for p in problems) == 0 and max(p.data["b"] for p in problems) <= 9999
+    for p in problems[:300]:
+        a, b = p.data["a"], p.data["b"]
+        assert list(map(int, re.findall(r"\d+", p.question))) == [a, b]
+        assert p.data["lengths"] == f"{len(str(a))}+{len(str(b))}" and split_of(f"{a} + {b}") == "train"
+        reasoning, answer = task.solve(p)
+        assert answer == str(a + b) == reasoning.splitlines()[-1].split()[-1]  # the last line holds the sum
+        assert task.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
+    short = next(p for p in problems if p.data["lengths"] == "1+4")
+    assert task.solve(short)[0].splitlines()[1].startswith("0+")  # the short operand is padded with 0
+    by_pair = [task.sample(rng, "test", (1, 3)) for _ in range(20)]
+    assert {p.data["lengths"] for p in by_pair} == {"1+3"} and task.strata(4)[:2] == [(1, 1), (1, 2)]
+
+
+def test_countdown_comes_in_several_phrasings_with_one_split():
+    task, rng = get_task("countdown"), random.Random(0)
+    problems = [task.sample(rng, "test", 3) for _ in range(200)]
+    assert {p.data["phrasing"] for p in problems} == set(COUNTDOWN_PHRASINGS) and len(COUNTDOWN_PHRASINGS) >= 3
+    for p in problems:
+        numbers = list(map(int, re.findall(r"\d+", p.question)))
+        assert sorted(numbers) == sorted(p.data["numbers"] + [p.data["target"]])
+        assert split_of(p.key) == "test" and task.solve(p) == task.solve(replace(p, question="other words"))
+        reasoning, answer = task.solve(p)
+        assert task.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1

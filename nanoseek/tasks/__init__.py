@@ -87,9 +87,10 @@ def task_documents(spec, n, kind="chat", seed=0, difficulty=None, checker="exact
             yield "text", f"{problem.question}\n{reasoning}\nAnswer: {answer}"
 
 
-def chat_documents(specs, counts, seed=0, difficulties=None, turns=1, smalltalk=0, checker="exact"):
+def chat_documents(specs, counts, seed=0, difficulties=None, turns=1, smalltalk=0, checker="exact", fit=None):
     """SFT conversations as ("chat", messages): counts[spec] worked problems of each task and `smalltalk` plain
-    conversational turns, in a random order, each asked after 0 to turns - 1 earlier turns (see with_history)."""
+    conversational turns, in a random order, each asked after 0 to turns - 1 earlier turns (see with_history),
+    which fit(messages) -> messages trims as the chat trims a conversation (default: kept whole)."""
     rng = random.Random(seed)
     problems = []
     for i, spec in enumerate(specs):
@@ -97,7 +98,7 @@ def chat_documents(specs, counts, seed=0, difficulties=None, turns=1, smalltalk=
         problems += [m for _, m in task_documents(spec, counts[spec], "chat", seed * 100 + i + 1, level, checker)]
     finals = problems + smalltalk_chats([get_task(spec, checker) for spec in specs], smalltalk, rng)
     rng.shuffle(finals)
-    yield from with_history(finals, turns, rng, problems)
+    yield from with_history(finals, turns, rng, problems, fit)
 
 
 def smalltalk_chats(tasks, n, rng):
@@ -110,14 +111,15 @@ def smalltalk_chats(tasks, n, rng):
     return chats
 
 
-def with_history(finals, turns, rng, problems=None):
+def with_history(finals, turns, rng, problems=None, fit=None):
     """Each one-turn chat of finals as ("chat", messages), asked after 0 to turns - 1 earlier turns drawn from
     finals. Earlier turns carry only their answers, as chat clients send a conversation back, and are not
     trained on (weight 0): the model learns to answer the latest question, whatever came before it.
 
     With turns > 1 a smalltalk turn sits where people say it: a greeting opens the conversation, a thanks
     follows an answer to one of `problems` (the task turns among finals), so a short first message reads as a
-    greeting and not as thanks for an answer never given."""
+    greeting and not as thanks for an answer never given. fit(messages) -> messages trims the conversation up to
+    its last question as the chat would (dropping its oldest turns), so SFT trains what a long chat sends."""
     for messages in finals:
         earlier = rng.randint(0, turns - 1)
         kind = thought_kind(messages[-1].get("reasoning_content", ""))
@@ -130,4 +132,7 @@ def with_history(finals, turns, rng, problems=None):
         for _ in range(earlier):
             question, reply = rng.choice(pool)
             history += [question, {"role": "assistant", "content": reply["content"], "weight": 0}]
-        yield "chat", history + messages
+        if history and fit is not None:
+            yield "chat", fit(history + messages[:-1]) + messages[-1:]
+        else:
+            yield "chat", history + messages

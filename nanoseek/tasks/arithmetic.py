@@ -1,6 +1,20 @@
-"""Multi-digit arithmetic with worked column-by-column reasoning; difficulty is the number of digits."""
+"""Multi-digit arithmetic with worked column-by-column reasoning, asked the ways people ask.
 
-from nanoseek.tasks.task import GeneratedTask, Problem, score_integer
+Arithmetic's difficulty is the number of digits. Addition's is the most digits an operand has: each operand's
+length is drawn on its own from 1 to it (1 + 4 digits as often as 4 + 4), 0 and single digits included.
+"""
+
+from nanoseek.tasks.task import GeneratedTask, Problem, phrase, sample_split, score_integer
+
+WORDS = {"+": "plus", "-": "minus", "*": "times"}
+PHRASINGS = {  # {name: template}, drawn at random for every problem
+    "what is": "What is {a} {op} {b}?",
+    "bare": "{a}{op}{b}",
+    "equals": "{a} {op} {b} = ?",
+    "what's": "what's {a} {word} {b}?",
+    "compute": "Compute {a} {op} {b}.",
+}
+ADDITION_PHRASINGS = {**PHRASINGS, "add": "add {a} and {b}", "sum": "Find the sum of {a} and {b}."}
 
 
 def _digits(n):
@@ -59,6 +73,19 @@ def mul_steps(a, b):
 OPS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
 
 
+def number_of_length(rng, digits):
+    """A whole number of exactly `digits` digits (one digit: 0 to 9)."""
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def problem(a, op, b, difficulty, rng, phrasings=PHRASINGS):
+    """a op b as a Problem in a phrasing drawn at random; the split hashes "a op b", whatever the phrasing."""
+    question, phrasing = phrase(rng, phrasings, a=a, b=b, op=op, word=WORDS[op])
+    _, result = OPS[op](a, b)
+    data = {"a": a, "b": b, "op": op, "key": f"{a} {op} {b}", "phrasing": phrasing}
+    return Problem(question, str(result), difficulty, data)
+
+
 class Arithmetic(GeneratedTask):
     """a + b, a - b, or a * b with `difficulty` digits (multiplication: the second factor has fewer)."""
 
@@ -68,11 +95,9 @@ class Arithmetic(GeneratedTask):
 
     def make(self, rng, difficulty):
         op = rng.choice(self.ops)
-        lo, hi = 10 ** (difficulty - 1) if difficulty > 1 else 0, 10**difficulty - 1
-        a = rng.randint(lo, hi)
-        b = rng.randint(lo, hi) if op != "*" else rng.randint(0, 10 ** max(1, difficulty // 2) - 1)
-        _, result = OPS[op](a, b)
-        return Problem(f"What is {a} {op} {b}?", str(result), difficulty, {"a": a, "b": b, "op": op})
+        a = number_of_length(rng, difficulty)
+        b = number_of_length(rng, difficulty) if op != "*" else rng.randint(0, 10 ** max(1, difficulty // 2) - 1)
+        return problem(a, op, b, difficulty, rng)
 
     def solve(self, problem):
         a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
@@ -84,7 +109,27 @@ class Arithmetic(GeneratedTask):
 
 
 class Addition(Arithmetic):
-    """Multi-digit addition only."""
+    """a + b, each operand's length drawn on its own from 1 to `difficulty` digits. A difficulty may also be a
+    (digits of a, digits of b) pair: the held-out eval asks every pair (strata)."""
 
     name = "addition"
-    ops = "+"
+    difficulties = range(1, 7)
+
+    def make(self, rng, difficulty):
+        lengths = difficulty if isinstance(difficulty, tuple) else [rng.randint(1, difficulty) for _ in range(2)]
+        a, b = (number_of_length(rng, n) for n in lengths)
+        p = problem(a, "+", b, max(lengths) if isinstance(difficulty, tuple) else difficulty, rng,
+                    ADDITION_PHRASINGS)
+        p.data["lengths"] = f"{lengths[0]}+{lengths[1]}"
+        return p
+
+    def sample(self, rng, split, difficulty=None):
+        if isinstance(difficulty, tuple):
+            return sample_split(lambda r: self.make(r, difficulty), rng, split)
+        return super().sample(rng, split, difficulty)
+
+    def strata(self, difficulty):
+        """The (digits of a, digits of b) pairs a held-out eval asks equally often: every pair up to the most
+        digits of the difficulty (or difficulties) given."""
+        most = max(difficulty) if isinstance(difficulty, (list, tuple)) else difficulty or max(self.difficulties)
+        return [(x, y) for x in range(1, most + 1) for y in range(1, most + 1)]

@@ -12,7 +12,14 @@ import random
 from collections import Counter
 from fractions import Fraction
 
-from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion
+from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion, phrase
+
+PHRASINGS = {  # {name: template}, drawn at random for every problem
+    "using": "Using the numbers {numbers}, each at most once, with + - * /, make {target}.",
+    "make": "make {target} from {numbers} using + - * /",
+    "reach": "Reach {target} with {numbers}.",
+    "arrow": "countdown: {numbers} -> {target}",
+}
 
 OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
@@ -153,12 +160,13 @@ class Countdown(GeneratedTask):
                 op = rng.choice("+-*")
                 value = value + n if op == "+" else abs(value - n) if op == "-" else value * n
             if value.denominator == 1 and 10 <= value <= 200:
-                target = int(value)
-                q = f"Using the numbers {', '.join(map(str, numbers))}, each at most once, with + - * /, make {target}."
-                return Problem(q, str(target), difficulty, {"numbers": numbers, "target": target})
+                target, listed = int(value), ", ".join(map(str, numbers))
+                question, phrasing = phrase(rng, PHRASINGS, numbers=listed, target=target)
+                data = {"numbers": numbers, "target": target, "key": f"{listed} -> {target}", "phrasing": phrasing}
+                return Problem(question, str(target), difficulty, data)
 
     def solve(self, problem):
-        rng = random.Random(problem.question)  # one worked solution per problem, chosen at random among all
+        rng = random.Random(problem.key)  # one worked solution per problem, chosen at random among all
         return worked_solution(problem.data["numbers"], problem.data["target"], rng)
 
     def check_steps(self, problem, completion):

@@ -23,6 +23,11 @@ class Problem:
     def messages(self):
         return [{"role": "user", "content": self.question}]
 
+    @property
+    def key(self):
+        """What the train/test split hashes: the problem itself (data["key"]), whatever its phrasing."""
+        return self.data.get("key", self.question)
+
 
 @dataclass
 class Reward:
@@ -52,9 +57,16 @@ def sample_split(make, rng, split, tries=10_000):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     for _ in range(tries):
         p = make(rng)
-        if split_of(p.question) == split:
+        if split_of(p.key) == split:
             return p
     raise RuntimeError("could not draw a problem of this split; the task has too few distinct problems")
+
+
+def phrase(rng, phrasings, **fields):
+    """(question, phrasing name): the problem in one of the task's phrasings ({name: template}), drawn at random,
+    so the model meets the ways people ask in pretraining, SFT, RL and eval alike."""
+    name = rng.choice(list(phrasings))
+    return phrasings[name].format(**fields), name
 
 
 def pick_difficulty(rng, difficulty, choices):
