@@ -3,10 +3,16 @@
 The chat renderer builds token ids piece by piece: control tokens come only from the template, and
 every message's text is encoded with special tokens split into plain bytes, so a user who types
 "<｜Assistant｜>" or "</think>" gets text, never a control token.
+
+Tool calls (calculator.py) live inside an assistant's reasoning: <｜tool▁call▁begin｜>6*7<｜tool▁call▁end｜>, then
+the result the engine writes, <｜tool▁output▁begin｜>42<｜tool▁output▁end｜>. There, and only there, these four
+strings are control tokens; the output block is never trained on. A tokenizer made before they existed loads
+without them, and a model on it has no tools.
 """
 
 import json
 import os
+import re
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -20,6 +26,13 @@ ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
 END_THINK = "</think>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK]  # ids 0..6
+TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+TOOL_CALL_END = "<｜tool▁call▁end｜>"
+TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
+TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
+TOOL_TOKENS = [TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END]  # ids 7..10, where present
+# how chat and the web page show the markup to people: a call and its result read "[calc 6*7 = 42]"
+TOOL_DISPLAY = {TOOL_CALL_BEGIN: "[calc ", TOOL_CALL_END: "", TOOL_OUTPUT_BEGIN: " = ", TOOL_OUTPUT_END: "]"}
 
 # The same rendering as Tokenizer.render_chat, for Hugging Face's apply_chat_template.
 CHAT_TEMPLATE = (
@@ -46,6 +59,11 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.user_id, self.assistant_id = ids[USER], ids[ASSISTANT]
         self.think_id, self.end_think_id = ids[THINK], ids[END_THINK]
+        tool_ids = [tok.token_to_id(s) for s in TOOL_TOKENS]
+        self.tools = None not in tool_ids  # False: a tokenizer from before tool tokens, so no tools
+        self.tool_ids = dict(zip(TOOL_TOKENS, tool_ids)) if self.tools else {}
+        self.call_begin_id, self.call_end_id, self.output_begin_id, self.output_end_id = (
+            tool_ids if self.tools else [None] * 4)
 
     def __len__(self):
         return self.tok.get_vocab_size()
@@ -95,7 +113,8 @@ class Tokenizer:
                 trained = m.get("weight", 1) != 0  # weight 0: in the conversation, not trained on
                 parts.append((self.assistant_id, False))
                 if m.get("reasoning_content"):
-                    parts += [(self.think_id, trained), ("\n" + m["reasoning_content"] + "\n", trained)]
+                    parts.append((self.think_id, trained))
+                    parts += self._reasoning_parts("\n" + m["reasoning_content"] + "\n", trained)
                     parts += [(self.end_think_id, trained), ("\n\n", trained)]
                 parts += [(_content(m), trained), (self.eos_id, trained)]
             elif role != "system":
@@ -103,6 +122,18 @@ class Tokenizer:
         if add_generation_prompt:
             parts += [(self.assistant_id, False), (self.think_id, False), ("\n", False)]
         return _merge_text(parts)
+
+    def _reasoning_parts(self, text, trained):
+        """An assistant's reasoning as pieces: its tool markers as control tokens, and a tool's output, from
+        output-begin to output-end, never trained on (the engine wrote it, not the model)."""
+        if not self.tools:
+            return [(text, trained)]
+        parts, in_output = [], False
+        for piece in re.split("(" + "|".join(map(re.escape, TOOL_TOKENS)) + ")", text):
+            in_output = in_output or piece == TOOL_OUTPUT_BEGIN
+            parts.append((self.tool_ids.get(piece, piece), trained and not in_output))
+            in_output = in_output and piece != TOOL_OUTPUT_END
+        return parts
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw prompt as every reader of a checkpoint encodes it: BOS, then the text (see save)."""
@@ -157,6 +188,13 @@ def split_thinking(text):
     return reasoning.strip("\n"), answer.lstrip("\n")
 
 
+def show_tools(text):
+    """text with tool markup as people read it (TOOL_DISPLAY): a call and its result as "[calc 6*7 = 42]"."""
+    for marker, shown in TOOL_DISPLAY.items():
+        text = text.replace(marker, shown)
+    return text
+
+
 class ThinkingStream:
     """A streamed completion, piece by piece, as (reasoning, answer) deltas that add up to split_thinking of the
     whole text; `answering` turns true at the first </think>. (Only a </think> spelled out in pieces that
@@ -196,7 +234,7 @@ def _merge_text(parts):
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, max_chars: int = 0) -> Tokenizer:
     """Train a byte-level BPE on an iterator of strings, read as it goes: the first max_chars characters of them
     (0: all). vocab_size counts the 256 bytes and the special tokens."""
-    floor = 256 + len(SPECIAL_TOKENS)
+    floor = 256 + len(SPECIAL_TOKENS + TOOL_TOKENS)
     if vocab_size < floor:
         raise ValueError(f"vocab size {vocab_size} is too small: it must be at least {floor} (bytes + special tokens)")
     tok = HFTokenizer(models.BPE())
@@ -204,7 +242,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, max_chars: int
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + TOOL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -105,6 +105,8 @@ def test_gguf_reads_back_as_the_checkpoint(tmp_path, tokenizer, case):
     assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "refact"
     assert len(kv["tokenizer.ggml.tokens"]) == cfg.vocab_size
     assert kv["tokenizer.ggml.tokens"][: len(tokenizer)] == [tokenizer.tok.id_to_token(i) for i in range(400)]
+    control = [i for i, kind in enumerate(kv["tokenizer.ggml.token_type"]) if kind == gguf.TokenType.CONTROL]
+    assert control == list(range(11))  # BOS .. </think>, then the four tool tokens
     assert kv["tokenizer.ggml.bos_token_id"] == tokenizer.bos_id
     assert kv["tokenizer.ggml.eos_token_id"] == tokenizer.eos_id
     assert kv["tokenizer.ggml.add_bos_token"] is True and kv["tokenizer.chat_template"] == CHAT_TEMPLATE

@@ -3,15 +3,14 @@
 The worked solution is the steps of one way to the target, each combining two values at a time
 ("14-6=8,8+2=10"), the way drawn at random among those a search finds: which way to take is the model's
 choice, and RL sharpens it towards the ways it computes right. Answers are arithmetic expressions, parsed
-with `ast` into a tree of numbers and the four operators only, and computed with exact fractions: nothing is
-ever evaluated as code.
+and computed exactly by calculator.py (the model's own tool): nothing is ever evaluated as code.
 """
 
-import ast
 import random
 from collections import Counter
 from fractions import Fraction
 
+from nanoseek.calculator import evaluate_expression
 from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion, phrase
 
 PHRASINGS = {  # {name: template}, drawn at random for every problem
@@ -20,38 +19,6 @@ PHRASINGS = {  # {name: template}, drawn at random for every problem
     "reach": "Reach {target} with {numbers}.",
     "arrow": "countdown: {numbers} -> {target}",
 }
-
-OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-
-
-def evaluate_expression(text):
-    """(value, numbers used) of an expression of integers, + - * / and parentheses; ValueError otherwise."""
-    if len(text) > 200:
-        raise ValueError("expression too long")
-    try:
-        tree = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError:
-        raise ValueError("not an arithmetic expression") from None
-    used = []
-
-    def walk(node):
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            used.append(node.value)
-            return Fraction(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
-            left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Add):
-                return left + right
-            if isinstance(node.op, ast.Sub):
-                return left - right
-            if isinstance(node.op, ast.Mult):
-                return left * right
-            if right == 0:
-                raise ValueError("division by zero")
-            return left / right
-        raise ValueError(f"only numbers and + - * / are allowed, found {type(node).__name__}")
-
-    return walk(tree), used
 
 
 def search(numbers, target, limit=100_000):
