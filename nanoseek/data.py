@@ -7,7 +7,8 @@ A data directory holds flat token arrays and a manifest:
     data/train_000.mask.bin   chat data only: 1 where the token is the assistant's (a loss target)
     data/val_000.bin ...      the held-out split
 
-Text documents are [BOS] text [EOS]; chat documents are rendered with the chat template.
+Text documents are [BOS] text [EOS], their tool markup as control tokens; chat documents are rendered with the chat
+template.
 
 Everything streams, so memory does not grow with the corpus: files are read piece by piece (Parquet a batch of
 rows at a time), Hugging Face datasets row by row (nanoseek/hub.py), documents are encoded ENCODE_BATCH at a
@@ -265,7 +266,7 @@ def _write_shards(documents, tokenizer, root, dtype, val_every):
                                 "apart")
             i += 1
         if kind == "text":
-            encoded = tokenizer.encode_batch([doc for _, doc in batch])
+            encoded = tokenizer.encode_documents([doc for _, doc in batch])
             batch = [([tokenizer.bos_id, *ids, tokenizer.eos_id], None) for ids in encoded]
         else:
             batch = tokenizer.render_chats([doc for _, doc in batch])

@@ -18,9 +18,9 @@ from math import comb
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
 from nanoseek.engine import Engine
+from nanoseek.model import trained_context
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import as_chat, get_task
-from nanoseek.model import trained_context
 from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, KINDS, reply_kind, smalltalk_turn, thought_kind
 from nanoseek.text import DEFAULT_REPETITION_STOP
 from nanoseek.tokenizer import trim_conversation
@@ -90,7 +90,11 @@ def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0, k_n=
         thinking = g.tokens.index(tokenizer.end_think_id) if tokenizer.end_think_id in g.tokens else len(g.tokens)
         mine = samples[i * k : (i + 1) * k]
         correct = sum(task.score(p, s.text).accuracy for s in mine) if k > 1 and i < sampled else None
-        rows.append({"difficulty": p.difficulty, **{key: p.data[key] for key in SLICES if key in p.data}, "correct": reward.accuracy, "format": reward.format,
+        right_steps, steps = task.check_steps(p, g.text) if hasattr(task, "check_steps") else (0, 0)
+        rows.append({"difficulty": p.difficulty, **{key: p.data[key] for key in SLICES if key in p.data},
+                     "steps": steps, "wrong_steps": steps - right_steps,
+                     "attempts": task.attempts(g.text) if hasattr(task, "attempts") else None,
+                     "correct": reward.accuracy, "format": reward.format,
                      "truncated": g.finish_reason == "length", "thinking_tokens": thinking,
                      "sample_correct": correct, "question": p.question, "completion": g.text,
                      "reason": reward.reason, "generated_tokens": len(g.tokens) + sum(len(s.tokens) for s in mine)})
@@ -188,6 +192,10 @@ def summarize(rows, k):
            "format": sum(r["format"] for r in rows) / n if n else 0.0,
            "truncated": sum(r["truncated"] for r in rows) / n if n else 0.0,
            "thinking_tokens": sum(r["thinking_tokens"] for r in rows) / n if n else 0.0}
+    if any(r.get("steps") for r in rows):
+        out["steps"], out["wrong_steps"] = sum(r["steps"] for r in rows), sum(r["wrong_steps"] for r in rows)
+    if any(r.get("attempts") is not None for r in rows):
+        out["attempts"] = sum(r["attempts"] for r in rows) / n
     sampled = [r for r in rows if r["sample_correct"] is not None]
     if k > 1 and sampled:
         est = [pass_at_k(k, int(r["sample_correct"]), k) for r in sampled]
@@ -216,7 +224,9 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
             raise ValueError(f"{ckpt} has no tokenizer; evaluate checkpoints made by nanoseek")
         engine = Engine(model, tokenizer, max_batch=BATCH, dtype=dtype)
         context = trained_context(model.config)
-        deep = deep_turns(loaded, levels, problems, depth_n, tokenizer, context, seed) if depth_n else [{}] * len(loaded)
+        deep = [{}] * len(loaded)
+        if depth_n:
+            deep = deep_turns(loaded, levels, problems, depth_n, tokenizer, context, seed)
         results[ckpt] = {}
         for task, mine, history, by_depth in zip(loaded, problems, histories, deep):
             budget = max_new_tokens or token_budget(task, mine, tokenizer)
@@ -251,7 +261,8 @@ def task_results(rows, rows2, k, budget, seconds, depth_rows=None):
         out["second_turn"] = summarize(rows2, 1)
     if depth_rows:
         deepest = max(len(d) for d in depth_rows.values())
-        out["by_depth"] = {"1": summarize(rows[:deepest], 1), **{str(k): summarize(d, 1) for k, d in depth_rows.items()}}
+        out["by_depth"] = {"1": summarize(rows[:deepest], 1),
+                           **{str(k): summarize(d, 1) for k, d in depth_rows.items()}}
         out["deep_replies"] = depth_cleanliness([r for d in depth_rows.values() for r in d])
     return out
 
@@ -314,15 +325,16 @@ def depth_table(results):
             n10, n2 = depths["10"]["n"], depths["2"]["n"]
             cells = [f"{100 * s['pass@1']:.1f}" for s in depths.values()]
             clean = r["deep_replies"]
-            rows.append(f"| {t} | {_short(c)} | " + " | ".join(cells) + f" | {_pass1(depths['1'])} (n={depths['1']['n']})"
+            rows.append(f"| {t} | {_short(c)} | " + " | ".join(cells)
+                        + f" | {_pass1(depths['1'])} (n={depths['1']['n']})"
                         f" | {_pass1(depths['10'])} | {clean['leaked']} / {clean['truncated']} of {clean['n']} |")
     if not rows:
         return ""
     head = " | ".join(str(d) for d in [1, *DEPTHS])
     return (f"\nTurn depth: each problem asked as turn d of a conversation of mixed turns (problems with their "
             f"answers, greetings, thanks, questions about the model, requests it cannot help with), trimmed to the "
-            f"{context} tokens the model was trained on as `nanoseek chat` trims it (greedy pass@1 %, {n10} problems at "
-            f"turns 1 and 10, {n2} between; the last column counts deep replies with template or tool tokens in "
+            f"{context} tokens the model was trained on as `nanoseek chat` trims it (greedy pass@1 %, {n10} problems "
+            f"at turns 1 and 10, {n2} between; the last column counts deep replies with template or tool tokens in "
             f"their answer / run to the token limit)\n\n| task | checkpoint | {head} | turn 1 | turn 10 | leaked / "
             f"truncated |\n|---|---|" + "---|" * (len(DEPTHS) + 4) + "\n" + "\n".join(rows) + "\n")
 
@@ -356,6 +368,10 @@ def _cell(s, k):
         cell += f", pass@{k} {100 * s[f'pass@{k}']:.1f}%{of}"
     if s.get("truncated"):
         cell += f", truncated {100 * s['truncated']:.3g}%"
+    if "attempts" in s:
+        cell += f", {s['attempts']:.2f} attempts"
+    if "steps" in s:
+        cell += f", {s['wrong_steps']} of {s['steps']} steps wrong"
     return cell + f", format {100 * s['format']:.0f}%, think {s['thinking_tokens']:.0f} tok (n={s['n']})"
 
 

@@ -424,6 +424,8 @@ class GRPO:
             problems = test_problems(task, self.o.eval_n, self.o.seed, levels[task.name])
             rows = evaluate_model(self.engine, task, problems, max_new_tokens=self.o.max_new_tokens)
             accuracy[f"heldout_{task.name}"] = sum(r["correct"] for r in rows) / len(rows)
+            if rows[0]["attempts"] is not None:
+                accuracy[f"attempts_{task.name}"] = sum(r["attempts"] for r in rows) / len(rows)
         return accuracy
 
     def save(self, step, final=False, metrics=None):
@@ -474,15 +476,18 @@ class GRPO:
 
 
 def plot_rl(metrics_file, out_dir):
-    """rl.png: rollout reward, accuracy and format; greedy accuracy on held-out problems; response length;
-    entropy, clip fraction and KL."""
+    """rl.png: rollout reward, accuracy and format; greedy accuracy on held-out problems (and the attempts a
+    searching task's answers take); response length; entropy, clip fraction and KL."""
     rows = read_metrics(metrics_file)
     if not rows:
         return
     heldout = sorted({k for r in rows for k in r if k.startswith("heldout_")})
+    attempts = sorted({k for r in rows for k in r if k.startswith("attempts_")})
     plot(rows, os.path.join(out_dir, "rl.png"),
          [("rollout reward", "", {"reward": "reward", "accuracy": "accuracy", "format": "format"}),
           ("held-out accuracy (greedy)", "", {k.removeprefix("heldout_"): k for k in heldout}),
+          *([("attempts per answer (held-out, greedy)", "", {k.removeprefix("attempts_"): k for k in attempts})]
+            if attempts else []),
           ("response length (tokens)", "", {"length": "response_length"}),
           ("policy", "", {"entropy": "entropy", "clip fraction": "clip_frac", "KL": "kl"})])
 

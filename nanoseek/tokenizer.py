@@ -135,6 +135,13 @@ class Tokenizer:
             in_output = in_output and piece != TOOL_OUTPUT_END
         return parts
 
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Plain-text documents to ids, tool markup (a worked solution's calls and results) as control tokens:
+        how pretraining reads the tasks' worked solutions, so it sees the tokens the engine runs tools on."""
+        parts = [self._reasoning_parts(text, True) for text in texts]
+        encoded = iter(self.encode_batch([piece for p in parts for piece, _ in p if isinstance(piece, str)]))
+        return [[i for piece, _ in p for i in ([piece] if isinstance(piece, int) else next(encoded))] for p in parts]
+
     def encode_prompt(self, text: str) -> list[int]:
         """A raw prompt as every reader of a checkpoint encodes it: BOS, then the text (see save)."""
         return [self.bos_id] + self.encode(text)

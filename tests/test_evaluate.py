@@ -4,12 +4,15 @@ report card makes of them."""
 
 import json
 import os
+import random
 
 from nanoseek import checkpoint
 from nanoseek import evaluate as evaluation
 from nanoseek.evaluate import OPTIONS, evaluate, markdown_table, token_budget
 from nanoseek.report import chat_section, write_report
 from nanoseek.tasks import as_chat, get_task
+from nanoseek.tasks.arithmetic import ADDITION_PHRASINGS
+from nanoseek.tasks.smalltalk import GREETINGS, THANKS
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -133,3 +136,45 @@ def test_chat_replies_ask_thanks_after_an_answer(random_policy, monkeypatch):
     after = [t for t in texts if "What is 340 + 127?" in t]
     assert len(after) == 16 and all(any(f"{thanks}<" in t for t in after) for thanks in ("thank you", "bye"))
     assert "hello<" in "".join(t for t in texts if t not in after)
+
+
+def test_every_length_pair_is_asked_equally_and_reported_with_the_worst(random_policy):
+    problems = evaluation.test_problems(get_task("addition"), 32, seed=0, difficulty=4)
+    pairs = [p.data["lengths"] for p in problems]
+    assert {pairs.count(f"{x}+{y}") for x in range(1, 5) for y in range(1, 5)} == {2}
+    results = evaluate([random_policy], ["addition"], n=32, max_new_tokens=2, device="cpu", difficulty=4)
+    r = results[random_policy]["addition"]
+    assert sum(s["n"] for s in r["by_lengths"].values()) == sum(s["n"] for s in r["by_phrasing"].values()) == 32
+    assert len(r["by_lengths"]) == 16 and set(r["by_phrasing"]) <= set(ADDITION_PHRASINGS)
+    table = markdown_table(results, 1)
+    assert "addition by digits of the two operands" in table and "| 4+1 |" in table and "| worst |" in table
+    assert "addition by phrasing" in table
+
+
+def test_deep_turns_follow_mixed_conversations_trimmed_to_the_trained_context(random_policy, tokenizer):
+    """Turn depth d: the problem after d - 1 earlier turns of mixed kinds (a greeting only first, a thanks only
+    after an answer), trimmed as the chat trims; the report shows every depth beside the problem alone."""
+    tasks = [get_task("addition"), get_task("countdown")]
+    problems = [evaluation.test_problems(t, 6, seed=0, difficulty=d) for t, d in zip(tasks, (4, 3))]
+    deep = evaluation.deep_turns(tasks, [4, 3], problems, 6, tokenizer, 96, seed=0)
+    assert [len(deep[0][d]) for d in evaluation.DEPTHS] == [2] * 8 + [6]
+    for by_depth in deep:
+        for conversations in by_depth.values():
+            for messages in conversations:
+                prompt = tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+                assert (len(prompt) + 48 <= 96 or len(messages) == 1) and messages[-1]["role"] == "user"
+        assert any(len(m) > 1 for m in by_depth[10])  # earlier turns kept where they fit
+    history = evaluation.mixed_history(40, tasks, [4, 3], random.Random(0))
+    users = [m["content"] for m in history if m["role"] == "user"]
+    replies = [m["content"] for m in history if m["role"] == "assistant"]
+    assert len(users) == 40 and all("weight" not in m and "reasoning_content" not in m for m in history)
+    assert not any(u.lower().rstrip("!.") in GREETINGS for u in users[1:])
+    for before, user in zip(replies, users[1:]):
+        if user.lower().rstrip("!.") in THANKS:
+            assert before[0].isdigit() or before[0] == "("  # an answer to a problem
+    results = evaluate([random_policy], ["addition", "countdown"], n=6, max_new_tokens=2, device="cpu", depth_n=6,
+                       difficulty={"addition": 4, "countdown": 3})
+    r = results[random_policy]["addition"]
+    assert list(r["by_depth"]) == [str(d) for d in range(1, 11)] and r["by_depth"]["10"]["n"] == 6
+    assert r["deep_replies"]["n"] == 8 * 2 + 6
+    assert "Turn depth" in markdown_table(results, 1)

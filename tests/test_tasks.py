@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from nanoseek.tasks import (
+    as_chat,
     builtin_tasks,
     chat_documents,
     get_task,
@@ -17,9 +18,9 @@ from nanoseek.tasks import (
 )
 from nanoseek.tasks.arithmetic import ADDITION_PHRASINGS
 from nanoseek.tasks.countdown import PHRASINGS as COUNTDOWN_PHRASINGS
-from nanoseek.tasks.countdown import evaluate_expression
+from nanoseek.tasks.countdown import evaluate_expression, steps_right
 from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, smalltalk_turn, thought_kind
-from nanoseek.tokenizer import split_thinking
+from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, split_thinking
 
 
 @pytest.mark.parametrize("name", sorted(builtin_tasks()))
@@ -122,29 +123,31 @@ def test_addition_trace_needs_only_the_line_before():
 
 
 def test_countdown_trace_of_three_numbers_always_reaches_the_answer():
-    """The worked solution never falls back to a bare answer for three numbers; it is one line of steps that
-    compute what they say, each using values still at hand, the last making the target; over many problems
-    the first steps use every operator."""
+    """The worked solution never falls back to a bare answer for three numbers; its last attempt is a line of
+    calculator calls, each using values still at hand, the last making the target; over many problems the
+    first steps of the hits use every operator."""
     cd = get_task("countdown")
     rng = random.Random(11)
     first_ops = set()
     for _ in range(500):
         p = cd.make(rng, 3)
         reasoning, answer = cd.solve(p)
-        assert "..." not in reasoning and "\n" not in reasoning
+        assert "..." not in reasoning
         assert cd.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
         if reasoning.endswith("is given"):
             continue
         values = list(p.data["numbers"])
-        for step in reasoning.split(","):
-            expr, value = step.split("=")
+        calls = re.findall(f"{re.escape(TOOL_CALL_BEGIN)}(.*?){re.escape(TOOL_CALL_END)}"
+                           f"{re.escape(TOOL_OUTPUT_BEGIN)}(.*?){re.escape(TOOL_OUTPUT_END)}",
+                           reasoning.splitlines()[-1])
+        for expr, value in calls:
             result, used = evaluate_expression(expr)
             assert result == int(value)
             for n in used:
                 values.remove(n)  # each value used once, from the numbers or an earlier step
             values.append(int(value))
         assert int(value) == p.data["target"]
-        first_ops.add(reasoning.split("=")[0].strip("0123456789"))
+        first_ops.add(calls[0][0].strip("0123456789"))
     assert first_ops == {"+", "-", "*", "/"}
     assert cd.solve(p) == cd.solve(p)  # one worked solution per problem
 
@@ -189,7 +192,9 @@ def test_sft_conversations_train_only_their_last_turn(tokenizer):
         assert all(m["weight"] == 0 and "reasoning_content" not in m for m in history if m["role"] == "assistant")
         ids, mask = tokenizer.render_chat(messages)
         trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
-        assert trained == f"<think>\n{last['reasoning_content']}\n</think>\n\n{last['content']}<｜end▁of▁sentence｜>"
+        thought = re.sub(f"{re.escape(TOOL_OUTPUT_BEGIN)}.*?{re.escape(TOOL_OUTPUT_END)}", "",
+                         last["reasoning_content"])  # the calculator's results are the engine's, not trained
+        assert trained == f"<think>\n{thought}\n</think>\n\n{last['content']}<｜end▁of▁sentence｜>"
     questions = [m[-2]["content"] for m in docs]
     assert sum("Countdown" in m[-1]["content"] for m in docs) >= 5  # smalltalk says what the model can do
     assert sum(len(re.findall(r"\d+", q)) == 2 for q in questions) == 30  # a + b, in any phrasing
@@ -262,3 +267,44 @@ def test_countdown_comes_in_several_phrasings_with_one_split():
         assert split_of(p.key) == "test" and task.solve(p) == task.solve(replace(p, question="other words"))
         reasoning, answer = task.solve(p)
         assert task.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
+
+
+def test_countdown_traces_search_with_the_calculator_and_check_each_attempt(tokenizer):
+    """A worked Countdown solution: attempts that miss, then one that hits, each step a calculator call with its
+    result, each attempt checked against the target; rendered for SFT, the results are never trained on."""
+    task, rng = get_task("countdown"), random.Random(0)
+    misses = []
+    for _ in range(100):
+        p = task.sample(rng, "train", 3)
+        reasoning, answer = task.solve(p)
+        lines = reasoning.splitlines()
+        if p.data["target"] in p.data["numbers"]:
+            continue
+        target = p.data["target"]
+        assert [line.endswith(f"(target {target}) yes") for line in lines] == [False] * (len(lines) - 1) + [True]
+        assert task.attempts(f"{reasoning}\n</think>\n\n{answer}") == len(lines)
+        right, steps = steps_right(reasoning)
+        assert right == steps == reasoning.count(TOOL_CALL_BEGIN) > 0  # every result is the calculator's
+        for line in lines[:-1]:
+            last = re.findall(f"{re.escape(TOOL_OUTPUT_BEGIN)}(\\d+)", line)[-1]
+            assert int(last) != target
+        assert task.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
+        misses.append(len(lines) - 1)
+    assert set(misses) == {0, 1, 2, 3}
+    ids, mask = tokenizer.render_chat(as_chat(p, reasoning, answer))
+    begin, end = tokenizer.output_begin_id, tokenizer.output_end_id
+    inside = [m for i, m in enumerate(mask) if begin in ids[:i + 1] and ids[:i + 1].count(begin) > ids[:i].count(end)]
+    assert inside and not any(inside) and ids.count(tokenizer.call_begin_id) == reasoning.count(TOOL_CALL_BEGIN)
+
+
+def test_wrong_steps_are_counted_in_calls_and_in_plain_text():
+    call = lambda e, v: f"{TOOL_CALL_BEGIN}{e}{TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}{v}{TOOL_OUTPUT_END}"  # noqa: E731
+    assert steps_right(f"{call('14-6', 8)}, {call('8+2', 11)} (target 10) no\n3+4=7,7*2=15") == (2, 4)
+    assert steps_right(f"{call('1/0', 'error: division by zero')} (target 5) no") == (0, 1)
+
+
+def test_pretraining_text_carries_tool_markup_as_control_tokens(tokenizer):
+    text = f"a {TOOL_CALL_BEGIN}6*7{TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}42{TOOL_OUTPUT_END} b"
+    [ids] = tokenizer.encode_documents([text])
+    assert [i for i in ids if i in tokenizer.tool_ids.values()] == list(tokenizer.tool_ids.values())
+    assert tokenizer.decode(ids) == text and tokenizer.encode(text) != ids  # plain encode keeps them text

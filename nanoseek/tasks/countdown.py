@@ -1,17 +1,20 @@
 """Countdown: reach a target from 3-5 numbers, each used at most once, with + - * /.
 
-The worked solution is the steps of one way to the target, each combining two values at a time
-("14-6=8,8+2=10"), the way drawn at random among those a search finds: which way to take is the model's
-choice, and RL sharpens it towards the ways it computes right. Answers are arithmetic expressions, parsed
-and computed exactly by calculator.py (the model's own tool): nothing is ever evaluated as code.
+The worked solution is a search: attempts, one a line, each step a calculator call whose result the engine
+writes (the model computes nothing), each attempt checked against the target, until one makes it. Which
+attempt comes first and when to stop are the model's choices, and RL sharpens them. Answers are arithmetic
+expressions, parsed and computed exactly by calculator.py (the model's own tool): nothing is ever evaluated as
+code.
 """
 
 import random
+import re
 from collections import Counter
 from fractions import Fraction
 
 from nanoseek.calculator import evaluate_expression
 from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion, phrase
+from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END
 
 PHRASINGS = {  # {name: template}, drawn at random for every problem
     "using": "Using the numbers {numbers}, each at most once, with + - * /, make {target}.",
@@ -83,32 +86,70 @@ def reaching(numbers, target, rng):
     return walk([(n, str(n)) for n in numbers], [])
 
 
+def random_attempt(numbers, target, rng):
+    """One attempt of a search: pairs and ways drawn at random, each step combining two values, until a step
+    makes the target or one value is left -> (steps, made the target)."""
+    items, steps = [(n, str(n)) for n in numbers], []
+    while len(items) > 1:
+        i, j = rng.sample(range(len(items)), 2)
+        step = rng.choice(combine(items[i], items[j]))
+        steps.append(step)
+        if step[1] == target:
+            return steps, True
+        items = [items[k] for k in range(len(items)) if k not in (i, j)] + [step[1:]]
+    return steps, False
+
+
+MISSES = [0, 0, 1, 1, 2, 3]  # attempts that miss before the one that hits, drawn at random for every trace
+
+
+def attempt_line(steps, target, hit):
+    """An attempt as the model writes it: each step a calculator call whose result the engine writes, then the
+    check against the target (the model's): "<call>14-6<end><output>8<end>, <call>8+2<end><output>10<end>
+    (target 10) yes"."""
+    calls = ", ".join(f"{TOOL_CALL_BEGIN}{step}{TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}{value}{TOOL_OUTPUT_END}"
+                      for step, value, _ in steps)
+    return f"{calls} (target {target}) {'yes' if hit else 'no'}"
+
+
 def worked_solution(numbers, target, rng):
-    """(trace, answer): the steps of one way to make the target, each combining two values, on one line:
+    """(trace, answer): a search, one attempt a line, each step's value from the calculator and each attempt
+    checked against the target, until one makes it:
 
-        14-6=8,8+2=10             -> (14-6)+2
+        [calc 14+6 = 20], [calc 20-2 = 18] (target 10) no
+        [calc 14-6 = 8], [calc 8+2 = 10] (target 10) yes       -> (14-6)+2
 
-    The way is drawn at random (a search over pairs and operations in a random order), so which one to take
-    is a choice the model learns and RL can sharpen; every step computes what it says. Traces of attempts that
-    miss before the one that hits measured worse (docs/SPEEDRUN.md): the small model could not tell reliably
-    whether the line it had written made the target, so it stopped on misses and went on past hits."""
+    (shown as `nanoseek chat` shows tool calls). The misses are attempts drawn at random, 0 to 3 of them; the
+    hit is a way drawn at random among those a search finds. The order of attempts and when to stop are the
+    model's to learn and RL's to sharpen; no number in it is computed by the model."""
     if target in numbers:
         return f"{target} is given", str(target)
     hit = reaching(numbers, target, rng)
     if hit is None:
         return "...", search(numbers, target)
-    return ",".join(f"{step}={value}" for step, value, _ in hit), hit[-1][2][1:-1]
+    want, misses = rng.choice(MISSES), []
+    for _ in range(100):  # a few problems have fewer distinct misses than drawn
+        if len(misses) == want:
+            break
+        steps, made = random_attempt(numbers, target, rng)
+        if not made and steps not in misses:
+            misses.append(steps)
+    lines = [attempt_line(steps, target, False) for steps in misses] + [attempt_line(hit, target, True)]
+    return "\n".join(lines), hit[-1][2][1:-1]
 
 
 def steps_right(reasoning):
-    """(steps that compute what they say, steps) in a trace of "a op b=value" steps, comma- or line-separated."""
-    steps = [step for line in reasoning.split("\n") for step in line.split(",") if "=" in step]
+    """(steps that compute what they say, steps) in a trace: calculator calls with the results written after
+    them, and "a op b=value" steps the model wrote itself, comma- or line-separated."""
+    steps = re.findall(f"{re.escape(TOOL_CALL_BEGIN)}(.*?){re.escape(TOOL_CALL_END)}{re.escape(TOOL_OUTPUT_BEGIN)}"
+                       f"(.*?){re.escape(TOOL_OUTPUT_END)}", reasoning)
+    plain = re.sub(f"{re.escape(TOOL_CALL_BEGIN)}.*?{re.escape(TOOL_OUTPUT_END)}", "", reasoning)
+    steps += [step.partition("=")[::2] for line in plain.split("\n") for step in line.split(",") if "=" in step]
     right = 0
-    for step in steps:
-        expr, _, value = step.partition("=")
+    for expr, value in steps:
         try:
-            right += evaluate_expression(expr)[0] == int(value)
-        except (ValueError, RecursionError):
+            right += evaluate_expression(expr)[0] == Fraction(value.strip())
+        except (ValueError, ZeroDivisionError):
             pass
     return right, len(steps)
 
@@ -139,6 +180,10 @@ class Countdown(GeneratedTask):
     def check_steps(self, problem, completion):
         """(right, all) steps of the reasoning: each a rule can check on its own."""
         return steps_right(parse_completion(completion)[0])
+
+    def attempts(self, completion):
+        """How many attempts the reasoning made: its lines checked against the target."""
+        return len(re.findall(r"\(target \d+\) (?:yes|no)", parse_completion(completion)[0]))
 
     def score(self, problem, completion):
         _, answer, ok = parse_completion(completion)
