@@ -5,9 +5,10 @@ import sys
 from nanoseek.checkpoint import load
 from nanoseek.device import policy
 from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine
+from nanoseek.model import trained_context
 from nanoseek.sampling import SamplingParams
 from nanoseek.text import DEFAULT_REPETITION_STOP
-from nanoseek.tokenizer import ThinkingStream
+from nanoseek.tokenizer import ConversationTooLong, ThinkingStream, trim_conversation
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = ("commands: /reset (new conversation), /temp X, /max N, /repeat N (stop a reply that repeats itself over N "
@@ -24,6 +25,7 @@ def chat(path, temperature=0.7, max_tokens=512, repetition_stop=DEFAULT_REPETITI
     if COMPILE:
         out.write(COMPILE_NOTE + "\n")
     engine = Engine(model, tokenizer, max_batch=1)
+    trained = min(trained_context(model.config), engine.max_len)  # what the conversation stays within
     messages = []
     color = out.isatty()
     dim, reset = (DIM, RESET) if color else ("", "")
@@ -59,13 +61,15 @@ def chat(path, temperature=0.7, max_tokens=512, repetition_stop=DEFAULT_REPETITI
             except ValueError:
                 out.write(f"{cmd} needs a number\n")
             continue
-        messages.append({"role": "user", "content": text})
+        try:
+            messages, dropped = trim_conversation(tokenizer, messages + [{"role": "user", "content": text}], trained)
+        except ConversationTooLong:
+            out.write(f"(that message is too long for the {trained} tokens the model was trained on: shorten it)\n")
+            continue
+        if dropped:
+            out.write(f"({dropped_note(dropped)} to stay within the {trained} tokens the model was trained on)\n")
         prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
         room = engine.max_len - len(prompt)
-        if room < 1:
-            out.write("(the conversation fills the context: /reset to start again)\n")
-            messages.pop()
-            continue
         params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature,
                                 repetition_stop=repetition_stop)
         out.write(f"\n{dim}thinking: ")
@@ -86,3 +90,7 @@ def chat(path, temperature=0.7, max_tokens=512, repetition_stop=DEFAULT_REPETITI
         messages.append({"role": "assistant", "content": thinking.answer})
         out.write("\n")
     return messages
+
+
+def dropped_note(turns):
+    return "dropped the oldest turn" if turns == 1 else f"dropped the {turns} oldest turns"

@@ -47,6 +47,7 @@ class Config:
     bos_token_id: int = 0
     eos_token_id: int = 1
     pad_token_id: int = 2
+    trained_context_length: int | None = None  # nanoseek's own: the sequence length training last ran at
     extra: dict = field(default_factory=dict, repr=False)  # keys from a config.json that we carry but do not use
 
     @property
@@ -57,6 +58,12 @@ class Config:
         d = asdict(self)
         d.pop("extra")
         return d
+
+
+def trained_context(cfg: Config) -> int:
+    """The context length the model was trained at: what a conversation should stay within. A checkpoint that
+    does not record it (made before nanoseek did, or elsewhere) gets max_position_embeddings."""
+    return min(cfg.trained_context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
 
 # ----------------------------------------------------------------------------- size dial

@@ -39,9 +39,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine
+from nanoseek.model import trained_context
 from nanoseek.sampling import SamplingParams
 from nanoseek.text import DEFAULT_REPETITION_STOP, MAX_PERIOD
-from nanoseek.tokenizer import ThinkingStream, split_thinking
+from nanoseek.tokenizer import ConversationTooLong, ThinkingStream, split_thinking, trim_conversation
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}  # bookkeeping that changes no output
@@ -145,6 +146,12 @@ class SamplingFields(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    trim_history: bool = Field(False, description=(  # an extension of OpenAI's API
+        "drop the oldest turns (a user message and the replies after it; never a system message or the last user "
+        "message) until the prompt leaves half of the context the model was trained on for the reply, and say how "
+        "many in usage.dropped_turns; refused with context_length_exceeded when the system messages and the last "
+        "user message alone fill that context. false: the messages are used whole, and refused when they fill "
+        "the server's context"))
 
 
 class CompletionRequest(SamplingFields):
@@ -406,7 +413,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     worker = Worker(engine, thread=engine_thread)
     tokenizer = engine.tokenizer
     context = engine.max_len
-    token_bytes = max(len(tokenizer.decode([i]).encode()) for i in range(len(tokenizer)))  # the most one covers
+    trained = min(trained_context(engine.model.config), context)  # what trim_history keeps a conversation within
+    token_bytes = tokenizer.max_token_bytes
     app.state.worker = worker
     app.add_middleware(Guard, api_key=api_key, hosts=allowed_hosts(host, api_key), max_body_bytes=max_body_bytes,
                        body_timeout=body_timeout)
@@ -457,11 +465,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     @app.post("/v1/chat/completions", responses=STREAMABLE)
     async def chat(req: ChatRequest, request: Request):
         _check_request(req, model_name)
-        _check_size([m.content + (m.reasoning_content or "") for m in req.messages], context, token_bytes, "messages")
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        messages, dropped = [m.model_dump(exclude_none=True) for m in req.messages], None
+        if req.trim_history:  # trimming reads no more text than fits the trained context
+            messages, dropped = await asyncio.to_thread(_trim, tokenizer, messages, trained)
+        else:
+            _check_size([m.content + (m.reasoning_content or "") for m in req.messages], context, token_bytes,
+                        "messages")
         prompt, _ = await asyncio.to_thread(tokenizer.render_chat, messages, add_generation_prompt=True)
         params = _params(req, req.max_completion_tokens or req.max_tokens, len(prompt), context, "messages")
-        return await _serve(request, worker, [prompt] * req.n, params, req, chat=True)
+        return await _serve(request, worker, [prompt] * req.n, params, req, chat=True, dropped_turns=dropped)
 
     @app.post("/v1/completions", responses=STREAMABLE)
     async def completions(req: CompletionRequest, request: Request):
@@ -510,6 +522,15 @@ def _check_request(req, served):
                        code="unsupported_parameter")
 
 
+def _trim(tokenizer, messages, trained):
+    """trim_conversation for trim_history: a conversation that cannot fit is refused as one over the context."""
+    try:
+        return trim_conversation(tokenizer, messages, trained)
+    except ConversationTooLong as e:
+        raise APIError(400, f"{e}, the context the model was trained on; shorten them",
+                       code="context_length_exceeded", param="messages") from None
+
+
 def _check_size(texts, context, token_bytes, field):
     """Refuse text too long for the context before tokenizing it (which costs far more memory than the
     text): a token covers at most `token_bytes` bytes."""
@@ -538,12 +559,14 @@ def _params(req, max_tokens, prompt_len, context, field):
             for i in range(req.n)]
 
 
-async def _serve(request, worker: Worker, prompts, params, req, chat):
+async def _serve(request, worker: Worker, prompts, params, req, chat, dropped_turns=None):
+    """The response: a completion, or a stream of chunks. dropped_turns: how many turns trim_history dropped
+    (None: it was not asked for), reported in usage."""
     job = await _admit(request, worker, prompts, params, req.stream)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if req.stream:
-        return _Stream(_stream(job, rid, created, req, chat), job)
+        return _Stream(_stream(job, rid, created, req, chat, dropped_turns), job)
     try:
         finals = await _collect(request, job)
     finally:
@@ -557,13 +580,19 @@ async def _serve(request, worker: Worker, prompts, params, req, chat):
             choices.append({"index": i, "message": message, "finish_reason": seq.finish_reason, "logprobs": None})
         else:
             choices.append({"index": i, "text": seq.text, "finish_reason": seq.finish_reason, "logprobs": None})
-    prompt_tokens = sum(len(p) for p in prompts[:: max(1, req.n)])
     return {
         "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-        "model": req.model, "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "model": req.model, "choices": choices, "usage": _usage(prompts, req.n, completion_tokens, dropped_turns),
     }
+
+
+def _usage(prompts, n, completion_tokens, dropped_turns):
+    """OpenAI's usage (each distinct prompt counted once, not once per choice), with dropped_turns when
+    trim_history was asked for."""
+    prompt_tokens = sum(len(p) for p in prompts[:: max(1, n)])
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    return usage if dropped_turns is None else {**usage, "dropped_turns": dropped_turns}
 
 
 async def _admit(request, worker: Worker, prompts, params, stream):
@@ -628,9 +657,9 @@ class _Stream(StreamingResponse):
             self.job.close()
 
 
-async def _stream(job, rid, created, req, chat):
+async def _stream(job, rid, created, req, chat, dropped_turns):
     """Server-sent events in OpenAI's chunk format; thinking goes to delta.reasoning_content. An error
-    comes as an event typed by its cause, then [DONE]."""
+    comes as an event typed by its cause, then [DONE]. Usage, asked for with stream_options, comes last."""
     n = len(job.prompts)
     kind = "chat.completion.chunk" if chat else "text_completion"
     thinking = [ThinkingStream() for _ in range(n)]
@@ -662,9 +691,7 @@ async def _stream(job, rid, created, req, chat):
         if delta or finish:
             yield chunk([{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}])
     if finished == n and req.stream_options and req.stream_options.include_usage:
-        prompt_tokens = sum(len(p) for p in job.prompts[:: max(1, req.n)])
-        yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens})
+        yield chunk([], _usage(job.prompts, req.n, completion_tokens, dropped_turns))
     yield "data: [DONE]\n\n"
 
 

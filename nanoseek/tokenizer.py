@@ -10,6 +10,8 @@ strings are control tokens; the output block is never trained on. A tokenizer ma
 without them, and a model on it has no tools.
 """
 
+import bisect
+import functools
 import json
 import os
 import re
@@ -67,6 +69,11 @@ class Tokenizer:
 
     def __len__(self):
         return self.tok.get_vocab_size()
+
+    @functools.cached_property
+    def max_token_bytes(self):
+        """The most UTF-8 bytes one token's text covers: text of more than n times this has more than n tokens."""
+        return max(len(self.decode([i]).encode()) for i in range(len(self)))
 
     def encode(self, text: str) -> list[int]:
         """Plain text to ids; special-token strings in the text stay text."""
@@ -218,6 +225,45 @@ class ThinkingStream:
         new_answer = answer[len(self.answer) :]
         self.reasoning, self.answer = reasoning, answer
         return new_reasoning, new_answer
+
+
+class ConversationTooLong(ValueError):
+    """The system messages and the last user message alone leave no room for a reply."""
+
+
+def trim_conversation(tokenizer, messages, context, reply_room=None):
+    """(messages, turns dropped): the conversation without as few of its oldest turns (a user message and what
+    follows it up to the next one) as it takes for its prompt (render_chat with the generation prompt) to leave
+    `reply_room` tokens (default: half of `context`) for the reply within `context`. The system messages and the
+    last user message always stay: when they alone leave less, they are what comes back, and when they leave no
+    room at all, ConversationTooLong. Dropping a turn never lengthens the prompt, so a binary search finds how
+    many to drop, and text too long by its bytes alone is never tokenized."""
+    reply_room = context // 2 if reply_room is None else reply_room
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    cuts = [0] + users[1:]  # k turns dropped: the messages from cuts[k] on stay, and every system message
+
+    def kept(k):
+        return [m for i, m in enumerate(messages) if i >= cuts[k] or m.get("role") == "system"]
+
+    @functools.cache
+    def prompt_length(k):  # None: more than `context` tokens by the bytes of its text alone
+        conversation = kept(k)
+        size = sum(len(_content(m).encode()) + len((m.get("reasoning_content") or "").encode()) for m in conversation)
+        if size > context * tokenizer.max_token_bytes:
+            return None
+        return len(tokenizer.render_chat(conversation, add_generation_prompt=True)[0])
+
+    def leaves_room(k):
+        length = prompt_length(k)
+        return length is not None and length + reply_room <= context
+
+    dropped = bisect.bisect_left(range(len(cuts) - 1), True, key=leaves_room)  # len(cuts) - 1: only the last turn
+    length = prompt_length(dropped)
+    if length is None or length >= context:
+        taken = f"more than {context}" if length is None else length
+        raise ConversationTooLong(f"the system messages and the last user message take {taken} tokens, leaving no "
+                                  f"room for a reply within {context}")
+    return kept(dropped), dropped
 
 
 def _content(m):

@@ -159,6 +159,7 @@ class Trainer:
             cfg.pad_token_id = self.tokenizer.pad_id
             torch.manual_seed(o.seed)
             model = DeepSeekV3(cfg).init_weights(o.seed)
+        model.config.trained_context_length = o.seq  # every checkpoint of this run records it: see trained_context
         self.model = model.to(self.device).train()
         if o.mtp_weight == 0:  # no loss reaches the MTP modules, and DDP wants a gradient for every weight it holds
             for p in self.model.mtp.parameters():

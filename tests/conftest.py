@@ -227,6 +227,7 @@ def random_policy(tmp_path_factory, tokenizer):
 
     cfg = config_for_size(2, vocab_size=448)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    cfg.trained_context_length = 96  # as a fine-tuned policy records it
     path = tmp_path_factory.mktemp("policy") / "init"
     checkpoint.save(path, DeepSeekV3(cfg).init_weights(0), tokenizer)
     return str(path)

@@ -1,11 +1,13 @@
 """The terminal chat: streams thinking then the answer, keeps the conversation, obeys its commands."""
 
 import io
+import re
 
 import nanoseek
 from nanoseek import checkpoint
 from nanoseek.chat import HELP, REPEATING, chat
 from nanoseek.engine import Engine
+from nanoseek.model import trained_context
 from nanoseek.sampling import SamplingParams
 from nanoseek.tokenizer import split_thinking
 
@@ -51,3 +53,26 @@ def test_terminal_chat_stops_a_repeating_reply(tokenizer, tmp_path):
     replies = [part.split("\n")[0] for part in text.split("thinking: ")[1:]]
     assert replies == [tokenizer.decode((CYCLE * 70)[:n]) for n in (64, 7, 100)]
     assert text.endswith(HELP + "\n\nyou> ")  # a negative N gets the help
+
+
+def test_terminal_chat_stays_within_the_trained_context(chat_model):
+    """The chat model was fine-tuned on rows of 64 tokens: the oldest turns go once the prompt would leave less
+    than half of that for the reply, the user is told, and the conversation goes on from what is left."""
+    model, tok = nanoseek.load(chat_model)
+    assert trained_context(model.config) == 64 < model.config.max_position_embeddings
+    questions = [f"What is {a} + {b}?" for a, b in ((12, 30), (5, 7), (21, 21), (40, 2), (9, 9))]
+    too_long = "What is 1 + 1? " * 10
+    stdin = io.StringIO("\n".join(questions[:3] + [too_long] + questions[3:]) + "\n")
+    out = io.StringIO()
+    messages = chat(chat_model, temperature=0, max_tokens=20, stdin=stdin, out=out)
+    text = out.getvalue()
+    assert text.count("thinking: ") == 5  # every question but the long one was answered
+    assert "(that message is too long for the 64 tokens the model was trained on: shorten it)" in text
+    notes = re.findall(r"\(dropped the (\d+ )?oldest turns? to stay within the 64 tokens the model was trained on\)",
+                       text)
+    dropped = sum(int(n or 1) for n in notes)
+    assert notes and dropped < len(questions)
+    assert [m["content"] for m in messages if m["role"] == "user"] == questions[dropped:]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+    last_prompt, _ = tok.render_chat(messages[:-1], add_generation_prompt=True)
+    assert len(last_prompt) + 32 <= 64  # the last reply had at least half of the trained context

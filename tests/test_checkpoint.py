@@ -12,7 +12,7 @@ import nanoseek
 from nanoseek import checkpoint
 from nanoseek.checkpoint import CheckpointError
 from nanoseek.cli import main as cli
-from nanoseek.model import DeepSeekV3, config_for_size
+from nanoseek.model import DeepSeekV3, config_for_size, trained_context
 
 
 @pytest.fixture
@@ -60,6 +60,27 @@ def test_missing_files(ckpt, tmp_path):
     os.remove(os.path.join(path, "config.json"))
     with pytest.raises(CheckpointError, match="config.json is missing"):
         nanoseek.load(path)
+
+
+def test_the_trained_context_length_is_kept_and_read(ckpt, tmp_path):
+    """config.json records it beside Hugging Face's keys (transformers loads it as an unused attribute); a
+    checkpoint without it counts max_position_embeddings."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, model = ckpt
+    assert trained_context(checkpoint.load_config(path)) == 2048  # never trained: the whole context
+    model.config.trained_context_length = 256
+    path = checkpoint.save(tmp_path / "trained", model, None)
+    assert json.load(open(os.path.join(path, "config.json")))["trained_context_length"] == 256
+    assert trained_context(nanoseek.load(path)[0].config) == 256
+    assert AutoConfig.from_pretrained(path).trained_context_length == 256
+    assert type(AutoModelForCausalLM.from_pretrained(path)).__name__ == "DeepseekV3ForCausalLM"
+    file = os.path.join(path, "config.json")
+    older = {k: v for k, v in json.load(open(file)).items() if k != "trained_context_length"}
+    json.dump(older, open(file, "w"))
+    assert trained_context(checkpoint.load_config(path)) == 2048
+    json.dump({**older, "trained_context_length": 4096}, open(file, "w"))
+    assert trained_context(checkpoint.load_config(path)) == 2048  # never more than the model has positions for
 
 
 def test_wrong_model_type_and_bad_json(ckpt):

@@ -132,6 +132,7 @@ def test_jsonl_task_through_rl_and_eval_with_kl_and_resume(random_policy, tmp_pa
     assert [r["lr"] for r in rows[1:]] == pytest.approx([5e-4, 1e-3, 1e-3])  # warmup, resumed at its step
     straight = rl({**opts, "steps": 3, "out": str(tmp_path / "straight")})
     assert straight["reward"] == last["reward"]  # seeded rollouts: resume replays the same problems
+    assert checkpoint.load_config(tmp_path / "rl" / "final").trained_context_length == 96  # the parent's
     results = evaluate([random_policy, str(tmp_path / "rl" / "final")], [str(path)], n=5, k=2, max_new_tokens=6,
                        checker="numeric")
     assert len(results) == 2 and "pass@2" in results[random_policy]["squares"]["all"]

@@ -205,6 +205,57 @@ def test_special_tokens_from_the_api_stay_text(live_server, chat_model):
     assert prompt.count(tok.assistant_id) == 1 and tok.end_think_id not in prompt and tok.eos_id not in prompt
 
 
+def long_conversation(turns):
+    """`turns` questions answered, then one more question."""
+    return [m for i in range(turns) for m in ({"role": "user", "content": f"What is {i} + 12?"},
+                                              {"role": "assistant", "content": str(i + 12)})] + ASK
+
+
+def test_trim_history_drops_the_oldest_turns(live_server, client, chat_model):
+    """The chat model was fine-tuned on rows of 64 tokens and the server's context is 2048: a conversation over
+    2048 tokens is refused whole, and with trim_history answered from its newest turns, within 64 - 32 tokens."""
+    import nanoseek
+
+    url, _ = live_server
+    _, tok = nanoseek.load(chat_model)
+    messages = [{"role": "system", "content": "Add."}] + long_conversation(300)
+    assert len(tok.render_chat(messages, add_generation_prompt=True)[0]) > 2048
+    body = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0}
+    r = post(url, "/v1/chat/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = post(url, "/v1/chat/completions", {**body, "trim_history": True})
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    dropped = usage["dropped_turns"]
+    kept = messages[:1] + messages[1 + 2 * dropped:]
+    assert usage["prompt_tokens"] == len(tok.render_chat(kept, add_generation_prompt=True)[0]) <= 32
+    one_more = messages[:1] + messages[2 * dropped - 1:]
+    assert len(tok.render_chat(one_more, add_generation_prompt=True)[0]) > 32  # no more was dropped than needed
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"trim_history": True})
+    assert [c.usage.model_extra["dropped_turns"] for c in stream if c.usage] == [dropped]
+    short = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=8, temperature=0,
+                                           extra_body={"trim_history": True})
+    assert short.usage.model_extra["dropped_turns"] == 0
+    plain = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=8, temperature=0)
+    assert "dropped_turns" not in plain.usage.model_extra  # without trim_history, usage is OpenAI's
+
+
+def test_trim_history_refuses_a_last_message_over_the_trained_context(live_server):
+    url, _ = live_server
+    body = {"model": "tiny", "messages": long_conversation(2)[:-1] + [{"role": "user", "content": "1 + 1 " * 40}],
+            "max_tokens": 4}
+    assert post(url, "/v1/chat/completions", body).status_code == 200  # it fits the server's context of 2048
+    r = post(url, "/v1/chat/completions", {**body, "trim_history": True})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "the context the model was trained on" in error["message"]
+    for malformed in ("maybe", [True], {"on": 1}, None):
+        r = post(url, "/v1/chat/completions", {**body, "trim_history": malformed})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "trim_history", malformed
+
+
 def test_web_page_is_served_offline(live_server):
     url, _ = live_server
     assert httpx.get(url + "/").status_code == 401  # every route but /health needs the key

@@ -280,3 +280,23 @@ def test_text_too_long_for_the_context_is_refused_untokenized(attacked, monkeypa
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "bytes" in r.json()["error"]["message"]
     r = post(url, "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi " * 300_000}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_trim_history_tokenizes_no_more_than_can_fit(attacked, monkeypatch):
+    """trim_history over 0.75 MB of history renders a few of its newest parts, none longer by its bytes than the
+    context can hold; a last message too long by its bytes alone is refused untokenized."""
+    url, engine, _ = attacked
+    tokenized = []  # bytes of each batch the tokenizer encodes
+    encode_batch = engine.tokenizer.encode_batch
+    monkeypatch.setattr(engine.tokenizer, "encode_batch",
+                        lambda texts: tokenized.append(sum(len(t.encode()) for t in texts)) or encode_batch(texts))
+    history = [m for i in range(8000) for m in ({"role": "user", "content": f"What is {i} + 12?"},
+                                                {"role": "assistant", "content": str(i + 12)})]
+    r = post(url, "/v1/chat/completions", {**CHAT, "messages": history + ASK, "trim_history": True})
+    assert r.status_code == 200 and 7000 < r.json()["usage"]["dropped_turns"] < 8000
+    assert len(tokenized) <= 16 and max(tokenized) <= 2048 * engine.tokenizer.max_token_bytes
+    tokenized.clear()
+    huge = history[:10] + [{"role": "user", "content": "hi " * 300_000}]
+    r = post(url, "/v1/chat/completions", {**CHAT, "messages": huge, "trim_history": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded" and tokenized == []
+    assert wait_idle(url)["free"] == SLOTS

@@ -13,12 +13,14 @@ from nanoseek import cli
 from nanoseek.tokenizer import (
     SPECIAL_TOKENS,
     TOOL_TOKENS,
+    ConversationTooLong,
     ThinkingStream,
     Tokenizer,
     pre_tokenizer,
     show_tools,
     split_thinking,
     train_tokenizer,
+    trim_conversation,
 )
 
 CHAT = [
@@ -128,6 +130,68 @@ def test_bad_messages_are_clear_errors(tokenizer):
         tokenizer.render_chat([{"role": "tool", "content": "x"}])
     with pytest.raises(ValueError, match="content must be a string"):
         tokenizer.render_chat([{"role": "user", "content": None}])
+
+
+SYSTEM = {"role": "system", "content": "Answer with a number."}
+
+
+def turns(n):
+    """n turns of a conversation, each a question and its answer."""
+    return [m for i in range(n) for m in ({"role": "user", "content": f"What is {i} + 12?"},
+                                          {"role": "assistant", "content": str(i + 12)})]
+
+
+def prompt_length(tokenizer, messages):
+    return len(tokenizer.render_chat(messages, add_generation_prompt=True)[0])
+
+
+def test_trim_conversation_drops_the_fewest_oldest_turns(tokenizer):
+    question = {"role": "user", "content": "What is 7 + 5?"}
+    messages = [SYSTEM] + turns(5) + [question]
+    assert trim_conversation(tokenizer, messages, prompt_length(tokenizer, messages) + 10, reply_room=10) == (
+        messages, 0)
+    without_two = [SYSTEM] + turns(5)[4:] + [question]
+    context = prompt_length(tokenizer, without_two) + 10  # room for the reply once the two oldest turns are gone
+    assert trim_conversation(tokenizer, messages, context, reply_room=10) == (without_two, 2)
+    without_three = [SYSTEM] + turns(5)[6:] + [question]
+    context = 2 * prompt_length(tokenizer, without_three)  # by default the reply gets half of the context
+    assert trim_conversation(tokenizer, messages, context) == (without_three, 3)
+
+
+def test_trim_conversation_keeps_system_messages_in_place_and_the_last_turn(tokenizer):
+    greeting = {"role": "assistant", "content": "Hello! Ask me a sum."}  # before any user message: in the first turn
+    late_system = {"role": "system", "content": "Be brief."}
+    messages = [greeting] + turns(2)[:2] + [late_system] + turns(2)[2:] + [{"role": "user", "content": "And 1 + 1?"},
+                                                                           {"role": "assistant", "content": "2"}]
+    last_turn_alone = [late_system] + messages[-2:]  # ending with an assistant message: it stays with its question
+    context = prompt_length(tokenizer, last_turn_alone) + 4
+    assert trim_conversation(tokenizer, messages, context, reply_room=4) == (last_turn_alone, 2)
+    shorter = context - 3  # the last turn alone leaves less than reply_room, but some room: it is what comes back
+    assert trim_conversation(tokenizer, messages, shorter, reply_room=4) == (last_turn_alone, 2)
+
+
+def test_trim_conversation_refuses_a_last_message_that_fills_the_context(tokenizer, monkeypatch):
+    messages = turns(3) + [{"role": "user", "content": "What is 7 + 5? " * 20}]
+    with pytest.raises(ConversationTooLong, match=f"take {prompt_length(tokenizer, messages[-1:])} tokens"):
+        trim_conversation(tokenizer, messages, prompt_length(tokenizer, messages[-1:]))
+    renders = []
+    monkeypatch.setattr(tokenizer, "render_chat", lambda *a, **k: renders.append(a) or Tokenizer.render_chat(
+        tokenizer, *a, **k))
+    huge = turns(3) + [{"role": "user", "content": "7" * 100_000}]
+    with pytest.raises(ConversationTooLong, match="take more than 64 tokens"):
+        trim_conversation(tokenizer, huge, 64)
+    assert renders == []  # too long by its bytes alone: never tokenized
+
+
+def test_trim_conversation_renders_few_times_however_long(tokenizer, monkeypatch):
+    renders = []
+    monkeypatch.setattr(tokenizer, "render_chat", lambda *a, **k: renders.append(a) or Tokenizer.render_chat(
+        tokenizer, *a, **k))
+    messages = turns(500) + [{"role": "user", "content": "What is 7 + 5?"}]
+    kept, dropped = trim_conversation(tokenizer, messages, 256)
+    assert len(renders) <= 10  # a binary search over 500 turns; text longer than 256 tokens is not even rendered
+    assert kept == messages[2 * dropped:] and prompt_length(tokenizer, kept) <= 128
+    assert prompt_length(tokenizer, messages[2 * dropped - 2:]) > 128  # one turn more would not leave the room
 
 
 def test_loading_broken_tokenizer_files(tmp_path):

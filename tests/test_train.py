@@ -188,11 +188,13 @@ def test_sequence_balance_loss_enters_the_loss_and_the_update(text_data, tmp_pat
 
 def test_sft_learns_on_chat_data(chat_data, text_data, tmp_path):
     run(text_data, tmp_path / "pt", steps=4)
-    last = run(chat_data, tmp_path / "sft", mode="sft", steps=20, init=str(tmp_path / "pt" / "final"))
+    last = run(chat_data, tmp_path / "sft", mode="sft", steps=20, init=str(tmp_path / "pt" / "final"), seq=64)
     rows = read_metrics(tmp_path / "sft" / "metrics.jsonl")
     assert last["main_loss"] < rows[0]["main_loss"]
     meta = json.load(open(tmp_path / "sft" / "final" / "nanoseek.json"))
     assert meta["stage"] == "sft" and meta["parent"] == str(tmp_path / "pt" / "final")
+    pretrained, tuned = (checkpoint.load_config(tmp_path / stage / "final") for stage in ("pt", "sft"))
+    assert (pretrained.trained_context_length, tuned.trained_context_length) == (32, 64)  # each records its seq
 
 
 def test_wrong_data_kind_tokenizer_and_missing_init(chat_data, text_data, tmp_path):
