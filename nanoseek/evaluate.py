@@ -167,17 +167,20 @@ def mixed_history(k, tasks, levels, rng):
 
 
 def deep_turns(tasks, levels, problems, depth_n, tokenizer, context, seed):
-    """Per task, {depth: conversations}: its first depth_n problems asked as turn 10 and depth_n // 3 at each turn
-    2..9, after mixed earlier turns (mixed_history, seeded by the depth), each trimmed to the trained context as
-    `nanoseek chat` trims it."""
+    """Per task, {depth: [(index of the problem, conversation)]}: the first depth_n of its problems (of its first
+    difficulty, where it is evaluated at several: Countdown deep at its main size) asked as turn 10, and
+    depth_n // 3 at each turn 2..9, after mixed earlier turns (mixed_history, seeded by the depth), each trimmed
+    to the trained context as `nanoseek chat` trims it."""
     out = []
     for i, mine in enumerate(problems):
+        main = levels[i][0] if isinstance(levels[i], (list, tuple)) and len(levels[i]) > 1 else None
+        pool = [j for j, p in enumerate(mine) if main is None or p.difficulty == main]
         by_depth = {}
         for depth in DEPTHS:
             rng = random.Random(seed * 1_000_003 + 1009 * depth + i)
-            asked = mine[: depth_n if depth == DEPTHS[-1] else max(1, depth_n // 3)]
-            by_depth[depth] = [trim_conversation(tokenizer, mixed_history(depth - 1, tasks, levels, rng)
-                                                 + p.messages(), context)[0] for p in asked]
+            asked = pool[: depth_n if depth == DEPTHS[-1] else max(1, depth_n // 3)]
+            by_depth[depth] = [(j, trim_conversation(tokenizer, mixed_history(depth - 1, tasks, levels, rng)
+                                                     + mine[j].messages(), context)[0]) for j in asked]
         out.append(by_depth)
     return out
 
@@ -233,8 +236,11 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
             start = time.perf_counter()
             rows = evaluate_model(engine, task, mine, k, budget, seed, k_n)
             rows2 = evaluate_model(engine, task, mine, 1, budget, conversations=history) if history else []
-            depth_rows = {depth: evaluate_model(engine, task, mine[: len(c)], 1, budget, conversations=c)
-                          for depth, c in by_depth.items()}
+            depth_rows = {depth: evaluate_model(engine, task, [mine[j] for j, _ in asked], 1, budget,
+                                                conversations=[c for _, c in asked])
+                          for depth, asked in by_depth.items()}
+            if depth_rows:  # turn 1: the deepest turn's problems, asked alone
+                depth_rows = {1: [rows[j] for j, _ in by_depth[DEPTHS[-1]]], **depth_rows}
             seconds = time.perf_counter() - start
             results[ckpt][task.name] = task_results(rows, rows2, k, budget, seconds, depth_rows)
             if depth_rows:
@@ -246,10 +252,11 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
 
 def task_results(rows, rows2, k, budget, seconds, depth_rows=None):
     """One task's entry of eval.json: all problems, each difficulty and slice, examples, the budget, generation
-    speed, with rows2 the second-turn summary, and with depth_rows ({depth: rows}) each turn depth's summary beside
-    the same problems asked alone (depth 1)."""
+    speed, with rows2 the second-turn summary, and with depth_rows ({depth: rows}, 1: the deepest turn's problems
+    asked alone) each turn depth's summary."""
     depth_rows = depth_rows or {}
-    tokens = sum(r["generated_tokens"] for r in rows + rows2 + [r for d in depth_rows.values() for r in d])
+    deep = [r for depth, d in depth_rows.items() if depth > 1 for r in d]
+    tokens = sum(r["generated_tokens"] for r in rows + rows2 + deep)
     by_difficulty = {str(d): summarize([r for r in rows if r["difficulty"] == d], k)
                      for d in sorted({r["difficulty"] for r in rows})}
     slices = {key: {value: summarize([r for r in rows if r.get(key) == value], 1)
@@ -260,10 +267,8 @@ def task_results(rows, rows2, k, budget, seconds, depth_rows=None):
     if rows2:
         out["second_turn"] = summarize(rows2, 1)
     if depth_rows:
-        deepest = max(len(d) for d in depth_rows.values())
-        out["by_depth"] = {"1": summarize(rows[:deepest], 1),
-                           **{str(k): summarize(d, 1) for k, d in depth_rows.items()}}
-        out["deep_replies"] = depth_cleanliness([r for d in depth_rows.values() for r in d])
+        out["by_depth"] = {str(depth): summarize(d, 1) for depth, d in depth_rows.items()}
+        out["deep_replies"] = depth_cleanliness(deep)
     return out
 
 

@@ -156,14 +156,15 @@ def test_deep_turns_follow_mixed_conversations_trimmed_to_the_trained_context(ra
     after an answer), trimmed as the chat trims; the report shows every depth beside the problem alone."""
     tasks = [get_task("addition"), get_task("countdown")]
     problems = [evaluation.test_problems(t, 6, seed=0, difficulty=d) for t, d in zip(tasks, (4, 3))]
-    deep = evaluation.deep_turns(tasks, [4, 3], problems, 6, tokenizer, 96, seed=0)
+    deep = evaluation.deep_turns(tasks, [4, 3], problems, 6, tokenizer, 192, seed=0)
     assert [len(deep[0][d]) for d in evaluation.DEPTHS] == [2] * 8 + [6]
+    assert [j for j, _ in deep[0][10]] == list(range(6))
     for by_depth in deep:
-        for conversations in by_depth.values():
-            for messages in conversations:
+        for asked in by_depth.values():
+            for _, messages in asked:
                 prompt = tokenizer.render_chat(messages, add_generation_prompt=True)[0]
-                assert (len(prompt) + 48 <= 96 or len(messages) == 1) and messages[-1]["role"] == "user"
-        assert any(len(m) > 1 for m in by_depth[10])  # earlier turns kept where they fit
+                assert (len(prompt) + 96 <= 192 or len(messages) == 1) and messages[-1]["role"] == "user"
+        assert any(len(m) > 1 for _, m in by_depth[10])  # earlier turns kept where they fit
     history = evaluation.mixed_history(40, tasks, [4, 3], random.Random(0))
     users = [m["content"] for m in history if m["role"] == "user"]
     replies = [m["content"] for m in history if m["role"] == "assistant"]
@@ -176,5 +177,5 @@ def test_deep_turns_follow_mixed_conversations_trimmed_to_the_trained_context(ra
                        difficulty={"addition": 4, "countdown": 3})
     r = results[random_policy]["addition"]
     assert list(r["by_depth"]) == [str(d) for d in range(1, 11)] and r["by_depth"]["10"]["n"] == 6
-    assert r["deep_replies"]["n"] == 8 * 2 + 6
+    assert r["deep_replies"]["n"] == 8 * 2 + 6 and r["by_depth"]["1"]["n"] == 6
     assert "Turn depth" in markdown_table(results, 1)

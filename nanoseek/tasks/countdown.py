@@ -177,6 +177,10 @@ class Countdown(GeneratedTask):
         rng = random.Random(problem.key)  # one worked solution per problem, chosen at random among all
         return worked_solution(problem.data["numbers"], problem.data["target"], rng)
 
+    def strata(self, difficulty):
+        """The sizes a held-out eval asks equally often: each of the difficulties given."""
+        return list(difficulty) if isinstance(difficulty, (list, tuple)) else [difficulty]
+
     def check_steps(self, problem, completion):
         """(right, all) steps of the reasoning: each a rule can check on its own."""
         return steps_right(parse_completion(completion)[0])
