@@ -214,6 +214,36 @@ def test_speculative_decoding_with_a_call_is_plain_greedy_decoding(tokenizer, ex
 # ----------------------------------------------------------------------------- every consumer
 
 
+def test_transformers_with_a_client_loop_gives_the_engines_tokens(tokenizer, tmp_path):
+    """docs/INTEROP.md's loop: transformers stops at the call's end, the client computes and appends the output,
+    and generation goes on; the tokens are the engine's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nanoseek.calculator import calculate
+
+    path = tmp_path / "ckpt"
+    checkpoint.save(path, calling_model(tokenizer, "12*3"), tokenizer)
+    messages = [{"role": "user", "content": "12*3?"}]
+    prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+    (expected,) = Engine(calling_model(tokenizer, "12*3"), tokenizer, compile=False).generate([prompt], greedy(20))
+
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    begin, end, out_begin, out_end = tok.convert_tokens_to_ids(
+        ["<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"])
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"]
+    assert ids[0].tolist() == prompt
+    while True:
+        ids = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=[tok.eos_token_id, end])
+        seq = ids[0].tolist()
+        if seq[-1] != end:
+            break
+        expression = tok.decode(seq[len(seq) - 1 - seq[::-1].index(begin) + 1 : -1])
+        result = tok.encode(calculate(expression), add_special_tokens=False)
+        ids = torch.tensor([seq + [out_begin, *result, out_end]])
+    assert seq[len(prompt) :] == expected.tokens and any(expected.forced)
+
+
 def test_chat_shows_the_call_and_its_result_in_the_thinking(tokenizer, tmp_path):
     import io
 
