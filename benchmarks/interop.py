@@ -136,7 +136,7 @@ def compare(ckpt, gguf_path, n_tokens):
     default_cache = llama_cpp.Llama(gguf_path, n_ctx=512, n_batch=512, n_threads=max(1, torch.get_num_threads()),
                                     logits_all=True, verbose=False)
     torch._dynamo.reset()  # each case is another architecture: its decode step compiles afresh
-    engine = Engine(model, tok, max_batch=len(prompts))
+    engine = Engine(model, tok, max_batch=len(prompts), tools=False)  # llama.cpp runs no tool
     engine.stop_ids = set()  # compare n_tokens in every prompt, past an end of sequence too
     seqs = engine.generate([p[1] for p in prompts], SamplingParams(max_tokens=n_tokens, temperature=0))
     gaps, diffs, r["f16_cache_identical"] = [], [], 0

@@ -270,7 +270,8 @@ def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=1
             for name, spec in (("nanoseek", False), ("nanoseek_mtp", True)):
                 if spec and not len(ours.mtp):
                     continue
-                engine = Engine(ours, None, max_batch=batch, max_len=prompt_len + new_tokens + 2, speculative=spec)
+                engine = Engine(ours, None, max_batch=batch, max_len=prompt_len + new_tokens + 2, speculative=spec,
+                                tools=False)  # the peer runs no tool
                 engine.stop_ids = set()  # decode exactly new_tokens
                 for warm_up in (prompts[:1], prompts):  # compiles the step for one sequence and for more
                     engine.generate(warm_up, SamplingParams(max_tokens=4, temperature=0))

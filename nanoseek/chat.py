@@ -1,4 +1,5 @@
-"""`nanoseek chat CKPT`: a terminal chat that streams the thinking (dimmed) and then the answer."""
+"""`nanoseek chat CKPT`: a terminal chat that streams the thinking (dimmed, tool calls read as "[calc 6*7 = 42]")
+and then the answer."""
 
 import sys
 
@@ -8,7 +9,7 @@ from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine
 from nanoseek.model import trained_context
 from nanoseek.sampling import SamplingParams
 from nanoseek.text import DEFAULT_REPETITION_STOP
-from nanoseek.tokenizer import ConversationTooLong, ThinkingStream, trim_conversation
+from nanoseek.tokenizer import ConversationTooLong, ThinkingStream, show_tools, trim_conversation
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = ("commands: /reset (new conversation), /temp X, /max N, /repeat N (stop a reply that repeats itself over N "
@@ -78,7 +79,7 @@ def chat(path, temperature=0.7, max_tokens=512, repetition_stop=DEFAULT_REPETITI
         for event in engine.stream(prompt, params):
             was_answering = thinking.answering
             reasoning, answer = thinking.add(event.text)
-            out.write(reasoning)
+            out.write(show_tools(reasoning))
             if thinking.answering and not was_answering:
                 out.write(f"{reset}\n\nnanoseek> ")
             out.write(answer)

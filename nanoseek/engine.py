@@ -7,10 +7,20 @@ between steps, which is all continuous batching needs. With speculative=True and
 drafts one more token with the MTP module and verifies it in the same graph (speculation.py): the output is
 exactly plain greedy decoding's.
 
+Tools: when a sequence samples the tool-call end token, the engine runs the calculator (calculator.py) on the
+text since the last call-begin token and appends output-begin, the result and output-end to the sequence as
+forced tokens (Sequence.forced), which count toward max_tokens and the context like any other (no room:
+finish_reason "length"). They enter the cache with the call's end as one prefill chunk at the sequence's
+position, while the other sequences decode in the same step, and its next logits are the chunk's last. A
+completion's text shows the markup as the tokens' strings. Speculation never lets a drafted call end stand
+(the next plain step samples it), so speculative output stays plain greedy decoding's; the chunk is eager, so
+the one-sequence step compiled ahead of time is untouched. tools=False: the call end is a token like any other.
+
 Sampling lives in sampling.py, a sequence's text (detokenising, stop strings, streaming) in text.py.
 """
 
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.aot import AotStep
+from nanoseek.calculator import calculate
 from nanoseek.device import policy
 from nanoseek.model import DeepSeekV3
 from nanoseek.sampling import SamplingParams, sample_tokens, seeded_noise
@@ -39,8 +50,9 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     slot: int
-    tokens: list[int] = field(default_factory=list)  # generated
-    logprobs: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated: sampled, and forced by a tool
+    forced: list[bool] = field(default_factory=list)  # per token: True where a tool wrote it, not the model
+    logprobs: list[float] = field(default_factory=list)  # with params.logprobs, per token; nan where forced
     finish_reason: str | None = None  # "stop", "length", "repetition" or "abort"
     text_state: TextStream | None = None  # how text is made from tokens
     repeats: RepetitionStop | None = None  # with params.repetition_stop > 0
@@ -69,7 +81,7 @@ class Engine:
     """Slots of a latent cache, sequences joining and leaving them, and one compiled forward a step."""
 
     def __init__(self, model: DeepSeekV3, tokenizer, max_batch=16, max_len=None, speculative=False, compile=None,
-                 dtype=None, ahead_of_time=None):
+                 dtype=None, ahead_of_time=None, tools=True):
         """dtype: the compute dtype, auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32. The
         engine runs the model under its autocast and keeps its latent cache in it; callers wrap nothing.
         ahead_of_time: a compiling engine on a CPU in float32 runs its steps for one sequence as packages
@@ -79,7 +91,9 @@ class Engine:
         speculative: MTP self-speculation for greedy steps (with an MTP module). Off by default: on a CPU a
         speculative step costs ~2 plain steps at one sequence (both compiled ahead of time) and ~1 at 16, so
         even with 99% of drafts standing it gains nothing measurable (docs/BENCHMARKS.md); on a GPU it has not
-        been measured."""
+        been measured.
+        tools: run the calculator when a sequence writes a tool call (see the module docstring), where the
+        tokenizer has tool tokens; False decodes as transformers and llama.cpp do, for comparing tokens."""
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -93,6 +107,7 @@ class Engine:
         self.running: dict[int, Sequence] = {}
         self.ids = itertools.count()
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
+        self.tools = tools and tokenizer is not None and tokenizer.tools
         compile = COMPILE if compile is None else compile
         self.ahead_of_time = max_batch == 1 if ahead_of_time is None else ahead_of_time
         self.decode_step = self.compiled(decode_step) if compile else decode_step
@@ -101,7 +116,8 @@ class Engine:
         self.speculator = None
         if speculative and len(model.mtp):
             step = self.compiled(speculative_step) if compile else speculative_step
-            self.speculator = Speculator(model, self.cache, self.compute, step)
+            refused = {tokenizer.call_end_id} if self.tools else set()  # a call ends sampled, then runs
+            self.speculator = Speculator(model, self.cache, self.compute, step, refused)
         if compile:
             self.warm_up()
 
@@ -212,12 +228,16 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[Event]:
-        """Sample the next token of every running sequence, then one forward for those that go on."""
+        """Sample the next token of every running sequence, then one forward for those that go on (and a prefill
+        chunk for each one whose tool call was just answered)."""
         seqs = list(self.running.values())
         if not seqs:
             return []
         events = [self._emit(s, [token]) for s, token in zip(seqs, self._sample(seqs))]
         go_on = [s for s in seqs if s.finish_reason is None]
+        for s in [s for s in go_on if s.forced[-1]]:  # a tool's output was appended: its chunk, not a step
+            self._prefill_forced(s)
+            go_on.remove(s)
         if not go_on:
             return events
         if self.speculator and all(s.params.greedy for s in go_on):
@@ -253,6 +273,7 @@ class Engine:
             tokens = [drafts[i] for i in accepted]
             for s, token in zip(mine, tokens):
                 s.tokens.append(token)
+                s.forced.append(False)
         return [self._emit(s, [t]) for s, t in zip(mine, tokens)]
 
     def _sample(self, seqs: list[Sequence]) -> list[int]:
@@ -268,12 +289,16 @@ class Engine:
                 seqs[i].logprobs.append(lp)
         for s, token in zip(seqs, picked):
             s.tokens.append(token)
+            s.forced.append(False)
         return picked
 
     def _emit(self, s: Sequence, new_tokens: list[int]) -> Event:
-        """Update the text, apply stop conditions, and return what is new for the client."""
+        """Run a tool the new tokens call, update the text, apply stop conditions, and return what is new for
+        the client (a tool's output included)."""
         if new_tokens[-1] in self.stop_ids:
             s.finish_reason = "stop"
+        elif self.tools and new_tokens[-1] == self.tokenizer.call_end_id:
+            new_tokens = new_tokens + self._call_tool(s)
         if s.text_state.update(s.tokens, len(s.tokens) - (s.finish_reason == "stop")):
             s.finish_reason = "stop"
         if s.finish_reason is None and s.repeats is not None and any([s.repeats.add(t) for t in new_tokens]):
@@ -285,6 +310,34 @@ class Engine:
             self.running.pop(s.id, None)
             self.free.append(s.slot)
         return Event(s, new_tokens, s.text_state.delta(finished), finished)
+
+    def _call_tool(self, s):
+        """Append the calculator's output for the call s just ended, as forced tokens -> them; none, and s
+        finishes with "length", where they do not fit."""
+        tok = self.tokenizer
+        ids = s.prompt + s.tokens[:-1]
+        begin = next((i for i in range(len(ids) - 1, -1, -1) if ids[i] == tok.call_begin_id), None)
+        result = calculate(tok.decode(ids[begin + 1 :])) if begin is not None else "error: no call began"
+        output = [tok.output_begin_id] + tok.encode(result) + [tok.output_end_id]
+        if len(output) > self._room(s):
+            s.finish_reason = "length"
+            return []
+        s.tokens += output
+        s.forced += [True] * len(output)
+        if s.params.logprobs:
+            s.logprobs += [math.nan] * len(output)  # not drawn from the model: no log-probability
+        return output
+
+    def _prefill_forced(self, s):
+        """Write s's tokens the cache lacks, its call's end and the tool's output after it, as one prefill chunk
+        at its position; its next logits are the chunk's last position's."""
+        n = 1 + next(i for i, forced in enumerate(reversed(s.forced)) if not forced)
+        rows = self._rows([s])
+        h = self._forward(torch.tensor([s.tokens[-n:]], device=self.device), rows, [s.length - n + 1])
+        with self.compute.autocast():
+            self.logits[rows] = self.model.lm_head(h[:, -1]).float()
+        if self.speculator:  # the MTP module takes these positions at its next speculative step (catch_up)
+            s.mtp_states += list(h[0].unbind(0))
 
     def _room(self, s):
         """New tokens s may still take: its max_tokens, and the context (its next token needs a position)."""

@@ -4,7 +4,8 @@ Per step: P problems, G completions each through the engine; reward = accuracy +
 options) minus an optional over-length penalty; group-relative advantages (std-normalised, or mean-only as
 in Dr. GRPO); mu passes of the PPO-clipped objective with separate eps_low / eps_high (clip-higher),
 token-level normalisation, optional k3 KL to the frozen starting model; dynamic sampling drops groups whose
-rewards are all equal and draws more problems in their place.
+rewards are all equal and draws more problems in their place. Tokens a tool wrote into a rollout (the engine's
+forced tokens) are context only: out of the loss, the log-probabilities scored, the KL and the entropy.
 """
 
 import math
@@ -162,7 +163,8 @@ class Rows(NamedTuple):
 
 
 class PackedRow(NamedTuple):
-    """One row of shared_prompt_rows, as lists over its tokens; segment 0 is the prompt, i the i-th completion."""
+    """One row of shared_prompt_rows, as lists over its tokens; segment 0 is the prompt, i the i-th completion;
+    mask 1 on the completions' sampled tokens."""
 
     ids: list
     positions: list
@@ -181,13 +183,15 @@ def shared_prompt_rows(groups, per_row=0):
     completion alone while the prompt is computed once: prompt[:-1], then for each completion the prompt's last
     token (whose hidden state predicts the completion's first token) and the completion.
 
-    groups: [(prompt ids, [(completion ids, advantage)])]. A row takes at most per_row completions (0: any) and
-    more than one only while it stays within PACKED_WIDTH tokens, so long completions keep a row each.
+    groups: [(prompt ids, [(completion ids, advantage, trained)])], trained 1 on each token the policy sampled and
+    0 on one a tool wrote (Sequence.forced), which is context, never scored. A row takes at most per_row
+    completions (0: any) and more than one only while it stays within PACKED_WIDTH tokens, so long completions
+    keep a row each.
     -> [PackedRow]."""
     rows = []
     for prompt, completions in groups:
         start, row = len(prompt) - 1, None
-        for tokens, advantage in completions:
+        for tokens, advantage, trained in completions:
             if row is None or row.completions == per_row or len(row.ids) + 1 + len(tokens) > PACKED_WIDTH:
                 row = PackedRow(list(prompt[:-1]), list(range(start)), [0] * start, [0] * start, [0.0] * start)
                 rows.append(row)
@@ -195,7 +199,7 @@ def shared_prompt_rows(groups, per_row=0):
             row.ids.extend([prompt[-1], *tokens])
             row.positions.extend(range(start, start + 1 + len(tokens)))
             row.segment.extend([segment] * (1 + len(tokens)))
-            row.mask.extend([0] + [1] * len(tokens))
+            row.mask.extend([0, *trained])
             row.advantages.extend([0.0] + [advantage] * len(tokens))
     return rows
 
@@ -368,10 +372,10 @@ class GRPO:
         if not any_rank(bool(kept)):
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
         groups = self._groups(kept)
-        n_tokens = torch.tensor(float(sum(len(t) for _, completions in groups for t, _ in completions)) or 1.0,
-                                device=self.device)  # the loss is a mean over every completion token
+        n_tokens = torch.tensor(float(sum(sum(m) for _, completions in groups for _, _, m in completions)) or 1.0,
+                                device=self.device)  # the loss is a mean over every sampled completion token
         if o.beta == 0:  # without the KL term a completion of advantage 0 adds nothing to the loss or gradient
-            groups = [(p, [(t, a) for t, a in completions if a != 0]) for p, completions in groups]
+            groups = [(p, [c for c in completions if c[1] != 0]) for p, completions in groups]
         rows = shared_prompt_rows(groups, o.micro_batch)
         batches = [pack(piece, self.device) for piece in micro_batches(rows, o.micro_batch)] or \
             [pack([PackedRow([self.tokenizer.bos_id] * 2, [0, 1], [0, 0], [0, 0], [0.0, 0.0])], self.device)]
@@ -406,11 +410,12 @@ class GRPO:
         return {**{key: float(value) for key, value in totals.items()}, "grad_norm": float(grad_norm)}
 
     def _groups(self, kept):
-        """[(prompt ids, [(completion ids, advantage)])] of the kept groups."""
+        """[(prompt ids, [(completion ids, advantage, 1 where sampled / 0 where forced)])] of the kept groups."""
         if not kept:
             return []
         advantages = group_advantages(torch.tensor([g.totals for g in kept]), self.o.advantage).tolist()
-        return [(g.prompt, [(s.tokens, a) for s, a in zip(g.completions, adv)]) for g, adv in zip(kept, advantages)]
+        return [(g.prompt, [(s.tokens, a, [int(not f) for f in s.forced]) for s, a in zip(g.completions, adv)])
+                for g, adv in zip(kept, advantages)]
 
     def heldout_accuracy(self):
         """{"heldout_TASK": greedy accuracy} on a fixed set of eval_n test problems of each task and replay task

@@ -38,14 +38,15 @@ class Speculator:
     """The MTP module's cache and the speculative steps of an engine's greedy sequences (verify); a sequence's
     mtp_states hold the main model's hidden states the MTP cache has not taken yet."""
 
-    def __init__(self, model, main_cache, compute, step=speculative_step):
+    def __init__(self, model, main_cache, compute, step=speculative_step, refused=()):
         """main_cache: the engine's LatentCache, whose slots and length the MTP module's cache keeps;
-        step: speculative_step, compiled or not."""
+        step: speculative_step, compiled or not; refused: tokens whose drafts never stand (a tool call's end,
+        which the engine must see sampled to run the tool): the next plain step samples them instead."""
         self.model, self.main_cache, self.compute = model, main_cache, compute
         latent, rope = main_cache.latent[0], main_cache.rope[0]
         self.cache = LatentCache(1, latent.shape[0], main_cache.max_len, latent.shape[2], rope.shape[2], latent.dtype,
                                  latent.device)
-        self.step = step
+        self.step, self.refused = step, set(refused)
         self.drafted = self.accepted = 0
 
     @property
@@ -93,11 +94,12 @@ class Speculator:
         with self.compute.autocast():
             verdict, h, logits, next_logits = self.step(self.model, *tensors, *caches)
         agrees, drafts = verdict.tolist()  # the one host sync
-        accepted = [i for i, (agree, room) in enumerate(zip(agrees, rooms)) if agree and room > 1]
+        accepted = [i for i, (agree, room, draft) in enumerate(zip(agrees, rooms, drafts))
+                    if agree and room > 1 and draft not in self.refused]
         self.drafted += len(seqs)
         self.accepted += len(accepted)
         for i, s in enumerate(seqs):
             s.mtp_states = list(h[i].unbind(0)) if i in accepted else [h[i, 0]]
-            if agrees[i] and i not in accepted:  # no room for the draft: the row goes on from its newest token
+            if agrees[i] and i not in accepted:  # no room for the draft, or refused: the row goes on from its newest
                 next_logits[i] = logits[i, 0]
         return accepted, drafts, logits, next_logits

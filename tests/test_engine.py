@@ -1,8 +1,10 @@
 """The engine: greedy equals transformers, sampling is seeded, stops and streaming behave, MTP drafts."""
 
 import pytest
+import test_tools
 import torch
 from conftest import TINY
+from test_tools import scripted_sampling
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -73,7 +75,7 @@ def reference(path, prompts, n):
 def test_greedy_matches_transformers_batched_and_alone(peaky):
     model, tok, path = peaky
     expected = reference(path, PROMPTS, 64)
-    engine = Engine(model, tok, max_batch=4, speculative=False)
+    engine = Engine(model, tok, max_batch=4, speculative=False, tools=False)  # transformers runs no tool
     engine.stop_ids = set()  # compare 64 tokens whatever they are
     batched = engine.generate(PROMPTS, GREEDY)
     alone = [engine.generate([p], GREEDY)[0] for p in PROMPTS]
@@ -250,6 +252,11 @@ def test_one_sequence_steps_compiled_ahead_of_time(trained, tmp_path, monkeypatc
         assert isinstance(step, AotStep) and step.run is not step.fallback
     assert tokens(plain) == expected and tokens(plain, seeded) == expected_seeded
     assert tokens(fast) == expected and fast.acceptance_rate > 0.3
+    with monkeypatch.context() as m:  # a tool call (a scripted choice): its chunk runs eagerly beside the package
+        m.setattr(engine_module, "sample_tokens", scripted_sampling({1: test_tools.call(tok)}))
+        calling = SamplingParams(max_tokens=24, temperature=0, seed=1)
+        assert tokens(plain, calling) == tokens(eager, calling)
+        assert all(t[4:9] == [tok.call_end_id, *test_tools.output(tok)] for t in tokens(plain, calling))
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "nanoseek" / "aot").iterdir()) == \
         ["decode_step", "speculative_step"] and not older.exists()  # the other source's package deleted
 
@@ -499,7 +506,7 @@ def test_compiled_decode_step_gives_the_same_tokens(peaky):
     model, tok, path = peaky
     expected = reference(path, PROMPTS, 64)
     torch._dynamo.utils.counters.clear()
-    engine = Engine(model, tok, max_batch=4, speculative=False, compile=True)
+    engine = Engine(model, tok, max_batch=4, speculative=False, compile=True, tools=False)
     engine.stop_ids = set()
     assert [s.tokens for s in engine.generate(PROMPTS, GREEDY)] == expected
     assert [engine.generate([p], GREEDY)[0].tokens for p in PROMPTS] == expected

@@ -235,8 +235,8 @@ def test_grpo_update_does_not_depend_on_the_micro_batch(random_policy, tmp_path)
 def one_row_each(groups):
     """Token ids (N, T), completion mask (N, T) and advantages (N,): each completion in a row of its own
     behind its prompt, padded on the right."""
-    rows = [(prompt + tokens, [0] * len(prompt) + [1] * len(tokens), a)
-            for prompt, completions in groups for tokens, a in completions]
+    rows = [(prompt + tokens, [0] * len(prompt) + trained, a)
+            for prompt, completions in groups for tokens, a, trained in completions]
     width = max(len(ids) for ids, _, _ in rows)
     ids = torch.tensor([r + [0] * (width - len(r)) for r, _, _ in rows])
     mask = torch.tensor([m + [0] * (width - len(m)) for _, m, _ in rows]).float()
@@ -286,7 +286,7 @@ def test_a_packed_row_scores_each_completion_as_alone(random_policy):
     model = checkpoint.load(random_policy)[0].eval()
     g = torch.Generator().manual_seed(2)
     groups = [([1, *torch.randint(3, 60, (n,), generator=g).tolist()],
-               [(torch.randint(3, 60, (k,), generator=g).tolist(), 0.5) for k in lengths])
+               [(torch.randint(3, 60, (k,), generator=g).tolist(), 0.5, [1] * k) for k in lengths])
               for n, lengths in ((6, (3, 7, 1, 5)), (9, (4, 2)))]
     rows = shared_prompt_rows(groups)
     assert [r.completions for r in rows] == [4, 2] and len(rows[0].ids) == 6 + 4 + 8 + 2 + 6
@@ -299,7 +299,7 @@ def test_a_packed_row_scores_each_completion_as_alone(random_policy):
     assert torch.equal(packed.advantages[packed.mask.bool()], torch.full((int(packed.mask.sum()),), 0.5))
 
     assert [r.completions for r in shared_prompt_rows(groups, per_row=3)] == [3, 1, 2]
-    long = [([1, 2], [([5] * (PACKED_WIDTH // 2), 1.0)] * 3)]
+    long = [([1, 2], [([5] * (PACKED_WIDTH // 2), 1.0, [1] * (PACKED_WIDTH // 2))] * 3)]
     assert [r.completions for r in shared_prompt_rows(long)] == [1, 1, 1]
     pieces = micro_batches(shared_prompt_rows(groups, per_row=3), 3)
     assert [[r.completions for r in piece] for piece in pieces] == [[3], [1, 2]]
@@ -330,3 +330,41 @@ def test_logprobs_in_chunks_equal_the_whole(random_policy, monkeypatch):
     assert len(grads) == len(grads_c) > 0
     for a, b in zip(grads_c, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tokens_a_tool_wrote_are_out_of_the_loss(random_policy, tmp_path, monkeypatch):
+    """A rollout's forced tokens (a tool's output) are context only: the update counts and scores only the sampled
+    tokens, and log-probabilities at forced positions change neither the loss nor its gradient."""
+    import nanoseek.rl
+    from nanoseek.engine import Sequence
+    from nanoseek.rl import Group
+    from nanoseek.sampling import SamplingParams
+
+    o = options_from({"init": random_policy, "out": str(tmp_path / "rl"), "task": "addition", "prompts": 1,
+                      "group": 2, "beta": 0.1, "device": "cpu", "progress": False}, DEFAULTS, "rl")
+    trainer = GRPO(o)
+    tok = trainer.tokenizer
+    prompt = tok.render_chat([{"role": "user", "content": "What is 6 * 7?"}], add_generation_prompt=True)[0]
+    output = [tok.output_begin_id, *tok.encode("42"), tok.output_end_id]
+    call = [tok.call_begin_id, *tok.encode("6*7"), tok.call_end_id]
+    after = tok.encode("so 42")
+    tokens = [call + output + after, tok.encode("it is 41")]
+    forced = [[False] * len(call) + [True] * len(output) + [False] * len(after), [False] * len(tokens[1])]
+    seqs = [Sequence(i, prompt, SamplingParams(), 0, tokens=t, forced=f) for i, (t, f) in enumerate(zip(tokens,
+                                                                                                          forced))]
+    calls = []
+    monkeypatch.setattr(nanoseek.rl, "grpo_loss", lambda *a: calls.append(a) or grpo_loss(*a))
+    stats = trainer.update([Group(prompt, seqs, [None, None], [1.0, 0.0])], 0)
+    logp, old, advantages, mask, eps_low, eps_high, beta, ref, n_tokens = calls[0]
+    sampled = sum(len(t) for t in tokens) - len(output)
+    assert mask.sum() == n_tokens == sampled and math.isfinite(stats["entropy"]) and stats["kl"] >= 0
+    at_forced = (advantages != 0) & (mask == 0)  # inside a completion, not scored
+    assert int(at_forced.sum()) == len(output)
+
+    logp = logp.detach().requires_grad_()
+    loss, kl = grpo_loss(logp, old, advantages, mask, eps_low, eps_high, beta, ref, n_tokens)
+    loss.backward()
+    assert torch.all(logp.grad[at_forced] == 0) and torch.any(logp.grad[mask.bool()] != 0)
+    moved, moved_kl = grpo_loss(logp.detach() + 5.0 * at_forced, old, advantages, mask, eps_low, eps_high, beta,
+                                ref, n_tokens)
+    assert moved == loss and moved_kl == kl
