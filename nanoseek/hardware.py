@@ -1,5 +1,5 @@
-"""What a device can do: datasheet peaks of common GPUs and the measured peak of this machine (MFU's
-denominator, and `nanoseek plan`'s)."""
+"""What a device can do: datasheet peaks of common GPUs, the measured peak of this machine (MFU's
+denominator, and `nanoseek plan`'s), and whether its bfloat16 matmuls are fast."""
 
 import functools
 import time
@@ -50,3 +50,18 @@ def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10):
         sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+@functools.cache
+def fast_bfloat16(device_type):
+    """Whether bfloat16 matmuls run at float32's speed or better: on a GPU, and on a CPU with bfloat16 units
+    (AVX512-BF16 or AMX, as Linux lists them). Other CPUs emulate them, ~25x slower than float32 on a 2-core AVX2
+    machine (docs/BENCHMARKS.md)."""
+    if device_type != "cpu":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: no way to tell, so the safe choice
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

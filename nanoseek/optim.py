@@ -16,6 +16,7 @@ train.py saves by name in safetensors.
 import torch
 from torch.optim.adamw import adamw
 
+from nanoseek.hardware import fast_bfloat16
 from nanoseek.model import DeepSeekV3, Gate
 
 OPTIMIZERS = ("muon", "adamw")
@@ -26,10 +27,10 @@ NS_STEPS = 5
 def newton_schulz(g, steps=NS_STEPS, eps=1e-7):
     """(..., m, n) -> the same shape, each m x n matrix orthogonalised: U S' V^T for g = U S V^T, with S' near 1.
 
-    Runs in bfloat16 like the reference Muon (the iteration tolerates it; on CPUs with bf16 units it is several
-    times faster than float32); leading dimensions are a batch of independent matrices."""
+    Runs in bfloat16 like the reference Muon where bfloat16 is fast (the iteration tolerates it: a GPU, a CPU
+    with bf16 units), in float32 elsewhere; leading dimensions are a batch of independent matrices."""
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16()
+    x = g.to(torch.bfloat16 if fast_bfloat16(g.device.type) else torch.float32)
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide side: the Gram matrix x x^T is the smaller one
         x = x.mT
