@@ -1,6 +1,6 @@
 """The calculator tool run by the engine: a call the model writes gets its result as forced tokens, in one prefill
-chunk, beside sequences that decode on; and every consumer (chat, server, web page, rejection sampling) shows or
-keeps it the same way."""
+chunk, beside sequences that decode on, with speculation too; every consumer (chat, server, web page, rejection
+sampling) shows or keeps it the same way; and transformers with a client loop gets the engine's tokens."""
 
 import json
 import math
