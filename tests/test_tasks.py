@@ -308,3 +308,15 @@ def test_pretraining_text_carries_tool_markup_as_control_tokens(tokenizer):
     [ids] = tokenizer.encode_documents([text])
     assert [i for i in ids if i in tokenizer.tool_ids.values()] == list(tokenizer.tool_ids.values())
     assert tokenizer.decode(ids) == text and tokenizer.encode(text) != ids  # plain encode keeps them text
+
+
+@pytest.mark.parametrize("name", sorted(builtin_tasks()))
+def test_every_builtin_task_is_asked_several_ways(name):
+    """Problems come in several phrasings (five or more for arithmetic), each scored whatever the wording."""
+    task, rng = get_task(name), random.Random(0)
+    problems = [task.sample(rng, "train") for _ in range(300)]
+    assert len({p.data["phrasing"] for p in problems}) >= (5 if name in ("addition", "arithmetic") else 3)
+    for p in problems[:50]:
+        reasoning, answer = task.solve(p)
+        assert task.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
+        assert split_of(p.key) == "train"  # the split hashes the problem, not its wording

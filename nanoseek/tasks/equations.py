@@ -1,6 +1,12 @@
 """Linear equations a*x + b = c with an integer solution; difficulty scales the coefficients."""
 
-from nanoseek.tasks.task import GeneratedTask, Problem, score_integer
+from nanoseek.tasks.task import GeneratedTask, Problem, phrase, score_integer
+
+PHRASINGS = {  # {name: template}, drawn at random for every problem
+    "solve for": "Solve for x: {equation}",
+    "what is x": "What is x if {equation}?",
+    "find": "find x: {equation}",
+}
 
 
 class LinearEquation(GeneratedTask):
@@ -14,8 +20,9 @@ class LinearEquation(GeneratedTask):
         b = rng.randint(-size, size)
         c = a * x + b
         sign = "+" if b >= 0 else "-"
-        q = f"Solve for x: {a}x {sign} {abs(b)} = {c}"
-        return Problem(q, str(x), difficulty, {"a": a, "b": b, "c": c})
+        equation = f"{a}x {sign} {abs(b)} = {c}"
+        question, phrasing = phrase(rng, PHRASINGS, equation=equation)
+        return Problem(question, str(x), difficulty, {"a": a, "b": b, "c": c, "key": equation, "phrasing": phrasing})
 
     def solve(self, problem):
         a, b, c = problem.data["a"], problem.data["b"], problem.data["c"]

@@ -2,7 +2,13 @@
 
 import re
 
-from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion
+from nanoseek.tasks.task import NOT_WELL_FORMED, GeneratedTask, Problem, Reward, parse_completion, phrase
+
+PHRASINGS = {  # {name: template}, drawn at random for every problem
+    "sort ascending": "Sort ascending: {numbers}",
+    "smallest first": "Put these in order, smallest first: {numbers}",
+    "sort": "sort {numbers}",
+}
 
 
 class SortNumbers(GeneratedTask):
@@ -12,7 +18,9 @@ class SortNumbers(GeneratedTask):
     def make(self, rng, difficulty):
         numbers = [rng.randint(0, 99) for _ in range(difficulty)]
         answer = ", ".join(map(str, sorted(numbers)))
-        return Problem(f"Sort ascending: {', '.join(map(str, numbers))}", answer, difficulty, {"numbers": numbers})
+        listed = ", ".join(map(str, numbers))
+        question, phrasing = phrase(rng, PHRASINGS, numbers=listed)
+        return Problem(question, answer, difficulty, {"numbers": numbers, "key": listed, "phrasing": phrasing})
 
     def solve(self, problem):
         rest, out, steps = list(problem.data["numbers"]), [], []
