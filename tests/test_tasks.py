@@ -140,13 +140,14 @@ def test_countdown_trace_of_three_numbers_always_reaches_the_answer():
         calls = re.findall(f"{re.escape(TOOL_CALL_BEGIN)}(.*?){re.escape(TOOL_CALL_END)}"
                            f"{re.escape(TOOL_OUTPUT_BEGIN)}(.*?){re.escape(TOOL_OUTPUT_END)}",
                            reasoning.splitlines()[-1])
-        for expr, value in calls:
+        *steps, check = calls
+        for expr, value in steps:
             result, used = evaluate_expression(expr)
             assert result == int(value)
             for n in used:
                 values.remove(n)  # each value used once, from the numbers or an earlier step
             values.append(int(value))
-        assert int(value) == p.data["target"]
+        assert int(value) == p.data["target"] and check == (f"{value}-{value}", "0")
         first_ops.add(calls[0][0].strip("0123456789"))
     assert first_ops == {"+", "-", "*", "/"}
     assert cd.solve(p) == cd.solve(p)  # one worked solution per problem
@@ -281,13 +282,16 @@ def test_countdown_traces_search_with_the_calculator_and_check_each_attempt(toke
         if p.data["target"] in p.data["numbers"]:
             continue
         target = p.data["target"]
-        assert [line.endswith(f"(target {target}) yes") for line in lines] == [False] * (len(lines) - 1) + [True]
+        assert [line.endswith(" yes") for line in lines] == [False] * (len(lines) - 1) + [True]
+        assert all(line.endswith(" no") for line in lines[:-1])
+        assert lines[-1].endswith(f"{TOOL_CALL_BEGIN}{target}-{target}{TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}0"
+                                  f"{TOOL_OUTPUT_END} yes")  # the check: the calculator says 0
         assert task.attempts(f"{reasoning}\n</think>\n\n{answer}") == len(lines)
         right, steps = steps_right(reasoning)
         assert right == steps == reasoning.count(TOOL_CALL_BEGIN) > 0  # every result is the calculator's
         for line in lines[:-1]:
-            last = re.findall(f"{re.escape(TOOL_OUTPUT_BEGIN)}(\\d+)", line)[-1]
-            assert int(last) != target
+            checked = re.findall(f"{re.escape(TOOL_OUTPUT_BEGIN)}(-?\\d+)", line)[-1]
+            assert int(checked) != 0
         assert task.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
         misses.append(len(lines) - 1)
     assert set(misses) == {0, 1, 2, 3}

@@ -103,21 +103,26 @@ def random_attempt(numbers, target, rng):
 MISSES = [0, 0, 1, 1, 2, 3]  # attempts that miss before the one that hits, drawn at random for every trace
 
 
+def call(expression, result):
+    """A calculator call as a worked solution writes it: the call, then the result the engine writes."""
+    return f"{TOOL_CALL_BEGIN}{expression}{TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}{result}{TOOL_OUTPUT_END}"
+
+
 def attempt_line(steps, target, hit):
-    """An attempt as the model writes it: each step a calculator call whose result the engine writes, then the
-    check against the target (the model's): "<call>14-6<end><output>8<end>, <call>8+2<end><output>10<end>
-    (target 10) yes"."""
-    calls = ", ".join(f"{TOOL_CALL_BEGIN}{step}{TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}{value}{TOOL_OUTPUT_END}"
-                      for step, value, _ in steps)
-    return f"{calls} (target {target}) {'yes' if hit else 'no'}"
+    """An attempt as the model writes it: each step a calculator call, then the check, a call of its own that
+    takes the target from the last value, read as yes when the calculator says 0: "[calc 14-6 = 8], [calc 8+2 =
+    10], [calc 10-10 = 0] yes" (as chat shows calls). Comparing two numbers is the calculator's job too."""
+    value = steps[-1][1]
+    calls = [call(step, result) for step, result, _ in steps] + [call(f"{value}-{target}", value - target)]
+    return ", ".join(calls) + (" yes" if hit else " no")
 
 
 def worked_solution(numbers, target, rng):
     """(trace, answer): a search, one attempt a line, each step's value from the calculator and each attempt
-    checked against the target, until one makes it:
+    checked against the target by the calculator, until one makes it:
 
-        [calc 14+6 = 20], [calc 20-2 = 18] (target 10) no
-        [calc 14-6 = 8], [calc 8+2 = 10] (target 10) yes       -> (14-6)+2
+        [calc 14+6 = 20], [calc 20-2 = 18], [calc 18-10 = 8] no
+        [calc 14-6 = 8], [calc 8+2 = 10], [calc 10-10 = 0] yes       -> (14-6)+2
 
     (shown as `nanoseek chat` shows tool calls). The misses are attempts drawn at random, 0 to 3 of them; the
     hit is a way drawn at random among those a search finds. The order of attempts and when to stop are the
@@ -186,8 +191,8 @@ class Countdown(GeneratedTask):
         return steps_right(parse_completion(completion)[0])
 
     def attempts(self, completion):
-        """How many attempts the reasoning made: its lines checked against the target."""
-        return len(re.findall(r"\(target \d+\) (?:yes|no)", parse_completion(completion)[0]))
+        """How many attempts the reasoning made: its lines that end in a check's yes or no."""
+        return len(re.findall(r" (?:yes|no)$", parse_completion(completion)[0], re.MULTILINE))
 
     def score(self, problem, completion):
         _, answer, ok = parse_completion(completion)
