@@ -36,8 +36,8 @@ OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default,
     "difficulty": (0, "one difficulty (0: the task's whole range)"),
     "max_new_tokens": (256, "longest completion (0: per task, twice its longest worked solution, at least 64)"),
     "second_turn": (False, "also ask each problem as the second turn, after one of another task and its answer"),
-    "depth_n": (0, "also ask the first depth_n problems as turn 10 of a chat of mixed turns, and a third as many at "
-                   "each turn 2..9, trimmed as `nanoseek chat` trims (0: not)"),
+    "depth_n": (0, "also ask the last checkpoint the first depth_n problems as turn 10 of a chat of mixed turns, and "
+                   "a third as many at each turn 2..9, trimmed as `nanoseek chat` trims (0: not)"),
     "seed": (0, "seed of the held-out problems and the pass@k samples"),
     "out": (None, "directory for eval.json, eval.md and eval.png"),
     "device": (None, "cpu or cuda (default: cuda when available)"),
@@ -214,7 +214,7 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
     difficulty: one for every task, or {task: difficulty}. k_n: how many of the n problems get the k samples
     (0: all). max_new_tokens 0: a budget per task from its worked solutions (token_budget). second_turn: also
     ask each problem after a problem of the next task in the list and its answer (greedy only). depth_n: also ask
-    problems as turns 2..10 of a mixed conversation (deep_turns)."""
+    the last checkpoint problems as turns 2..10 of a mixed conversation (deep_turns)."""
     compute = policy(device, dtype)
     loaded = [get_task(spec, checker) for spec in tasks]
     levels = [difficulty.get(spec) if isinstance(difficulty, dict) else difficulty for spec in tasks]
@@ -228,7 +228,7 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
         engine = Engine(model, tokenizer, max_batch=BATCH, dtype=dtype)
         context = trained_context(model.config)
         deep = [{}] * len(loaded)
-        if depth_n:
+        if depth_n and ckpt == checkpoints[-1]:  # the model a person chats with
             deep = deep_turns(loaded, levels, problems, depth_n, tokenizer, context, seed)
         results[ckpt] = {}
         for task, mine, history, by_depth in zip(loaded, problems, histories, deep):
