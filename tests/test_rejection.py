@@ -143,7 +143,7 @@ def test_real_sampling_with_replay_and_resume_without_sampling_again(random_poli
     others = list(docs)
     for doc in mine:
         others.remove(doc)  # every kept completion is there once
-    assert all("What is" in tok.decode(doc) for doc in others)  # the rest: the replayed addition problems
+    assert all(re.search(r"\d\+\d\+\d=\d\d", tok.decode(doc)) for doc in others)  # the rest: replayed additions
     assert weights_changed(random_policy, out / "final")
 
     again = tmp_path / "again"  # the same options sample the same completions
