@@ -4,7 +4,7 @@ Arithmetic's difficulty is the number of digits. Addition's is the most digits a
 length is drawn on its own from 1 to it (1 + 4 digits as often as 4 + 4), 0 and single digits included.
 """
 
-from nanoseek.tasks.task import GeneratedTask, Problem, phrase, sample_split, score_integer
+from nanoseek.tasks.task import GeneratedTask, Problem, phrase, score_integer
 
 WORDS = {"+": "plus", "-": "minus", "*": "times"}
 PHRASINGS = {  # {name: template}, drawn at random for every problem
@@ -122,11 +122,6 @@ class Addition(Arithmetic):
                     ADDITION_PHRASINGS)
         p.data["lengths"] = f"{lengths[0]}+{lengths[1]}"
         return p
-
-    def sample(self, rng, split, difficulty=None):
-        if isinstance(difficulty, tuple):
-            return sample_split(lambda r: self.make(r, difficulty), rng, split)
-        return super().sample(rng, split, difficulty)
 
     def strata(self, difficulty):
         """The (digits of a, digits of b) pairs a held-out eval asks equally often: every pair up to the most

@@ -70,8 +70,9 @@ def phrase(rng, phrasings, **fields):
 
 
 def pick_difficulty(rng, difficulty, choices):
-    """difficulty: one level, a list of levels to draw from, or None for the task's whole range."""
-    if isinstance(difficulty, int) and difficulty:
+    """difficulty: one level (an int, or a tuple for a task whose level has parts, as addition's pair of operand
+    lengths), a list of levels to draw from, or None for the task's whole range."""
+    if isinstance(difficulty, (int, tuple)) and difficulty:
         return difficulty
     return rng.choice(list(difficulty or choices))
 
