@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -17,8 +18,8 @@ from nanoseek.tasks import (
     task_documents,
 )
 from nanoseek.tasks.arithmetic import ADDITION_PHRASINGS
+from nanoseek.tasks.countdown import MISSES, evaluate_expression, expressions, steps_right
 from nanoseek.tasks.countdown import PHRASINGS as COUNTDOWN_PHRASINGS
-from nanoseek.tasks.countdown import evaluate_expression, steps_right
 from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, smalltalk_turn, thought_kind
 from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, split_thinking
 
@@ -123,12 +124,12 @@ def test_addition_trace_needs_only_the_line_before():
 
 
 def test_countdown_trace_of_three_numbers_always_reaches_the_answer():
-    """The worked solution never falls back to a bare answer for three numbers; its last attempt is a line of
-    calculator calls, each using values still at hand, the last making the target; over many problems the
-    first steps of the hits use every operator."""
+    """The worked solution never falls back to a bare answer for three numbers; its last attempt is one
+    calculator call that takes the answer, of numbers given, from the target; over many problems the hits use
+    every operator."""
     cd = get_task("countdown")
     rng = random.Random(11)
-    first_ops = set()
+    ops = set()
     for _ in range(500):
         p = cd.make(rng, 3)
         reasoning, answer = cd.solve(p)
@@ -136,20 +137,12 @@ def test_countdown_trace_of_three_numbers_always_reaches_the_answer():
         assert cd.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
         if reasoning.endswith("is given"):
             continue
-        values = list(p.data["numbers"])
-        calls = re.findall(f"{re.escape(TOOL_CALL_BEGIN)}(.*?){re.escape(TOOL_CALL_END)}"
-                           f"{re.escape(TOOL_OUTPUT_BEGIN)}(.*?){re.escape(TOOL_OUTPUT_END)}",
-                           reasoning.splitlines()[-1])
-        *steps, check = calls
-        for expr, value in steps:
-            result, used = evaluate_expression(expr)
-            assert result == int(value)
-            for n in used:
-                values.remove(n)  # each value used once, from the numbers or an earlier step
-            values.append(int(value))
-        assert int(value) == p.data["target"] and check == (f"{value}-{value}", "0")
-        first_ops.add(calls[0][0].strip("0123456789"))
-    assert first_ops == {"+", "-", "*", "/"}
+        [(expression, value)] = re.findall(f"{re.escape(TOOL_CALL_BEGIN)}(.*?){re.escape(TOOL_CALL_END)}"
+                                           f"{re.escape(TOOL_OUTPUT_BEGIN)}(.*?){re.escape(TOOL_OUTPUT_END)}",
+                                           reasoning.splitlines()[-1])
+        assert expression == f"{p.data['target']}-({answer})" and value == "0"
+        ops |= set(answer) & set("+-*/")
+    assert ops == {"+", "-", "*", "/"}
     assert cd.solve(p) == cd.solve(p)  # one worked solution per problem
 
 
@@ -271,34 +264,43 @@ def test_countdown_comes_in_several_phrasings_with_one_split():
 
 
 def test_countdown_traces_search_with_the_calculator_and_check_each_attempt(tokenizer):
-    """A worked Countdown solution: attempts that miss, then one that hits, each step a calculator call with its
-    result, each attempt checked against the target; rendered for SFT, the results are never trained on."""
+    """A worked Countdown solution: attempts that miss, then one that hits, each a calculator call that takes
+    the attempt from the target, yes when it says 0; rendered for SFT, the results are never trained on."""
     task, rng = get_task("countdown"), random.Random(0)
     misses = []
-    for _ in range(100):
+    for _ in range(200):
         p = task.sample(rng, "train", 3)
         reasoning, answer = task.solve(p)
         lines = reasoning.splitlines()
         if p.data["target"] in p.data["numbers"]:
             continue
         target = p.data["target"]
-        assert [line.endswith(" yes") for line in lines] == [False] * (len(lines) - 1) + [True]
-        assert all(line.endswith(" no") for line in lines[:-1])
-        assert lines[-1].endswith(f"{TOOL_CALL_BEGIN}{target}-{target}{TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}0"
-                                  f"{TOOL_OUTPUT_END} yes")  # the check: the calculator says 0
+        assert all(line.endswith(" no") for line in lines[:-1]) and lines[-1].endswith(" yes")
+        assert lines[-1] == (f"{TOOL_CALL_BEGIN}{target}-({answer}){TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}0"
+                             f"{TOOL_OUTPUT_END} yes")  # the check: the calculator says 0
         assert task.attempts(f"{reasoning}\n</think>\n\n{answer}") == len(lines)
         right, steps = steps_right(reasoning)
-        assert right == steps == reasoning.count(TOOL_CALL_BEGIN) > 0  # every result is the calculator's
-        for line in lines[:-1]:
+        assert right == steps == reasoning.count(TOOL_CALL_BEGIN) == len(lines)  # every result is the tool's
+        tried = [re.findall(f"{re.escape(TOOL_CALL_BEGIN)}{target}-\\((.*)\\){re.escape(TOOL_CALL_END)}", line)[0]
+                 for line in lines]
+        assert len(set(tried)) == len(tried)  # no attempt twice
+        for line, expression in zip(lines[:-1], tried):
             checked = re.findall(f"{re.escape(TOOL_OUTPUT_BEGIN)}(-?\\d+)", line)[-1]
-            assert int(checked) != 0
+            assert int(checked) == target - evaluate_expression(expression)[0] != 0
+            assert not Counter(evaluate_expression(expression)[1]) - Counter(p.data["numbers"])  # numbers given
         assert task.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
         misses.append(len(lines) - 1)
-    assert set(misses) == {0, 1, 2, 3}
+    assert set(misses) == set(MISSES)
     ids, mask = tokenizer.render_chat(as_chat(p, reasoning, answer))
     begin, end = tokenizer.output_begin_id, tokenizer.output_end_id
     inside = [m for i, m in enumerate(mask) if begin in ids[:i + 1] and ids[:i + 1].count(begin) > ids[:i].count(end)]
     assert inside and not any(inside) and ids.count(tokenizer.call_begin_id) == reasoning.count(TOOL_CALL_BEGIN)
+
+
+def test_countdown_expressions_are_written_with_the_parentheses_they_need():
+    found = expressions([2, 3, 4])
+    assert all(evaluate_expression(text)[0] == value for text, value in found.items())
+    assert {"3+2", "4*3-2", "3*(4-2)", "4-(3-2)", "3+4/2", "4*3/2"} <= set(found) and "(4*3)-2" not in found
 
 
 def test_wrong_steps_are_counted_in_calls_and_in_plain_text():

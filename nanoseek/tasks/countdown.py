@@ -55,52 +55,47 @@ def search(numbers, target, limit=100_000):
     return found[1:-1] if found and found.startswith("(") and found.endswith(")") else found
 
 
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def written(left, op, right):
+    """a op b with the parentheses precedence needs and no others: items are (value, text, precedence)."""
+    (_, ta, pa), (_, tb, pb) = left, right
+    ta = f"({ta})" if pa < PRECEDENCE[op] else ta
+    tb = f"({tb})" if pb < PRECEDENCE[op] or (pb == PRECEDENCE[op] and op in "-/") else tb
+    return f"{ta}{op}{tb}"
+
+
 def combine(x, y):
-    """The ways to combine two (value, expression) items into a whole number, as (step, value, expression):
-    the larger value first for - and /, division only when exact and by more than 1."""
-    (a, ea), (b, eb) = sorted([x, y], key=lambda item: -item[0])
-    ways = [(f"{a}+{b}", a + b, f"({ea}+{eb})"), (f"{a}-{b}", a - b, f"({ea}-{eb})"),
-            (f"{a}*{b}", a * b, f"({ea}*{eb})")]
-    if b > 1 and a % b == 0:
-        ways.append((f"{a}/{b}", a // b, f"({ea}/{eb})"))
-    return ways
+    """The ways to combine two (value, text, precedence) items into a whole number: the larger value first for
+    - and /, division only when exact and by more than 1."""
+    a, b = sorted([x, y], key=lambda item: -item[0])
+    ways = [(a[0] + b[0], "+"), (a[0] - b[0], "-"), (a[0] * b[0], "*")]
+    if b[0] > 1 and a[0] % b[0] == 0:
+        ways.append((a[0] // b[0], "/"))
+    return [(value, written(a, op, b), PRECEDENCE[op]) for value, op in ways]
 
 
-def reaching(numbers, target, rng):
-    """Steps that make target, found by a search that tries pairs and operations in a random order; None when
-    no way exists."""
+def expressions(numbers):
+    """{text: value} of every expression that combines two or more of numbers, each at most once, two at a time
+    as combine allows."""
+    found = {}
 
-    def walk(items, steps):
-        pairs = [(i, j) for i in range(len(items)) for j in range(i + 1, len(items))]
-        for i, j in rng.sample(pairs, len(pairs)):
-            rest = [items[k] for k in range(len(items)) if k not in (i, j)]
-            ways = combine(items[i], items[j])
-            for step in rng.sample(ways, len(ways)):
-                if step[1] == target:
-                    return steps + [step]
-                found = len(rest) and walk(rest + [step[1:]], steps + [step])
-                if found:
-                    return found
-        return None
+    def walk(items):
+        for i in range(len(items)):
+            for j in range(i + 1, len(items)):
+                rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+                for item in combine(items[i], items[j]):
+                    found.setdefault(item[1], item[0])
+                    if rest:
+                        walk(rest + [item])
 
-    return walk([(n, str(n)) for n in numbers], [])
+    walk([(n, str(n), 3) for n in numbers])
+    return found
 
 
-def random_attempt(numbers, target, rng):
-    """One attempt of a search: pairs and ways drawn at random, each step combining two values, until a step
-    makes the target or one value is left -> (steps, made the target)."""
-    items, steps = [(n, str(n)) for n in numbers], []
-    while len(items) > 1:
-        i, j = rng.sample(range(len(items)), 2)
-        step = rng.choice(combine(items[i], items[j]))
-        steps.append(step)
-        if step[1] == target:
-            return steps, True
-        items = [items[k] for k in range(len(items)) if k not in (i, j)] + [step[1:]]
-    return steps, False
-
-
-MISSES = [0, 0, 1, 1, 2, 3]  # attempts that miss before the one that hits, drawn at random for every trace
+MISSES = [0, 1, 1, 2, 2, 3, 3, 4, 5]  # attempts that miss before the one that hits, drawn for every trace
+NEAR = 12  # misses are drawn from the attempts this near the target: guesses a search would make
 
 
 def call(expression, result):
@@ -108,39 +103,37 @@ def call(expression, result):
     return f"{TOOL_CALL_BEGIN}{expression}{TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}{result}{TOOL_OUTPUT_END}"
 
 
-def attempt_line(steps, target, hit):
-    """An attempt as the model writes it: each step a calculator call, then the check, a call of its own that
-    takes the target from the last value, read as yes when the calculator says 0: "[calc 14-6 = 8], [calc 8+2 =
-    10], [calc 10-10 = 0] yes" (as chat shows calls). Comparing two numbers is the calculator's job too."""
-    value = steps[-1][1]
-    calls = [call(step, result) for step, result, _ in steps] + [call(f"{value}-{target}", value - target)]
-    return ", ".join(calls) + (" yes" if hit else " no")
+def attempt_line(expression, value, target):
+    """An attempt as the model writes it: one calculator call that takes the attempt from the target, read as
+    yes when the calculator says 0: "[calc 80-(14*6-2) = -2] no" (as chat shows calls). The model computes
+    nothing: the attempt's value and the comparison are the calculator's."""
+    return call(f"{target}-({expression})", target - value) + (" yes" if value == target else " no")
 
 
 def worked_solution(numbers, target, rng):
-    """(trace, answer): a search, one attempt a line, each step's value from the calculator and each attempt
-    checked against the target by the calculator, until one makes it:
+    """(trace, answer): a search, one attempt a line, each checked against the target by the calculator, until
+    one makes it:
 
-        [calc 14+6 = 20], [calc 20-2 = 18], [calc 18-10 = 8] no
-        [calc 14-6 = 8], [calc 8+2 = 10], [calc 10-10 = 0] yes       -> (14-6)+2
+        [calc 80-(14+6*2) = 54] no
+        [calc 80-(14*6-2) = -2] no
+        [calc 80-(14*6-4) = 0] yes          -> 14*6-4
 
-    (shown as `nanoseek chat` shows tool calls). The misses are attempts drawn at random, 0 to 3 of them; the
-    hit is a way drawn at random among those a search finds. The order of attempts and when to stop are the
-    model's to learn and RL's to sharpen; no number in it is computed by the model."""
+    (shown as `nanoseek chat` shows tool calls). The misses, 0 to 5 of them, are drawn from the attempts nearest
+    the target, in a random order; the hit is drawn at random among the ways that make it. Which attempt comes
+    first and when to stop are the model's to learn and RL's to sharpen; no number in it is computed by the
+    model."""
     if target in numbers:
         return f"{target} is given", str(target)
-    hit = reaching(numbers, target, rng)
-    if hit is None:
+    ways = expressions(numbers)
+    hits = sorted(text for text, value in ways.items() if value == target)
+    if not hits:
         return "...", search(numbers, target)
-    want, misses = rng.choice(MISSES), []
-    for _ in range(100):  # a few problems have fewer distinct misses than drawn
-        if len(misses) == want:
-            break
-        steps, made = random_attempt(numbers, target, rng)
-        if not made and steps not in misses:
-            misses.append(steps)
-    lines = [attempt_line(steps, target, False) for steps in misses] + [attempt_line(hit, target, True)]
-    return "\n".join(lines), hit[-1][2][1:-1]
+    near = sorted((text for text, value in ways.items() if value != target),
+                  key=lambda text: (abs(ways[text] - target), rng.random()))[:NEAR]
+    misses = rng.sample(near, min(rng.choice(MISSES), len(near)))
+    hit = rng.choice(hits)
+    lines = [attempt_line(text, ways[text], target) for text in misses + [hit]]
+    return "\n".join(lines), hit
 
 
 def steps_right(reasoning):
