@@ -130,6 +130,24 @@ def test_a_call_gets_its_result_as_forced_tokens_in_one_prefill(peaky, tokenizer
     assert seq.tokens[k:] == rest.tokens
 
 
+def test_calls_answered_in_one_step_share_one_chunk_forward(peaky, tokenizer, scripted, monkeypatch):
+    """Sequences whose calls end in the same step, with outputs of one length, write them in one batched
+    forward; each goes on as it would alone."""
+    tok = tokenizer
+    scripted[1] = scripted[2] = call(tok)
+    engine = Engine(peaky, tok, max_batch=4, compile=False)
+    chunks, forward = [], engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda ids, rows, starts: chunks.append((ids.shape, starts))
+                        or forward(ids, rows, starts))
+    both = engine.generate([PROMPT, OTHER], [greedy(20, seed=1), greedy(20, seed=2)])
+    n = len(call(tok)) + len(output(tok))
+    ends = [len(PROMPT) + len(call(tok)) - 1, len(OTHER) + len(call(tok)) - 1]  # each call's end token
+    assert chunks[-1] == ((2, len(output(tok)) + 1), ends)
+    for prompt, seed, seq in zip([PROMPT, OTHER], [1, 2], both):
+        (alone,) = Engine(peaky, tok, max_batch=4, compile=False).generate([prompt], greedy(20, seed=seed))
+        assert seq.tokens == alone.tokens and seq.forced == alone.forced and any(seq.forced[:n])
+
+
 def test_other_sequences_decode_on_unaffected(peaky, tokenizer, scripted, monkeypatch):
     """The calling sequence's chunk runs in the step where the others decode; their tokens are those of a run
     without it."""
