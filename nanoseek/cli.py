@@ -214,7 +214,7 @@ def _add_options(s, options, func):
 
 
 def cmd_serve(args):
-    from nanoseek.server import serve
+    from nanoseek.serve import serve
 
     serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           model_name=args.model_name, device=args.device, threads=args.threads)

@@ -18,7 +18,7 @@ from nanoseek.engine import Engine
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.rejection import kept_chats
 from nanoseek.sampling import SamplingParams
-from nanoseek.server import create_app
+from nanoseek.serve import create_app
 from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_DISPLAY, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END
 
 PROMPT, OTHER = [5, 60, 61, 62, 63], [70, 71, 72]
