@@ -288,6 +288,8 @@ def test_countdown_traces_search_with_the_calculator_and_check_each_attempt(toke
             checked = re.findall(f"{re.escape(TOOL_OUTPUT_BEGIN)}(-?\\d+)", line)[-1]
             assert int(checked) == target - evaluate_expression(expression)[0] != 0
             assert not Counter(evaluate_expression(expression)[1]) - Counter(p.data["numbers"])  # numbers given
+        distances = [abs(target - evaluate_expression(expression)[0]) for expression in tried]
+        assert distances == sorted(distances, reverse=True)  # each attempt nearer the target than the last
         assert task.score(p, f"{reasoning}\n</think>\n\n{answer}").accuracy == 1
         misses.append(len(lines) - 1)
     assert set(misses) == set(MISSES)

@@ -94,7 +94,7 @@ def expressions(numbers):
     return found
 
 
-MISSES = [0, 1, 1, 2, 2, 3, 3, 4, 5]  # attempts that miss before the one that hits, drawn for every trace
+MISSES = [0, 0, 1, 1, 2, 3]  # attempts that miss before the one that hits, drawn for every trace
 NEAR = 12  # misses are drawn from the attempts this near the target: guesses a search would make
 
 
@@ -118,10 +118,11 @@ def worked_solution(numbers, target, rng):
         [calc 80-(14*6-2) = -2] no
         [calc 80-(14*6-4) = 0] yes          -> 14*6-4
 
-    (shown as `nanoseek chat` shows tool calls). The misses, 0 to 5 of them, are drawn from the attempts nearest
-    the target, in a random order; the hit is drawn at random among the ways that make it. Which attempt comes
-    first and when to stop are the model's to learn and RL's to sharpen; no number in it is computed by the
-    model."""
+    (shown as `nanoseek chat` shows tool calls). The misses, 0 to 3 of them, are drawn from the attempts nearest
+    the target and tried farthest first, so each attempt comes nearer than the last (in a random order the model
+    repeats its likeliest attempt until the budget ends); the hit is drawn at random among the ways that make
+    it. Which attempt comes first and when to stop are the model's to learn and RL's to sharpen; no number in it
+    is computed by the model."""
     if target in numbers:
         return f"{target} is given", str(target)
     ways = expressions(numbers)
@@ -131,6 +132,7 @@ def worked_solution(numbers, target, rng):
     near = sorted((text for text, value in ways.items() if value != target),
                   key=lambda text: (abs(ways[text] - target), rng.random()))[:NEAR]
     misses = rng.sample(near, min(rng.choice(MISSES), len(near)))
+    misses.sort(key=lambda text: -abs(ways[text] - target))  # each attempt nearer the target than the last
     hit = rng.choice(hits)
     lines = [attempt_line(text, ways[text], target) for text in misses + [hit]]
     return "\n".join(lines), hit
