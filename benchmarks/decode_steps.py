@@ -15,8 +15,9 @@ import torch
 
 from nanoseek.aot import AotStep
 from nanoseek.checkpoint import load
+from nanoseek.kv_cache import LatentCache
 from nanoseek.speculation import speculative_step
-from nanoseek.step import LatentCache, compile_options, decode_step
+from nanoseek.steps import compile_options, decode_step
 
 
 def milliseconds(call, calls, rounds):

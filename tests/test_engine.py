@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 import nanoseek
-from nanoseek import checkpoint
+from nanoseek import checkpoint, kv_cache
 from nanoseek import engine as engine_module
-from nanoseek import step as step_module
+from nanoseek import slots as slots_module
 from nanoseek.aot import AotStep
 from nanoseek.engine import Engine, EngineFull
 from nanoseek.model import DeepSeekV3, config_for_size
@@ -248,12 +248,12 @@ def test_one_sequence_steps_compiled_ahead_of_time(trained, tmp_path, monkeypatc
     older.write_bytes(b"a package of other nanoseek source")
     plain = Engine(model, tok, max_batch=1, compile=True)
     fast = Engine(model, tok, max_batch=1, speculative=True, compile=True)
-    for step in (plain.decode_step, fast.speculator.step):  # packages, not the torch.compile fallback
+    for step in (plain.slots.decode_step, fast.speculator.step):  # packages, not the torch.compile fallback
         assert isinstance(step, AotStep) and step.run is not step.fallback
     assert tokens(plain) == expected and tokens(plain, seeded) == expected_seeded
     assert tokens(fast) == expected and fast.acceptance_rate > 0.3
     with monkeypatch.context() as m:  # a tool call (a scripted choice): its chunk runs eagerly beside the package
-        m.setattr(engine_module, "sample_tokens", scripted_sampling({1: test_tools.call(tok)}))
+        m.setattr(slots_module, "sample_tokens", scripted_sampling({1: test_tools.call(tok)}))
         calling = SamplingParams(max_tokens=24, temperature=0, seed=1)
         assert tokens(plain, calling) == tokens(eager, calling)
         assert all(t[4:9] == [tok.call_end_id, *test_tools.output(tok)] for t in tokens(plain, calling))
@@ -288,7 +288,7 @@ def test_a_server_engine_decodes_a_lone_request_ahead_of_time(trained, tmp_path,
     served = Engine(model, tok, max_batch=4, compile=True, ahead_of_time=True)
     for engine in (eager, served):
         engine.stop_ids = set()
-    one = served.decode_step.one  # compiled by the engine's warm-up
+    one = served.slots.decode_step.one  # compiled by the engine's warm-up
     assert isinstance(one, AotStep) and one.run is not one.fallback
     assert [served.generate([p], greedy)[0].tokens for p in prompts] == \
         [eager.generate([p], greedy)[0].tokens for p in prompts]
@@ -428,9 +428,9 @@ def test_chunked_prefill_gives_the_same_tokens(trained):
             chunked = Engine(model, tok, speculative=speculative)
             chunked.prefill_tokens = 5
             sizes = []
-            chunked._forward = recording(chunked._forward, sizes)
+            chunked.slots.forward = recording(chunked.slots.forward, sizes)
             seqs = chunked.add(prompts, params)
-            del chunked._forward
+            del chunked.slots.forward
             assert max(sizes) <= 5 and len(sizes) >= (3 if prompts is long else 2)
             while not chunked.idle:
                 chunked.step()
@@ -476,7 +476,7 @@ def test_add_is_all_or_nothing(trained, point, monkeypatch):
     elif point == "text":  # the third sequence's text stream cannot be made
         monkeypatch.setattr(engine_module, "TextStream", fail_on_call(3)(engine_module.TextStream))
     elif point in ("forward", "forward2"):
-        monkeypatch.setattr(engine, "_forward", fail_on_call(1 if point == "forward" else 2)(engine._forward))
+        monkeypatch.setattr(engine.slots, "forward", fail_on_call(1 if point == "forward" else 2)(engine.slots.forward))
     elif point == "mtp":
         monkeypatch.setattr(engine.speculator, "forward", fail_on_call(2)(engine.speculator.forward))
     else:
@@ -526,10 +526,10 @@ def test_compiled_step_attention_equals_eager(width):
     cfg = model.config
     rows, starts = torch.tensor([2, 0]), torch.tensor([9, 4])
     ids = torch.randint(3, 448, (2, width), generator=torch.Generator().manual_seed(width))
-    step = torch.compile(step_module.decode_forward, fullgraph=True, dynamic=False)
+    step = torch.compile(kv_cache.decode_forward, fullgraph=True, dynamic=False)
     outputs = []
-    for run in (step_module.decode_forward, step):
-        cache = step_module.LatentCache(cfg.num_hidden_layers, 3, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+    for run in (kv_cache.decode_forward, step):
+        cache = kv_cache.LatentCache(cfg.num_hidden_layers, 3, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                           torch.float32, "cpu")
         cache.reserve(16)
         for t in cache.latent + cache.rope:  # earlier positions, as a prefill would have left them

@@ -109,7 +109,7 @@ def test_the_slot_leak_request_leaves_every_slot_free(attacked):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_failed_admission_releases_its_slots(attacked, monkeypatch, stream):
     url, engine, _ = attacked
-    monkeypatch.setattr(engine, "_forward", fail_once(engine._forward))  # the prefill fails
+    monkeypatch.setattr(engine.slots, "forward", fail_once(engine.slots.forward))  # the prefill fails
     r = post(url, "/v1/completions", {**COMPLETE, "n": SLOTS, "stream": stream})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert wait_idle(url)["free"] == SLOTS

@@ -12,7 +12,7 @@ import torch
 from conftest import start_server
 
 from nanoseek import checkpoint
-from nanoseek import engine as engine_module
+from nanoseek import slots as slots_module
 from nanoseek.chat import chat
 from nanoseek.engine import Engine
 from nanoseek.model import DeepSeekV3, config_for_size
@@ -83,7 +83,7 @@ def calling_model(tokenizer, expression="6*7"):
 def scripted_sampling(scripts):
     """The engine's sample_tokens, but writing scripts[seed] as a seeded sequence's first tokens (the model's
     choices, set by a test); every other token is the engine's own draw."""
-    draw = engine_module.sample_tokens
+    draw = slots_module.sample_tokens
 
     def sample(logits, params, counters=None, noise=None):
         tokens = draw(logits, params, counters, noise)
@@ -100,7 +100,7 @@ def scripted_sampling(scripts):
 def scripted(monkeypatch):
     """The engine samples with scripted_sampling -> the dict of scripts to fill."""
     scripts = {}
-    monkeypatch.setattr(engine_module, "sample_tokens", scripted_sampling(scripts))
+    monkeypatch.setattr(slots_module, "sample_tokens", scripted_sampling(scripts))
     return scripts
 
 
@@ -113,8 +113,8 @@ def test_a_call_gets_its_result_as_forced_tokens_in_one_prefill(peaky, tokenizer
     tok, script = tokenizer, call(tokenizer)
     scripted[1] = script
     engine = Engine(peaky, tok, max_batch=max_batch, compile=False)
-    chunks, forward = [], engine._forward
-    monkeypatch.setattr(engine, "_forward", lambda ids, rows, starts: chunks.append((ids.tolist(), starts))
+    chunks, forward = [], engine.slots.forward
+    monkeypatch.setattr(engine.slots, "forward", lambda ids, rows, starts: chunks.append((ids.tolist(), starts))
                         or forward(ids, rows, starts))
     (seq,) = engine.generate([PROMPT], greedy(24, seed=1, logprobs=True))
     n, forced = len(script), output(tok)
@@ -136,8 +136,8 @@ def test_calls_answered_in_one_step_share_one_chunk_forward(peaky, tokenizer, sc
     tok = tokenizer
     scripted[1] = scripted[2] = call(tok)
     engine = Engine(peaky, tok, max_batch=4, compile=False)
-    chunks, forward = [], engine._forward
-    monkeypatch.setattr(engine, "_forward", lambda ids, rows, starts: chunks.append((ids.shape, starts))
+    chunks, forward = [], engine.slots.forward
+    monkeypatch.setattr(engine.slots, "forward", lambda ids, rows, starts: chunks.append((ids.shape, starts))
                         or forward(ids, rows, starts))
     both = engine.generate([PROMPT, OTHER], [greedy(20, seed=1), greedy(20, seed=2)])
     n = len(call(tok)) + len(output(tok))

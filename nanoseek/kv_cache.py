@@ -1,8 +1,8 @@
-"""The latent cache and the forward steps that read and write it, as the engine compiles them.
+"""The latent KV cache and the forwards that read and write it.
 
 Per layer the cache holds kv_lora_rank + qk_rope_head_dim numbers a token (MLA's latent), in slots the engine
 gives to sequences. A forward over (B, T) tokens writes its positions into the rows' slots and attends over
-everything cached; the plain decode step is that forward for one token a row plus the output head.
+everything cached. The steps the engine compiles over it are in steps.py and speculation.py.
 """
 
 import torch
@@ -79,16 +79,3 @@ def forward_logits(model, ids, starts, rows, latent, rope):
     """decode_forward, then the output head: hidden states (B, T, D) and float logits (B, T, V)."""
     h = decode_forward(model, ids, starts, rows, latent, rope)
     return h, model.lm_head(h).float()
-
-
-def decode_step(model, ints, latent, rope):
-    """The plain decode step: one token a row, ints (B, 3) = (token, its position, slot), one tensor so that a
-    step makes one from the host -> hidden states (B, 1, D) and float logits (B, V)."""
-    h, logits = forward_logits(model, ints[:, :1], ints[:, 1], ints[:, 2], latent, rope)
-    return h, logits[:, 0]
-
-
-def compile_options(device):
-    """torch.compile arguments for the decode step (batch and cache length are marked dynamic where the
-    engine makes them): on a CPU the generated C++ calls its kernels directly, no Python between them."""
-    return {"options": {"cpp_wrapper": device.type == "cpu"}}
