@@ -16,6 +16,7 @@ time, tokens appended to their shard as they come, and the loader indexes each s
 """
 
 import bisect
+import dataclasses
 import glob
 import hashlib
 import itertools
@@ -27,30 +28,14 @@ import tempfile
 import numpy as np
 import torch
 
+from nanoseek.config import HFSource, accepts, type_name
 from nanoseek.tokenizer import Tokenizer
 
 SHARD_TOKENS = 50_000_000  # tokens per shard file
 ENCODE_BATCH = 1000  # documents encoded together (tokenizers encodes a batch on every core)
 WRITE_TOKENS = 1 << 18  # tokens held before they are appended to their shard file
 READ_CHARS = 1 << 20  # characters of a text file read at a time
-HF_KEYS = {"path": "a Hub id or a local directory or file", "name": "the dataset's configuration",
-           "split": "the split to read", "column": "text (pretraining) or messages (chat, OpenAI style)",
-           "max_documents": "stop after this many documents (0: all)"}
-OPTIONS = {  # the options of `nanoseek data` beside --tokenizer and --out: (default, meaning)
-    "input": ([], "files or globs: .txt, .jsonl ({text} or {messages}), .parquet"),
-    "hf": ("", "a Hugging Face dataset instead, streamed: a Hub id or a local directory or file"),
-    "name": ("", "--hf: " + HF_KEYS["name"]),
-    "split": ("train", "--hf: " + HF_KEYS["split"]),
-    "column": ("text", "--hf: " + HF_KEYS["column"]),
-    "max_documents": (0, "--hf: " + HF_KEYS["max_documents"]),
-    "task": ([], "make data from tasks instead (worked solutions as <think> traces)"),
-    "n": (10000, "--task: problems per task"),
-    "kind": ("chat", "--task: chat (SFT) or text data"),
-    "difficulty": (0, "--task: one difficulty (0: all)"),
-    "checker": ("exact", "--task with a JSONL file: its checker"),
-    "seed": (0, "--task: seed of the problems"),
-    "val_fraction": (0.01, "share of documents held out"),
-}
+HF_KEYS = ("path", "name", "split", "column", "max_documents")  # a Hugging Face source: path and HFSource
 
 
 class DataError(ValueError):
@@ -172,10 +157,11 @@ def check_hf_source(source, where="--hf"):
     unknown = sorted(set(source) - set(HF_KEYS))
     if unknown:
         raise DataError(f"{where}: unknown keys {unknown} in a Hugging Face source; valid keys: {sorted(HF_KEYS)}")
-    full = {"path": source["path"], **{key: source.get(key, OPTIONS[key][0]) for key in HF_KEYS if key != "path"}}
+    fields = {f.name: f for f in dataclasses.fields(HFSource)}
+    full = {"path": source["path"], **{key: source.get(key, fields[key].default) for key in HF_KEYS[1:]}}
     for key, value in list(full.items())[1:]:
-        if not isinstance(value, type(OPTIONS[key][0])) or isinstance(value, bool):
-            raise DataError(f"{where}: {key} should be {type(OPTIONS[key][0]).__name__}, got {value!r}")
+        if not accepts(fields[key].type, value):
+            raise DataError(f"{where}: {key} should be {type_name(fields[key].type)}, got {value!r}")
     if full["column"] not in ("text", "messages"):
         raise DataError(f"{where}: column must be 'text' (pretraining) or 'messages' (chat), not {full['column']!r}")
     return full
