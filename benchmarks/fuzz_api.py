@@ -27,7 +27,7 @@ from load_test import HealthProbe, reset_peak_rss, rss_mib, start  # noqa: E402
 
 from nanoseek.engine import Engine  # noqa: E402
 from nanoseek.model import DeepSeekV3, config_for_size  # noqa: E402
-from nanoseek.server import create_app  # noqa: E402
+from nanoseek.serve import create_app  # noqa: E402
 from nanoseek.tokenizer import train_tokenizer  # noqa: E402
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"

@@ -27,7 +27,7 @@ from nanoseek import checkpoint
 from nanoseek.engine import Engine
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.sampling import SamplingParams
-from nanoseek.server import create_app, uvicorn_config
+from nanoseek.serve import create_app, uvicorn_config
 from nanoseek.tokenizer import train_tokenizer
 
 

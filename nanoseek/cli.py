@@ -69,45 +69,51 @@ def cmd_info(args):
 
 
 def cmd_bench(args):
-    from nanoseek import bench
-
     if args.what == "decode" and args.prompts == "tasks" and args.peer:
         raise ValueError("bench decode --prompts tasks compares MTP self-speculation with plain decoding, no peer: "
                          "drop --peer (it compares with a peer on random prompts)")
     if args.what != "serve":
         args.peer = args.peer or ("trl" if args.what == "grpo" else "transformers")
     if args.what == "train":
-        r = bench.bench_train(size=args.size or 4, batch=args.batch, seq=args.seq, steps=args.steps or 100,
-                              sweep=args.sweep, device=args.device, peer=args.peer)
-        bench.print_train(r)
+        from nanoseek.bench.train import bench_train, print_train
+
+        r = bench_train(size=args.size or 4, batch=args.batch, seq=args.seq, steps=args.steps or 100,
+                        sweep=args.sweep, device=args.device, peer=args.peer)
+        print_train(r)
     elif args.what == "decode" and args.prompts == "tasks":
+        from nanoseek.bench.speculation import bench_speculation, print_speculation
+
         if not args.ckpt:
             raise ValueError("bench decode --prompts tasks needs --ckpt: a checkpoint with an MTP module and its "
                              "tokenizer, e.g. runs/cpu/rl/final after make run")
-        r = bench.bench_speculation(args.ckpt, tasks=args.task or ["addition", "countdown"], n=args.n,
-                                    difficulty=args.difficulty or 3, batches=tuple(args.batches),
-                                    new_tokens=args.new_tokens, rounds=args.rounds, device=args.device)
-        bench.print_speculation(r)
+        r = bench_speculation(args.ckpt, tasks=args.task or ["addition", "countdown"], n=args.n,
+                              difficulty=args.difficulty or 3, batches=tuple(args.batches),
+                              new_tokens=args.new_tokens, rounds=args.rounds, device=args.device)
+        print_speculation(r)
     elif args.what == "decode":
+        from nanoseek.bench.decode import bench_decode, print_decode
+
         if (args.prompts or "random") != "random":
             raise ValueError(f"bench decode --prompts is random (random tokens, the default) or tasks (held-out "
                              f"prompts of the checkpoint's tasks), not {args.prompts!r}")
-        r = bench.bench_decode(ckpt=args.ckpt, size=args.size or 6, batches=tuple(args.batches),
-                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
-                               peer=args.peer, rounds=args.rounds)
-        bench.print_decode(r)
+        r = bench_decode(ckpt=args.ckpt, size=args.size or 6, batches=tuple(args.batches),
+                         prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
+                         peer=args.peer, rounds=args.rounds)
+        print_decode(r)
     elif args.what == "grpo":
+        from nanoseek.bench.grpo import bench_grpo, print_grpo
+
         if not args.ckpt:
             raise ValueError("bench grpo needs --ckpt (an SFT checkpoint, e.g. runs/cpu/sft/final)")
         task = args.task or ["addition"]
         if len(task) > 1 or not (args.prompts or "4").isdigit():
             raise ValueError("bench grpo takes one --task and a number of --prompts (problems per step)")
-        r = bench.bench_grpo(args.ckpt, task=task[0], difficulty=args.difficulty or 2, steps=args.steps or 10,
-                             prompts=int(args.prompts or 4), group=args.group, max_new_tokens=args.new_tokens,
-                             peer=args.peer)
-        bench.print_grpo(r)
+        r = bench_grpo(args.ckpt, task=task[0], difficulty=args.difficulty or 2, steps=args.steps or 10,
+                       prompts=int(args.prompts or 4), group=args.group, max_new_tokens=args.new_tokens,
+                       peer=args.peer)
+        print_grpo(r)
     elif args.what == "serve":
-        from nanoseek.bench_serve import bench_serve, print_serve
+        from nanoseek.bench.serve import bench_serve, print_serve
 
         if not args.ckpt:
             raise ValueError("bench serve needs --ckpt: a checkpoint with its tokenizer, e.g. runs/cpu/rl/final")
@@ -117,8 +123,10 @@ def cmd_bench(args):
                         n=args.n, difficulty=args.difficulty or 3, max_tokens=args.new_tokens, rounds=args.rounds)
         print_serve(r)
     elif args.what == "data":
-        r = bench.bench_data(sizes_mb=tuple(args.sizes), vocab_size=args.vocab_size, repeats=args.repeats)
-        bench.print_data(r)
+        from nanoseek.bench.data import bench_data, print_data
+
+        r = bench_data(sizes_mb=tuple(args.sizes), vocab_size=args.vocab_size, repeats=args.repeats)
+        print_data(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
@@ -225,7 +233,7 @@ def _reading(kind):
 
 
 def cmd_serve(args):
-    from nanoseek.server import serve
+    from nanoseek.serve import serve
 
     serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           model_name=args.model_name, device=args.device, threads=args.threads)

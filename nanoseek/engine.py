@@ -235,9 +235,10 @@ class Engine:
             return []
         events = [self._emit(s, [token]) for s, token in zip(seqs, self._sample(seqs))]
         go_on = [s for s in seqs if s.finish_reason is None]
-        for s in [s for s in go_on if s.forced[-1]]:  # a tool's output was appended: its chunk, not a step
-            self._prefill_forced(s)
-            go_on.remove(s)
+        answered = [s for s in go_on if s.forced[-1]]  # a tool's output was appended: its chunk, not a step
+        if answered:
+            self._prefill_forced(answered)
+            go_on = [s for s in go_on if not s.forced[-1]]
         if not go_on:
             return events
         if self.speculator and all(s.params.greedy for s in go_on):
@@ -328,16 +329,23 @@ class Engine:
             s.logprobs += [math.nan] * len(output)  # not drawn from the model: no log-probability
         return output
 
-    def _prefill_forced(self, s):
-        """Write s's tokens the cache lacks, its call's end and the tool's output after it, as one prefill chunk
-        at its position; its next logits are the chunk's last position's."""
-        n = 1 + next(i for i, forced in enumerate(reversed(s.forced)) if not forced)
-        rows = self._rows([s])
-        h = self._forward(torch.tensor([s.tokens[-n:]], device=self.device), rows, [s.length - n + 1])
-        with self.compute.autocast():
-            self.logits[rows] = self.model.lm_head(h[:, -1]).float()
-        if self.speculator:  # the MTP module takes these positions at its next speculative step (catch_up)
-            s.mtp_states += list(h[0].unbind(0))
+    def _prefill_forced(self, seqs):
+        """Write each sequence's tokens the cache lacks, its call's end and the tool's output after it, as a
+        prefill chunk at its position, one forward for the chunks of a length; a sequence's next logits are its
+        chunk's last position's."""
+        by_length = {}
+        for s in seqs:
+            n = 1 + next(i for i, forced in enumerate(reversed(s.forced)) if not forced)
+            by_length.setdefault(n, []).append(s)
+        for n, group in by_length.items():
+            rows = self._rows(group)
+            ids = torch.tensor([s.tokens[-n:] for s in group], device=self.device)  # (B, n)
+            h = self._forward(ids, rows, [s.length - n + 1 for s in group])
+            with self.compute.autocast():
+                self.logits[rows] = self.model.lm_head(h[:, -1]).float()
+            if self.speculator:  # the MTP module takes these positions at its next speculative step (catch_up)
+                for s, states in zip(group, h):
+                    s.mtp_states += list(states.unbind(0))
 
     def _room(self, s):
         """New tokens s may still take: its max_tokens, and the context (its next token needs a position)."""

@@ -168,7 +168,7 @@ def live_server(chat_model):
     """A nanoseek server of the chat model on loopback, in this process; yields (base url, app)."""
     from nanoseek.checkpoint import load
     from nanoseek.engine import Engine
-    from nanoseek.server import create_app
+    from nanoseek.serve import create_app
 
     model, tok = load(chat_model)
     engine = Engine(model, tok, max_batch=4, tools=False)  # test_export compares its tokens with transformers'
@@ -183,7 +183,7 @@ def endless_server(tokenizer):
     """A server of a random model whose greedy output runs to max_tokens: for capacity tests."""
     from nanoseek.engine import Engine
     from nanoseek.model import DeepSeekV3, config_for_size
-    from nanoseek.server import create_app
+    from nanoseek.serve import create_app
 
     cfg = config_for_size(2, vocab_size=448)
     model = DeepSeekV3(cfg).init_weights(0)

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from nanoseek import bench, checkpoint
-from nanoseek.bench import steps_to, train_nanoseek_way, train_transformers_way
+from nanoseek import checkpoint
+from nanoseek.bench import common, llama_cpp, speculation
+from nanoseek.bench.train import steps_to, train_nanoseek_way, train_transformers_way
 from nanoseek.device import policy
 from nanoseek.model import DeepSeekV3, config_for_size, round_up
 from nanoseek.tokenizer import Tokenizer
@@ -107,35 +108,35 @@ BATCHED_BENCH_OUTPUT = (
 
 
 def test_llama_bench_rate_is_its_tokens_over_its_time():
-    rate = bench.llama_bench_rate(LLAMA_BENCH_JSON)
+    rate = llama_cpp.llama_bench_rate(LLAMA_BENCH_JSON)
     assert rate == pytest.approx(3 * 128 / (59192042 + 68392683 + 65980958) * 1e9)
     assert rate == pytest.approx(1991.3, rel=0.01)  # its own avg_ts, the mean of the three runs' rates
 
 
 def test_batched_bench_table_and_rate():
-    (row,) = bench.batched_bench_table(BATCHED_BENCH_OUTPUT)
+    (row,) = llama_cpp.batched_bench_table(BATCHED_BENCH_OUTPUT)
     assert (row["PP"], row["TG"], row["B"], row["S_TG t/s"]) == (64, 128, 16, 4576.38)
-    assert bench.batched_bench_rate([BATCHED_BENCH_OUTPUT]) == pytest.approx(4576.38)
+    assert llama_cpp.batched_bench_rate([BATCHED_BENCH_OUTPUT]) == pytest.approx(4576.38)
     slower = BATCHED_BENCH_OUTPUT.replace("4576.38", "2288.19")  # half the speed: twice the time for the same tokens
-    assert bench.batched_bench_rate([BATCHED_BENCH_OUTPUT, slower]) == pytest.approx(2 * 4576.38 / 3)
+    assert llama_cpp.batched_bench_rate([BATCHED_BENCH_OUTPUT, slower]) == pytest.approx(2 * 4576.38 / 3)
 
 
 def test_batched_bench_runs_again_when_its_table_is_lost(monkeypatch):
     lost = BATCHED_BENCH_OUTPUT.split("|")[0]  # the process ended before its logging thread printed the table
     outputs = iter([lost, lost, BATCHED_BENCH_OUTPUT])
-    monkeypatch.setattr(bench, "run_tool", lambda command: next(outputs))
-    assert bench.batched_bench_output(["llama-batched-bench"]) == BATCHED_BENCH_OUTPUT
-    monkeypatch.setattr(bench, "run_tool", lambda command: lost)
+    monkeypatch.setattr(llama_cpp, "run_tool", lambda command: next(outputs))
+    assert llama_cpp.batched_bench_output(["llama-batched-bench"]) == BATCHED_BENCH_OUTPUT
+    monkeypatch.setattr(llama_cpp, "run_tool", lambda command: lost)
     with pytest.raises(RuntimeError, match="no results table"):
-        bench.batched_bench_output(["llama-batched-bench"], attempts=3)
+        llama_cpp.batched_bench_output(["llama-batched-bench"], attempts=3)
 
 
 def test_sides_take_turns_and_the_ratio_is_of_medians():
     calls, figures = [], {"nanoseek": iter([10.0, 30.0, 20.0]), "llama.cpp": iter([40.0, 5.0, 50.0])}
     sides = {name: (lambda name=name: calls.append(name) or next(figures[name])) for name in figures}
-    got = bench.interleaved(sides, rounds=3)
+    got = common.interleaved(sides, rounds=3)
     assert calls == ["nanoseek", "llama.cpp"] * 3
-    c = bench.compare(got["nanoseek"], got["llama.cpp"])
+    c = common.compare(got["nanoseek"], got["llama.cpp"])
     assert c["nanoseek"] == {"median": 20.0, "min": 10.0, "max": 30.0, "rounds": [10.0, 30.0, 20.0]}
     assert (c["llama.cpp"]["median"], c["llama.cpp"]["min"], c["llama.cpp"]["max"]) == (40.0, 5.0, 50.0)
     assert c["speedup"] == 0.5
@@ -145,7 +146,7 @@ def test_missing_cmake_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(shutil, "which", lambda name: None if name == "cmake" else f"/usr/bin/{name}")
     with pytest.raises(RuntimeError, match="needs cmake.*apt-get install cmake"):
-        bench.native_llama_tools("0.3.36")
+        llama_cpp.native_llama_tools("0.3.36")
     assert not (tmp_path / "nanoseek").exists()  # nothing downloaded, nothing built
 
 
@@ -153,17 +154,17 @@ def test_cached_tools_are_not_built_again(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     folder = tmp_path / "nanoseek" / "llama.cpp-0.3.36" / "bin"
     folder.mkdir(parents=True)
-    for name in bench.NATIVE_TOOLS:
+    for name in llama_cpp.NATIVE_TOOLS:
         (folder / name).write_text("")
         os.chmod(folder / name, 0o755)
-    monkeypatch.setattr(bench, "check_build_tools", lambda: pytest.fail("a cached tool was built again"))
-    assert bench.native_llama_tools("0.3.36") == {name: str(folder / name) for name in bench.NATIVE_TOOLS}
+    monkeypatch.setattr(llama_cpp, "check_build_tools", lambda: pytest.fail("a cached tool was built again"))
+    assert llama_cpp.native_llama_tools("0.3.36") == {name: str(folder / name) for name in llama_cpp.NATIVE_TOOLS}
 
 
 def test_speculation_on_task_prompts_is_exact_and_prints_its_ratio_last(chat_model, capsys):
     """bench decode --prompts tasks: held-out prompts of the task, decoded plainly and speculatively, the same
     tokens; rates of both sides in every round, the speedups printed last."""
-    r = bench.bench_speculation(chat_model, tasks=["addition"], n=5, difficulty=2, batches=(1, 2), new_tokens=24,
+    r = speculation.bench_speculation(chat_model, tasks=["addition"], n=5, difficulty=2, batches=(1, 2), new_tokens=24,
                                 rounds=2)
     assert [(row["batch"], row["prompts"]) for row in r["runs"]] == [(1, 1), (2, 5)]
     for row in r["runs"]:
@@ -171,7 +172,7 @@ def test_speculation_on_task_prompts_is_exact_and_prints_its_ratio_last(chat_mod
         assert 0 <= row["acceptance"] <= 1 and row["speedup"] > 0
         assert all(len(row[side][what]["rounds"]) == 2 for side in ("plain", "speculative")
                    for what in ("decode_steps", "whole_requests"))
-    bench.print_speculation(r)
+    speculation.print_speculation(r)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("speedup vs plain decoding (batch 2): ")
 
@@ -193,12 +194,12 @@ def test_serve_bench_drives_servers_in_turns_and_compares_replies(chat_model, tm
     """bench serve's machinery on nanoseek alone: `nanoseek serve` started as a user starts it, waited for,
     asked the same chat requests as both sides (so every reply is the same), and stopped; a server that
     exits at once is reported with its log."""
-    from nanoseek.bench_serve import free_port, running, serve_rounds
+    from nanoseek.bench.serve import free_port, running, serve_rounds
 
     url = f"http://127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "nanoseek", "serve", chat_model, "--port", url.rsplit(":", 1)[1],
                "--max-batch", "2"]
-    conversations = bench.held_out_conversations(["addition"], 4, 2)
+    conversations = common.held_out_conversations(["addition"], 4, 2)
     with running(command, url, tmp_path / "serve.log") as process:
         row = serve_rounds(url, url, conversations, at_once=2, max_tokens=24, rounds=2)
     assert process.returncode is not None  # stopped on leaving

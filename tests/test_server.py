@@ -19,7 +19,7 @@ def looping_server(tokenizer):
     from test_engine import looping_model
 
     from nanoseek.engine import Engine
-    from nanoseek.server import create_app
+    from nanoseek.serve import create_app
 
     url, stop = start_server(create_app(Engine(looping_model(tokenizer), tokenizer, max_batch=2), "loop"))
     yield url

@@ -17,7 +17,7 @@ from fuzz_api import BodyBytes, chunked, raw_post  # noqa: E402  the attacks the
 
 from nanoseek.engine import Engine
 from nanoseek.model import DeepSeekV3, config_for_size
-from nanoseek.server import allowed_hosts, create_app, uvicorn_config
+from nanoseek.serve import allowed_hosts, create_app, uvicorn_config
 
 SLOTS = 4
 ASK = [{"role": "user", "content": "What is 12 + 30?"}]

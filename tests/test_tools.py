@@ -18,7 +18,7 @@ from nanoseek.engine import Engine
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.rejection import kept_chats
 from nanoseek.sampling import SamplingParams
-from nanoseek.server import create_app
+from nanoseek.serve import create_app
 from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_DISPLAY, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END
 
 PROMPT, OTHER = [5, 60, 61, 62, 63], [70, 71, 72]
@@ -128,6 +128,24 @@ def test_a_call_gets_its_result_as_forced_tokens_in_one_prefill(peaky, tokenizer
     k = n + len(forced)
     (rest,) = Engine(peaky, tok, max_batch=1, compile=False).generate([PROMPT + seq.tokens[:k]], greedy(24 - k))
     assert seq.tokens[k:] == rest.tokens
+
+
+def test_calls_answered_in_one_step_share_one_chunk_forward(peaky, tokenizer, scripted, monkeypatch):
+    """Sequences whose calls end in the same step, with outputs of one length, write them in one batched
+    forward; each goes on as it would alone."""
+    tok = tokenizer
+    scripted[1] = scripted[2] = call(tok)
+    engine = Engine(peaky, tok, max_batch=4, compile=False)
+    chunks, forward = [], engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda ids, rows, starts: chunks.append((ids.shape, starts))
+                        or forward(ids, rows, starts))
+    both = engine.generate([PROMPT, OTHER], [greedy(20, seed=1), greedy(20, seed=2)])
+    n = len(call(tok)) + len(output(tok))
+    ends = [len(PROMPT) + len(call(tok)) - 1, len(OTHER) + len(call(tok)) - 1]  # each call's end token
+    assert chunks[-1] == ((2, len(output(tok)) + 1), ends)
+    for prompt, seed, seq in zip([PROMPT, OTHER], [1, 2], both):
+        (alone,) = Engine(peaky, tok, max_batch=4, compile=False).generate([prompt], greedy(20, seed=seed))
+        assert seq.tokens == alone.tokens and seq.forced == alone.forced and any(seq.forced[:n])
 
 
 def test_other_sequences_decode_on_unaffected(peaky, tokenizer, scripted, monkeypatch):

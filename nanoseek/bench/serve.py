@@ -17,7 +17,8 @@ from contextlib import contextmanager
 import torch
 
 from nanoseek import checkpoint
-from nanoseek.bench import compare, held_out_conversations, interleaved, native_llama_tools
+from nanoseek.bench.common import compare, held_out_conversations, interleaved, spread_text
+from nanoseek.bench.llama_cpp import native_llama_tools
 
 START_SECONDS = 300  # a server's first start compiles its steps (nanoseek) or loads the model: minutes at most
 
@@ -143,9 +144,7 @@ def print_serve(r):
           f"requests, greedy, up to {r['max_tokens']} tokens; nanoseek serve against llama-server, {r['threads']} "
           f"threads each; completion tok/s, median (min-max) of {r['rounds']} rounds taking turns:")
     for row in r["runs"]:
-        ours, theirs = row["nanoseek"], row["llama.cpp"]
-        print(f"{row['at_once']:>3} at a time:  nanoseek {ours['median']:8.1f} ({ours['min']:.1f}-{ours['max']:.1f})"
-              f"   llama-server {theirs['median']:8.1f} ({theirs['min']:.1f}-{theirs['max']:.1f})   same replies: "
-              f"{row['same_replies']} of {r['requests']}")
+        print(f"{row['at_once']:>3} at a time:  nanoseek {spread_text(row['nanoseek'])}   llama-server "
+              f"{spread_text(row['llama.cpp'])}   same replies: {row['same_replies']} of {r['requests']}")
     for row in r["runs"]:
         print(f"speedup vs llama.cpp ({row['at_once']} at a time): {row['speedup']:.2f}")
