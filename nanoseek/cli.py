@@ -12,13 +12,14 @@ import torch
 
 def _hf_source(args):
     """The Hugging Face source that --hf, --name, --split, --column and --max-documents name."""
-    from nanoseek.data import HF_KEYS
+    from nanoseek.hub import HF_KEYS
 
     return {key: getattr(args, "hf" if key == "path" else key) for key in HF_KEYS}
 
 
 def cmd_tokenizer(args):
-    from nanoseek.data import document_texts, read_hf, read_texts
+    from nanoseek.data import document_texts, read_texts
+    from nanoseek.hub import read_hf
     from nanoseek.tokenizer import train_tokenizer
 
     if bool(args.input) == bool(args.hf):
@@ -69,9 +70,9 @@ def cmd_info(args):
 
 
 def cmd_bench(args):
-    if args.what == "decode" and args.prompts == "tasks" and args.peer:
-        raise ValueError("bench decode --prompts tasks compares MTP self-speculation with plain decoding, no peer: "
-                         "drop --peer (it compares with a peer on random prompts)")
+    if args.what == "decode" and args.prompt_kind == "tasks" and args.peer:
+        raise ValueError("bench decode --prompt-kind tasks compares MTP self-speculation with plain decoding, no "
+                         "peer: drop --peer (it compares with a peer on random prompts)")
     if args.what != "serve":
         args.peer = args.peer or ("trl" if args.what == "grpo" else "transformers")
     if args.what == "train":
@@ -80,11 +81,11 @@ def cmd_bench(args):
         r = bench_train(size=args.size or 4, batch=args.batch, seq=args.seq, steps=args.steps or 100,
                         sweep=args.sweep, device=args.device, peer=args.peer)
         print_train(r)
-    elif args.what == "decode" and args.prompts == "tasks":
+    elif args.what == "decode" and args.prompt_kind == "tasks":
         from nanoseek.bench.speculation import bench_speculation, print_speculation
 
         if not args.ckpt:
-            raise ValueError("bench decode --prompts tasks needs --ckpt: a checkpoint with an MTP module and its "
+            raise ValueError("bench decode --prompt-kind tasks needs --ckpt: a checkpoint with an MTP module and its "
                              "tokenizer, e.g. runs/cpu/rl/final after make run")
         r = bench_speculation(args.ckpt, tasks=args.task or ["addition", "countdown"], n=args.n,
                               difficulty=args.difficulty or 3, batches=tuple(args.batches),
@@ -93,9 +94,6 @@ def cmd_bench(args):
     elif args.what == "decode":
         from nanoseek.bench.decode import bench_decode, print_decode
 
-        if (args.prompts or "random") != "random":
-            raise ValueError(f"bench decode --prompts is random (random tokens, the default) or tasks (held-out "
-                             f"prompts of the checkpoint's tasks), not {args.prompts!r}")
         r = bench_decode(ckpt=args.ckpt, size=args.size or 6, batches=tuple(args.batches),
                          prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
                          peer=args.peer, rounds=args.rounds)
@@ -106,10 +104,10 @@ def cmd_bench(args):
         if not args.ckpt:
             raise ValueError("bench grpo needs --ckpt (an SFT checkpoint, e.g. runs/cpu/sft/final)")
         task = args.task or ["addition"]
-        if len(task) > 1 or not (args.prompts or "4").isdigit():
-            raise ValueError("bench grpo takes one --task and a number of --prompts (problems per step)")
+        if len(task) > 1:
+            raise ValueError("bench grpo takes one --task")
         r = bench_grpo(args.ckpt, task=task[0], difficulty=args.difficulty or 2, steps=args.steps or 10,
-                       prompts=int(args.prompts or 4), group=args.group, max_new_tokens=args.new_tokens,
+                       prompts=args.prompts, group=args.group, max_new_tokens=args.new_tokens,
                        peer=args.peer)
         print_grpo(r)
     elif args.what == "serve":
@@ -134,7 +132,8 @@ def cmd_bench(args):
 
 def cmd_data(args):
     from nanoseek.config import DataConfig
-    from nanoseek.data import build, read_hf
+    from nanoseek.data import build
+    from nanoseek.hub import read_hf
     from nanoseek.tasks import task_documents
     from nanoseek.tokenizer import Tokenizer
 
@@ -200,13 +199,12 @@ def cmd_mtp(args):
 
 
 def cmd_eval(args):
-    from nanoseek.config import EvalConfig
+    from nanoseek.config import EvalConfig, Scoring, values
     from nanoseek.evaluate import evaluate, markdown_table
 
     o = from_args(EvalConfig, args)
-    results = evaluate(args.ckpt, o.task, n=o.n, k=o.k, max_new_tokens=o.max_new_tokens, seed=o.seed, out=o.out,
-                       device=o.device, checker=o.checker, difficulty=o.levels, dtype=o.dtype, k_n=o.k_n,
-                       second_turn=o.second_turn, depth_n=o.depth_n)
+    results = evaluate(args.ckpt, o.task, **values(o, Scoring), seed=o.seed, out=o.out, device=o.device,
+                       checker=o.checker, difficulty=o.levels, dtype=o.dtype)
     print(markdown_table(results, o.k))
     if o.out:
         print(f"written to {args.out}/eval.json, eval.md, eval.png")
@@ -388,13 +386,14 @@ def build_parser():
     s.add_argument("--sizes", type=float, nargs="+", default=[20, 200], help="data: corpus sizes in MB")
     s.add_argument("--vocab-size", type=int, default=8192, help="data: tokenizer vocabulary")
     s.add_argument("--repeats", type=int, default=3, help="data: turns of each side (the median time is kept)")
-    s.add_argument("--task", nargs="+", help="grpo: the task (default addition); decode --prompts tasks: the "
+    s.add_argument("--task", nargs="+", help="grpo: the task (default addition); decode --prompt-kind tasks: the "
                    "tasks whose held-out prompts are decoded (default addition countdown)")
-    s.add_argument("--difficulty", type=int, help="grpo: task difficulty (default 2); decode --prompts tasks: 3")
-    s.add_argument("--prompts", help="grpo: problems per step (default 4); decode: random (random tokens, the "
-                   "default) or tasks (held-out prompts of --task, asked as chat and decoded to their end, plain "
+    s.add_argument("--difficulty", type=int, help="grpo: task difficulty (default 2); decode --prompt-kind tasks: 3")
+    s.add_argument("--prompt-kind", choices=["random", "tasks"], default="random", help="decode: random (random "
+                   "tokens) or tasks (held-out prompts of --task, asked as chat and decoded to their end, plain "
                    "against MTP self-speculation)")
-    s.add_argument("--n", type=int, default=50, help="decode --prompts tasks, serve: held-out problems per task")
+    s.add_argument("--prompts", type=int, default=4, help="grpo: problems per step")
+    s.add_argument("--n", type=int, default=50, help="decode --prompt-kind tasks, serve: held-out problems per task")
     s.add_argument("--at-once", type=int, nargs="+", default=[1, 8], help="serve: requests in flight at a time")
     s.add_argument("--group", type=int, default=8, help="grpo: completions per problem")
     s.add_argument("--ckpt", help="decode: checkpoint to benchmark (default: a random model of --size); "
@@ -402,8 +401,8 @@ def build_parser():
     s.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode: batch sizes")
     s.add_argument("--prompt-len", type=int, default=64, help="decode: prompt tokens")
     s.add_argument("--new-tokens", type=int, default=128, help="decode: tokens to generate")
-    s.add_argument("--rounds", type=int, default=5, help="decode with --peer llama.cpp or --prompts tasks, serve: "
-                   "rounds in which the two sides take turns (the medians are compared)")
+    s.add_argument("--rounds", type=int, default=5, help="decode with --peer llama.cpp or --prompt-kind tasks, "
+                   "serve: rounds in which the two sides take turns (the medians are compared)")
     s.add_argument("--peer", default=None, choices=["transformers", "llama.cpp", "trl"],
                    help="transformers (train, decode), llama.cpp (decode, serve) or trl (grpo)")
     s.add_argument("--size", type=int, help="size dial (depth; default: train 4, the cpu recipe's; decode 6)")

@@ -4,9 +4,10 @@ Options are grouped by concern (Compute, RunDir, Optim, Batches, Sampling, TaskS
 composes the concerns it has and adds its own options, restating a default where the stage's differs
 (`override`). TrainConfig is pretrain's and sft's, then RLConfig, RSConfig, MTPConfig, EvalConfig and DataConfig;
 a recipe's [run], [data] and [eval] are RunSection, DataSection and EvalSection, and its other sections the
-stages' configs but for what the recipe sets itself (recipe=False: where a stage starts and writes). From the
-fields come every stage's flags and --help (cli.py), the recipe's sections, defaults and type checks (RECIPE,
-pipeline.py) and the recipe reference in `nanoseek run --help` (recipe_reference).
+stages' configs but for what the recipe sets itself (recipe=False: where a stage starts and writes, and the seed,
+device and dtype that [run] gives every stage). From the fields come every stage's flags and --help (cli.py), the
+recipe's sections, defaults and type checks (RECIPE, pipeline.py) and the recipe reference in `nanoseek run --help`
+(recipe_reference) and docs/RECIPES.md (recipe_markdown: `python -m nanoseek.config > docs/RECIPES.md`).
 
 A field typed as a list or one value (a task's `task` and `difficulty`, `replay`) takes either, as the command line
 and older recipes give them: names, comma-separated, or one difficulty (0: the task's whole range). Inside it is
@@ -14,6 +15,7 @@ always a list.
 """
 
 import copy
+import functools
 import json
 import textwrap
 import types
@@ -29,10 +31,11 @@ def opt(default, help, recipe=True):
     return field(default=default, metadata=metadata)
 
 
-def override(concern, name, default, help=None):
-    """The field `name` of `concern` with a stage's own default (and help, where the stage narrows its meaning)."""
+def override(concern, name, default, help=None, recipe=None):
+    """The field `name` of `concern` with a stage's own default (and help, where the stage narrows its meaning;
+    recipe, where a recipe section takes what a stage's does not)."""
     metadata = {f.name: f for f in fields(concern)}[name].metadata
-    return opt(default, help or metadata["help"], metadata["recipe"])
+    return opt(default, help or metadata["help"], metadata["recipe"] if recipe is None else recipe)
 
 
 def default(f):
@@ -48,11 +51,13 @@ def list_type(kind):
 
 
 def as_list(value):
-    """A list-or-one-value option as a list: names split at commas (blanks dropped), one difficulty d as [d]."""
+    """A list-or-one-value option as a list: names split at commas (blanks dropped), one difficulty d as [d]
+    (0, the task's whole range, as none)."""
     if isinstance(value, str):
         return [name.strip() for name in value.split(",") if name.strip()]
     if isinstance(value, list):
-        return [n for v in value for n in as_list(v)] if all(isinstance(v, str) for v in value) else value
+        return [n for v in value for n in as_list(v)] if all(isinstance(v, str) for v in value) else [
+            v for v in value if v != 0]
     return [value] if value else []
 
 
@@ -76,9 +81,9 @@ class Options:
 
 @dataclass
 class Compute(Options):
-    device: str | None = opt(None, "cpu or cuda (default: cuda when available)")
+    device: str | None = opt(None, "cpu or cuda (default: cuda when available)", recipe=False)
     dtype: str = opt("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, "
-                             "float32")
+                             "float32", recipe=False)
 
 
 @dataclass
@@ -88,7 +93,7 @@ class RunDir(Options):
     init: str | None = opt(None, "checkpoint to start from (sft, rl, rs, mtp: required)", recipe=False)
     out: str | None = opt(None, "output directory", recipe=False)
     resume: bool = opt(False, "continue from the newest checkpoint in --out", recipe=False)
-    seed: int = opt(0, "seed for initialisation, problems, sampling and data order")
+    seed: int = opt(0, "seed for initialisation, problems, sampling and data order", recipe=False)
     steps: int = opt(200, "optimizer steps")
     eval_every: int = opt(50, "steps between held-out evaluations (0: only at the end)")
     ckpt_every: int = opt(100, "steps between checkpoints (0: only at the end)")
@@ -326,14 +331,15 @@ class DataConfig(HeldOut, HFSource, TaskSpec):
 
 @dataclass
 class RunSection(Compute):
-    """A recipe's [run]."""
+    """A recipe's [run]: where every stage writes, their seed, device and dtype, and which training stages run."""
 
     out: str = opt("runs/default", "directory every stage writes into")
     seed: int = opt(0, "seed for data, initialisation and sampling")
     stages: list[str] = opt(["pretrain", "sft", "rl"], "training stages to run, in this order; add \"rs\" for "
                             "rejection sampling and SFT after GRPO (R1's third stage), \"mtp\" last to train the MTP "
                             "module to draft the final model's answers")
-    device: str = override(Compute, "device", "", "cpu or cuda (empty: cuda when available)")
+    device: str = override(Compute, "device", "", "cpu or cuda (empty: cuda when available)", recipe=True)
+    dtype: str = override(Compute, "dtype", "auto", recipe=True)
 
 
 @dataclass
@@ -388,8 +394,10 @@ def config_from(cls, options):
 
 
 def values(config, concern):
-    """{name: value} of config's fields of one concern: what the config hands on to a stage of that concern."""
-    return {f.name: getattr(config, f.name) for f in fields(concern)}
+    """{name: value} of the fields of one concern in a config (or a recipe section's dict): what it hands on to a
+    function or stage of that concern."""
+    get = config.__getitem__ if isinstance(config, dict) else functools.partial(getattr, config)
+    return {f.name: get(f.name) for f in fields(concern)}
 
 
 # ----------------------------------------------------------------------------- types
@@ -416,17 +424,46 @@ def type_name(kind):
     return (typing.get_origin(kind) or kind).__name__
 
 
+def recipe_entries(section):
+    """(key, default, help) of each key of a recipe section, the section's own first."""
+    own = RECIPE[section].__annotations__
+    keys = sorted(recipe_keys(section).items(), key=lambda item: item[0] not in own)
+    return [(key, json.dumps(default(f)), f.metadata["help"]) for key, f in keys]
+
+
+CHAINED = ("the recipe chains the stages itself: init, out, resume and data are not keys of a stage's section, and "
+           "[run] gives every stage its seed, device and dtype.")
+
+
 def recipe_reference():
     """The keys of a recipe's [run], [data] and [eval], each with its default and meaning (`nanoseek run --help`)."""
     lines = ["recipe sections, each key with its default (a key not given takes it):"]
     for section in ("run", "data", "eval"):
         lines.append(f"\n[{section}]")
-        own = RECIPE[section].__annotations__
-        for key, f in sorted(recipe_keys(section).items(), key=lambda item: item[0] not in own):  # its own first
-            lines.append(textwrap.fill(f"{key} = {json.dumps(default(f))}: {f.metadata['help']}", 100,
-                                       initial_indent="  ", subsequent_indent="      "))
+        lines += [textwrap.fill(f"{key} = {value}: {meaning}", 100, initial_indent="  ", subsequent_indent="      ")
+                  for key, value, meaning in recipe_entries(section)]
     lines.append("\n" + textwrap.fill("[pretrain] and [sft] take the options of `nanoseek pretrain --help`, [rl], [rs] "
                                       "and [mtp] those of `nanoseek rl --help`, `nanoseek rs --help` and `nanoseek mtp "
-                                      "--help`, as key = value, but for init, out, resume and data: the recipe chains "
-                                      "the stages itself.", 100))
+                                      "--help`, as key = value; " + CHAINED, 100))
     return "\n".join(lines)
+
+
+def recipe_markdown():
+    """docs/RECIPES.md: every section of a recipe, each key with its default and meaning."""
+    lines = ["# Recipe reference", "", "Every key of every section of a recipe, with its default (a key not given "
+             "takes it) and meaning. A stage's section takes the options of its command (`--max-new-tokens` is "
+             "`max_new_tokens`); " + CHAINED, "", "Generated from `nanoseek/config.py` by `python -m nanoseek.config "
+             "> docs/RECIPES.md`; `tests/test_config.py` checks that it is current."]
+    sections = {}
+    for section, cls in RECIPE.items():
+        sections.setdefault(cls, []).append(section)
+    for cls, names in sections.items():
+        lines += ["", "## " + " and ".join(f"[{name}]" for name in names), "", cls.__doc__.splitlines()[0], "",
+                  "| key | default | meaning |", "|---|---|---|"]
+        lines += [f"| `{key}` | `{value}` | {meaning.replace('<', '&lt;')} |"
+                  for key, value, meaning in recipe_entries(names[0])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(recipe_markdown(), end="")

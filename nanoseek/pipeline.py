@@ -30,8 +30,9 @@ from nanoseek import mtp as mtp_module
 from nanoseek import rejection as rejection_module
 from nanoseek import rl as rl_module
 from nanoseek import train as train_module
-from nanoseek.config import RECIPE, accepts, recipe_keys, type_name
+from nanoseek.config import RECIPE, Scoring, accepts, recipe_keys, type_name, values
 from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
+from nanoseek.hub import check_hf_source, read_hf
 from nanoseek.plan import PlanError, plan_recipe
 from nanoseek.tasks import chat_documents, get_task, task_documents
 from nanoseek.tasks.smalltalk import smalltalk_texts
@@ -84,7 +85,7 @@ def load_recipe(name_or_path, overrides=None):
     if unknown:
         raise RecipeError(f"{path}: [eval] stages {unknown} are not in [run] stages {stages}")
     try:
-        recipe["data"]["hf"] = [data_module.check_hf_source(source, f"{path}: [data] hf[{i}]")
+        recipe["data"]["hf"] = [check_hf_source(source, f"{path}: [data] hf[{i}]")
                                 for i, source in enumerate(recipe["data"]["hf"])]
     except data_module.DataError as e:
         raise RecipeError(str(e)) from None
@@ -204,7 +205,7 @@ def _hf_docs(recipe, column):
     """The documents of the recipe's Hugging Face sources of one column ("text" or "messages"), streamed."""
     for source in recipe["data"]["hf"]:
         if source["column"] == column:
-            yield from data_module.read_hf(source)
+            yield from read_hf(source)
 
 
 def stage_tokenizer(recipe, paths, device):
@@ -213,7 +214,7 @@ def stage_tokenizer(recipe, paths, device):
     d = recipe["data"]
     smalltalk = smalltalk_texts([get_task(spec) for spec in d["tasks"]], d["smalltalk"], recipe["run"]["seed"])
     sources = [data_module.document_texts(_text_docs(recipe)), smalltalk, data_module.read_texts(d["corpus"]),
-               *(data_module.document_texts(data_module.read_hf(source)) for source in d["hf"])]
+               *(data_module.document_texts(read_hf(source)) for source in d["hf"])]
     texts = itertools.chain.from_iterable(first_chars(texts, d["tokenizer_chars"]) for texts in sources)
     tok = train_tokenizer(texts, vocab_size=d["vocab_size"])
     tmp = paths["tokenizer"] + ".tmp"
@@ -236,14 +237,14 @@ def stage_data(recipe, paths, device):
     return {"pretrain_tokens": count(text), "sft_tokens": count(chat)}
 
 
-def _config(recipe, paths, device, stage, **more):
+def stage_config(recipe, paths, device, stage, **more):
     """A training stage's config: its section, where it starts and writes, and [run]'s seed, device and dtype."""
     return RECIPE[stage](**{**recipe[stage], "init": _init(recipe, paths, stage), "out": paths[stage], "resume": True,
                             "seed": recipe["run"]["seed"], "device": device, "dtype": recipe["run"]["dtype"], **more})
 
 
 def _train(recipe, paths, device, stage, data):
-    last = train_module.train(_config(recipe, paths, device, stage, data=data), stage)
+    last = train_module.train(stage_config(recipe, paths, device, stage, data=data), stage)
     meta = json.load(open(os.path.join(paths[stage], "final", "nanoseek.json")))
     return {"tokens": meta["tokens_seen"], "steps": meta["step"], "loss": last.get("main_loss"),
             "val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb"),
@@ -259,26 +260,25 @@ def stage_sft(recipe, paths, device):
 
 
 def stage_rl(recipe, paths, device):
-    last = rl_module.rl(_config(recipe, paths, device, "rl"))
+    last = rl_module.rl(stage_config(recipe, paths, device, "rl"))
     return {"steps": last["step"], "reward": last["reward"], "accuracy": last["accuracy"]}
 
 
 def stage_rs(recipe, paths, device):
-    return rejection_module.rejection_sampling(_config(recipe, paths, device, "rs"))
+    return rejection_module.rejection_sampling(stage_config(recipe, paths, device, "rs"))
 
 
 def stage_mtp(recipe, paths, device):
-    result = mtp_module.align_mtp(_config(recipe, paths, device, "mtp"))
+    result = mtp_module.align_mtp(stage_config(recipe, paths, device, "mtp"))
     return {k: result[k] for k in ("conversations", "step", "mtp_loss", "seconds_decoding")}
 
 
 def stage_eval(recipe, paths, device):
     e, d = recipe["eval"], recipe["data"]
     difficulty = {spec: e["difficulties"].get(spec) or d["difficulties"].get(spec) or None for spec in e["tasks"]}
-    evaluate_module.evaluate([os.path.join(paths[s], "final") for s in e["stages"]], e["tasks"], n=e["n"], k=e["k"],
-                             max_new_tokens=e["max_new_tokens"], seed=recipe["run"]["seed"], out=paths["eval"],
-                             device=device, dtype=recipe["run"]["dtype"], difficulty=difficulty, k_n=e["k_n"],
-                             second_turn=e["second_turn"], depth_n=e["depth_n"])
+    evaluate_module.evaluate([os.path.join(paths[s], "final") for s in e["stages"]], e["tasks"], **values(e, Scoring),
+                             seed=recipe["run"]["seed"], out=paths["eval"], device=device,
+                             dtype=recipe["run"]["dtype"], difficulty=difficulty)
     final = os.path.join(paths[e["stages"][-1]], "final")
     chat = evaluate_module.chat_replies(final, device=device, dtype=recipe["run"]["dtype"])
     _write_json(os.path.join(paths["eval"], "chat.json"), {"checkpoint": final, **chat})

@@ -8,7 +8,9 @@ import pytest
 from nanoseek import config
 from nanoseek.cli import build_parser, from_args
 from nanoseek.config import RECIPE, FineTune, RLConfig, RSConfig, TrainConfig, recipe_keys, values
-from nanoseek.pipeline import RECIPES, RecipeError, load_recipe, tomllib
+from nanoseek.pipeline import RECIPES, TRAINING_STAGES, RecipeError, load_recipe, stage_config, tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
 
 STAGES = {"pretrain": TrainConfig, "sft": TrainConfig, "rl": RLConfig, "rs": RSConfig, "mtp": config.MTPConfig,
           "eval": config.EvalConfig, "data": config.DataConfig, "tokenizer": config.HFSource}
@@ -43,8 +45,34 @@ def test_a_recipe_section_is_its_configs_fields_with_their_defaults(section, tmp
                 if f.metadata["recipe"]}
     assert recipe[section] == {**defaults, **({"stages": recipe["run"]["stages"]} if section == "run" else {})}
     assert set(load_recipe("smoke")[section]) == set(defaults)
-    if section != "run":  # the recipe chains the stages itself
-        assert not {"init", "out", "resume", "data"} & set(defaults)
+    if section != "run":  # the recipe chains the stages itself, and [run] gives their seed, device and dtype
+        assert not {"init", "out", "resume", "data", "seed", "device", "dtype"} & set(defaults)
+
+
+def test_the_pipeline_passes_a_stage_its_section_and_what_the_recipe_chains():
+    recipe = load_recipe("smoke", {"run.stages": list(TRAINING_STAGES), "run.seed": 3, "run.dtype": "float32",
+                                   "rl.group": 2, "mtp.task": "addition"})
+    paths = {stage: f"out/{stage}" for stage in TRAINING_STAGES}
+    for k, stage in enumerate(TRAINING_STAGES):
+        o = stage_config(recipe, paths, "cpu", stage, **({"data": "d"} if RECIPE[stage] is TrainConfig else {}))
+        assert type(o) is RECIPE[stage] and {key: getattr(o, key) for key in recipe[stage]} == recipe[stage]
+        assert (o.init, o.out, o.resume) == (k and f"out/{TRAINING_STAGES[k - 1]}/final" or None, paths[stage], True)
+        assert (o.seed, o.device, o.dtype) == (3, "cpu", "float32")
+        chained = {f.name for f in dataclasses.fields(o)} - set(recipe_keys(stage))
+        assert chained <= {"init", "out", "resume", "data", "seed", "device", "dtype"}, chained
+    assert recipe["rl"]["group"] == 2 and recipe["mtp"]["task"] == ["addition"]
+
+
+def test_a_stage_key_that_run_gives_is_an_error_in_the_stage():
+    with pytest.raises(RecipeError, match=r"unknown keys \['seed'\] in \[rl\]"):
+        load_recipe("smoke", {"rl.seed": 1})
+
+
+def test_the_recipe_reference_in_docs_is_generated_from_the_configs():
+    text = (ROOT / "docs" / "RECIPES.md").read_text()
+    assert text == config.recipe_markdown(), "regenerate it: python -m nanoseek.config > docs/RECIPES.md"
+    for section in RECIPE:
+        assert all(f"| `{key}` |" in text for key in recipe_keys(section)), section
 
 
 @pytest.mark.parametrize("command", sorted(STAGES))

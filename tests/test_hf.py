@@ -12,9 +12,9 @@ import pytest
 from conftest import TINY
 
 from nanoseek import cli
-from nanoseek.data import DataError, build, load_manifest, read_hf
+from nanoseek.data import DataError, build, load_manifest
 from nanoseek.evaluate import evaluate
-from nanoseek.hub import HubError
+from nanoseek.hub import HubError, read_hf
 from nanoseek.pipeline import RecipeError, load_recipe, run
 from nanoseek.rl import rl
 from nanoseek.tasks import get_task, task_documents
