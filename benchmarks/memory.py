@@ -29,11 +29,11 @@ def peak_rss():
 
 
 def grpo_case(ckpt, micro, rollouts, length, out):
-    from nanoseek.loop import options_from
-    from nanoseek.rl import DEFAULTS, GRPO, Group
+    from nanoseek.config import RLConfig
+    from nanoseek.rl import GRPO, Group
 
-    o = options_from({"init": ckpt, "out": out + "_run", "task": "addition", "prompts": rollouts // 8, "group": 8,
-                      "micro_batch": micro, "device": "cpu", "progress": False, "lr": 1e-3}, DEFAULTS, "rl")
+    o = RLConfig(init=ckpt, out=out + "_run", task="addition", prompts=rollouts // 8, group=8, micro_batch=micro,
+                 device="cpu", progress=False, lr=1e-3)
     trainer = GRPO(o)
     gen = torch.Generator().manual_seed(0)
     prompt = length // 4
@@ -47,16 +47,16 @@ def grpo_case(ckpt, micro, rollouts, length, out):
 
 def pretrain_case(ckpt, device_batch, rows, length, out):
     from nanoseek import checkpoint
+    from nanoseek.config import TrainConfig
     from nanoseek.data import build
-    from nanoseek.loop import options_from
     from nanoseek.tasks import task_documents
-    from nanoseek.train import DEFAULTS, Trainer
+    from nanoseek.train import Trainer
 
     _, tok = checkpoint.load(ckpt)
     data = out + "_data"
     build([], tok, data, documents=task_documents("addition", 4000, kind="text", difficulty=3))
-    o = options_from({"init": ckpt, "data": data, "out": out + "_run", "batch": rows, "seq": length,
-                      "device_batch": device_batch, "device": "cpu", "progress": False}, DEFAULTS, "training")
+    o = TrainConfig(init=ckpt, data=data, out=out + "_run", batch=rows, seq=length, device_batch=device_batch,
+                    device="cpu", progress=False)
     trainer = Trainer(o, "pretrain")
     batches = trainer.next_batches()
     before = rss()
@@ -85,17 +85,16 @@ def estimate(case, ckpt, micro, rows, length):
     """The plan's peak for this step (nanoseek.plan's own rows) less what exists before it: the weights, and
     for GRPO the rollouts' cache, which this step does not make."""
     from nanoseek import checkpoint, plan
-    from nanoseek.rl import DEFAULTS as RL
-    from nanoseek.train import DEFAULTS as TRAIN
+    from nanoseek.config import RLConfig, TrainConfig
 
     model = checkpoint.load(ckpt)[0]
     dev = plan.Device("cpu", 1.0, 0, 1, 4, True)
     if case == "grpo":
-        o = {**RL, "prompts": rows // 8, "group": 8, "micro_batch": micro,
+        o = {**vars(RLConfig()), "prompts": rows // 8, "group": 8, "micro_batch": micro,
              "max_new_tokens": length - plan.PROMPT_TOKENS}
         row = plan.grpo_stage(o, model, dev)
     else:
-        o = {**TRAIN, "batch": rows, "seq": length, "device_batch": micro}
+        o = {**vars(TrainConfig()), "batch": rows, "seq": length, "device_batch": micro}
         row = plan.training_stage("pretrain", o, model, dev)
     return row["peak"] - row["cache"] - 4 * plan.parameter_split(model)[0]
 

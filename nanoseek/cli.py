@@ -1,22 +1,25 @@
 """nanoseek <command> [options]: every stage of the pipeline from one entry point."""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 
 import torch
 
 
 def _hf_source(args):
     """The Hugging Face source that --hf, --name, --split, --column and --max-documents name."""
-    from nanoseek.data import HF_KEYS
+    from nanoseek.hub import HF_KEYS
 
     return {key: getattr(args, "hf" if key == "path" else key) for key in HF_KEYS}
 
 
 def cmd_tokenizer(args):
-    from nanoseek.data import document_texts, read_hf, read_texts
+    from nanoseek.data import document_texts, read_texts
+    from nanoseek.hub import read_hf
     from nanoseek.tokenizer import train_tokenizer
 
     if bool(args.input) == bool(args.hf):
@@ -67,9 +70,9 @@ def cmd_info(args):
 
 
 def cmd_bench(args):
-    if args.what == "decode" and args.prompts == "tasks" and args.peer:
-        raise ValueError("bench decode --prompts tasks compares MTP self-speculation with plain decoding, no peer: "
-                         "drop --peer (it compares with a peer on random prompts)")
+    if args.what == "decode" and args.prompt_kind == "tasks" and args.peer:
+        raise ValueError("bench decode --prompt-kind tasks compares MTP self-speculation with plain decoding, no "
+                         "peer: drop --peer (it compares with a peer on random prompts)")
     if args.what != "serve":
         args.peer = args.peer or ("trl" if args.what == "grpo" else "transformers")
     if args.what == "train":
@@ -78,11 +81,11 @@ def cmd_bench(args):
         r = bench_train(size=args.size or 4, batch=args.batch, seq=args.seq, steps=args.steps or 100,
                         sweep=args.sweep, device=args.device, peer=args.peer)
         print_train(r)
-    elif args.what == "decode" and args.prompts == "tasks":
+    elif args.what == "decode" and args.prompt_kind == "tasks":
         from nanoseek.bench.speculation import bench_speculation, print_speculation
 
         if not args.ckpt:
-            raise ValueError("bench decode --prompts tasks needs --ckpt: a checkpoint with an MTP module and its "
+            raise ValueError("bench decode --prompt-kind tasks needs --ckpt: a checkpoint with an MTP module and its "
                              "tokenizer, e.g. runs/cpu/rl/final after make run")
         r = bench_speculation(args.ckpt, tasks=args.task or ["addition", "countdown"], n=args.n,
                               difficulty=args.difficulty or 3, batches=tuple(args.batches),
@@ -91,9 +94,6 @@ def cmd_bench(args):
     elif args.what == "decode":
         from nanoseek.bench.decode import bench_decode, print_decode
 
-        if (args.prompts or "random") != "random":
-            raise ValueError(f"bench decode --prompts is random (random tokens, the default) or tasks (held-out "
-                             f"prompts of the checkpoint's tasks), not {args.prompts!r}")
         r = bench_decode(ckpt=args.ckpt, size=args.size or 6, batches=tuple(args.batches),
                          prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
                          peer=args.peer, rounds=args.rounds)
@@ -104,10 +104,10 @@ def cmd_bench(args):
         if not args.ckpt:
             raise ValueError("bench grpo needs --ckpt (an SFT checkpoint, e.g. runs/cpu/sft/final)")
         task = args.task or ["addition"]
-        if len(task) > 1 or not (args.prompts or "4").isdigit():
-            raise ValueError("bench grpo takes one --task and a number of --prompts (problems per step)")
+        if len(task) > 1:
+            raise ValueError("bench grpo takes one --task")
         r = bench_grpo(args.ckpt, task=task[0], difficulty=args.difficulty or 2, steps=args.steps or 10,
-                       prompts=int(args.prompts or 4), group=args.group, max_new_tokens=args.new_tokens,
+                       prompts=args.prompts, group=args.group, max_new_tokens=args.new_tokens,
                        peer=args.peer)
         print_grpo(r)
     elif args.what == "serve":
@@ -131,7 +131,9 @@ def cmd_bench(args):
 
 
 def cmd_data(args):
-    from nanoseek.data import build, read_hf
+    from nanoseek.config import DataConfig
+    from nanoseek.data import build
+    from nanoseek.hub import read_hf
     from nanoseek.tasks import task_documents
     from nanoseek.tokenizer import Tokenizer
 
@@ -139,78 +141,93 @@ def cmd_data(args):
         raise ValueError("give one of --input files, --task NAME or --hf DATASET")
     tok = Tokenizer.load(args.tokenizer)
     documents = None
-    if args.task:
-        documents = (d for spec in args.task for d in task_documents(spec, args.n, args.kind, args.seed,
-                                                                      args.difficulty or None, args.checker))
-    if args.hf:
+    o = from_args(DataConfig, args)
+    if o.task:
+        documents = (d for spec in o.task for d in task_documents(spec, o.n, o.kind, o.seed, o.levels, o.checker))
+    if o.hf:
         documents = read_hf(_hf_source(args))
-    manifest = build(args.input, tok, args.out, val_fraction=args.val_fraction, documents=documents)
+    manifest = build(o.input, tok, args.out, val_fraction=o.val_fraction, documents=documents)
     for split, shards in manifest["splits"].items():
         tokens, docs = sum(s["tokens"] for s in shards), sum(s["documents"] for s in shards)
         print(f"{split}: {docs:,} documents, {tokens:,} tokens in {len(shards)} shard(s)")
     print(f"{manifest['kind']} data written to {args.out}")
 
 
-def cmd_train(args):
-    from nanoseek.train import OPTIONS, train
+def from_args(cls, args):
+    """A stage's config from its parsed flags."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
-    options = {k: getattr(args, k) for k in OPTIONS}
-    last = train(options, args.command)
+
+def cmd_train(args):
+    from nanoseek.config import TrainConfig
+    from nanoseek.train import train
+
+    last = train(from_args(TrainConfig, args), args.command)
     if last and os.environ.get("RANK", "0") == "0":
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("main_loss", "val_loss", "val_bpb") if k in last)
         print(f"{args.command} finished: {summary}; model in {os.path.join(args.out, 'final')}")
 
 
 def cmd_rl(args):
-    from nanoseek.rl import OPTIONS, rl
+    from nanoseek.config import RLConfig
+    from nanoseek.rl import rl
 
-    last = rl({k: getattr(args, k) for k in OPTIONS})
+    last = rl(from_args(RLConfig, args))
     if last and os.environ.get("RANK", "0") == "0":
         print(f"rl finished: reward {last['reward']:.3f}, accuracy {last['accuracy']:.3f}; "
               f"model in {os.path.join(args.out, 'final')}")
 
 
 def cmd_rs(args):
-    from nanoseek.rejection import OPTIONS, rejection_sampling
+    from nanoseek.config import RSConfig
+    from nanoseek.rejection import rejection_sampling
 
-    result = rejection_sampling({k: getattr(args, k) for k in OPTIONS})
+    result = rejection_sampling(from_args(RSConfig, args))
     if os.environ.get("RANK", "0") == "0":
         print(f"rs finished: fine-tuned on {result['kept']} kept completions for {result['steps']} steps; "
               f"model in {os.path.join(args.out, 'final')}")
 
 
 def cmd_mtp(args):
-    from nanoseek.mtp import OPTIONS, align_mtp
+    from nanoseek.config import MTPConfig
+    from nanoseek.mtp import align_mtp
 
-    result = align_mtp({k: getattr(args, k) for k in OPTIONS})
+    result = align_mtp(from_args(MTPConfig, args))
     print(f"mtp finished: the MTP module trained on {result['conversations']} of the model's own conversations "
           f"for {result['step']} steps (MTP loss {result['mtp_loss'][0]:.3f}); model in "
           f"{os.path.join(args.out, 'final')}")
 
 
 def cmd_eval(args):
+    from nanoseek.config import EvalConfig, Scoring, values
     from nanoseek.evaluate import evaluate, markdown_table
 
-    results = evaluate(args.ckpt, args.task, n=args.n, k=args.k, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed, out=args.out, device=args.device, checker=args.checker,
-                       difficulty=args.difficulty or None, dtype=args.dtype, k_n=args.k_n,
-                       second_turn=args.second_turn)
-    print(markdown_table(results, args.k))
-    if args.out:
+    o = from_args(EvalConfig, args)
+    results = evaluate(args.ckpt, o.task, **values(o, Scoring), seed=o.seed, out=o.out, device=o.device,
+                       checker=o.checker, difficulty=o.levels, dtype=o.dtype)
+    print(markdown_table(results, o.k))
+    if o.out:
         print(f"written to {args.out}/eval.json, eval.md, eval.png")
 
 
-def _add_options(s, options, func):
-    for key, (default, meaning) in options.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(default, bool):
-            s.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meaning)
-        elif isinstance(default, list):
-            s.add_argument(flag, nargs="+", default=default, help=meaning)
-        else:
-            kind = type(default) if default is not None else str
-            s.add_argument(flag, type=kind, default=default, help=meaning)
+def add_flags(s, cls, func):
+    """A flag for each field of a stage's config: --name-with-dashes, with the field's default, type and help."""
+    from nanoseek.config import default
+
+    for f in dataclasses.fields(cls):
+        s.add_argument("--" + f.name.replace("_", "-"), default=default(f), help=f.metadata["help"], **_reading(f.type))
     s.set_defaults(func=func)
+
+
+def _reading(kind):
+    """How argparse reads a value of a field's type: a list as one or more items, a bool as --x or --no-x."""
+    from nanoseek.config import list_type
+
+    if list_type(kind):
+        return {"nargs": "+", "type": typing.get_args(list_type(kind))[0]}
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": next(k for k in typing.get_args(kind) if k is not type(None)) if typing.get_args(kind) else kind}
 
 
 def cmd_serve(args):
@@ -282,41 +299,35 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"nanoseek {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from nanoseek.data import HF_KEYS
-    from nanoseek.data import OPTIONS as DATA_OPTIONS
+    from nanoseek import config
+    from nanoseek.text import DEFAULT_REPETITION_STOP
 
     s = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with the chat format")
     s.add_argument("--input", nargs="+", help="files or globs: .txt, .jsonl, .parquet")
     s.add_argument("--vocab-size", type=int, default=4096, help="tokens, including 256 bytes and 7 special tokens")
     s.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
     s.add_argument("--max-chars", type=int, default=1_000_000_000, help="train on the first this many characters")
-    _add_options(s, {k: DATA_OPTIONS[k] for k in ("hf", *HF_KEYS) if k != "path"}, cmd_tokenizer)
-
-    from nanoseek.evaluate import OPTIONS as EVAL_OPTIONS
-    from nanoseek.mtp import OPTIONS as MTP_OPTIONS
-    from nanoseek.rejection import OPTIONS as RS_OPTIONS
-    from nanoseek.rl import OPTIONS as RL_OPTIONS
-    from nanoseek.text import DEFAULT_REPETITION_STOP
-    from nanoseek.train import OPTIONS as TRAIN_OPTIONS
+    add_flags(s, config.HFSource, cmd_tokenizer)
 
     s = sub.add_parser("data", help="tokenize text, JSONL or Parquet corpora into shards")
     s.add_argument("--tokenizer", required=True, help="tokenizer or checkpoint directory")
     s.add_argument("--out", required=True, help="data directory to write")
-    _add_options(s, DATA_OPTIONS, cmd_data)
+    add_flags(s, config.DataConfig, cmd_data)
 
     for mode, text in (("pretrain", "train on text shards"), ("sft", "fine-tune on chat shards (assistant tokens)")):
-        _add_options(sub.add_parser(mode, help=text), TRAIN_OPTIONS, cmd_train)
-    _add_options(sub.add_parser("rl", help="GRPO on a task with rule-checked rewards"), RL_OPTIONS, cmd_rl)
-    _add_options(sub.add_parser("rs", help="rejection sampling: fine-tune the RL model on its own checked "
-                                           "completions"), RS_OPTIONS, cmd_rs)
-    _add_options(sub.add_parser("mtp", help="train the MTP module to draft the model's own answers (speculative "
-                                            "decoding), the main model frozen"), MTP_OPTIONS, cmd_mtp)
+        add_flags(sub.add_parser(mode, help=text), config.TrainConfig, cmd_train)
+    add_flags(sub.add_parser("rl", help="GRPO on a task with rule-checked rewards"), config.RLConfig, cmd_rl)
+    add_flags(sub.add_parser("rs", help="rejection sampling: fine-tune the RL model on its own checked completions"),
+              config.RSConfig, cmd_rs)
+    add_flags(sub.add_parser("mtp", help="train the MTP module to draft the model's own answers (speculative "
+                                         "decoding), the main model frozen"), config.MTPConfig, cmd_mtp)
 
     s = sub.add_parser("eval", help="held-out pass@1 / pass@k per task and difficulty")
     s.add_argument("ckpt", nargs="+", help="one or more checkpoints, compared side by side")
-    _add_options(s, EVAL_OPTIONS, cmd_eval)
+    add_flags(s, config.EvalConfig, cmd_eval)
 
-    s = sub.add_parser("run", help="every stage of a recipe: tokenizer, data, pretrain, sft, rl, eval, report")
+    s = sub.add_parser("run", help="every stage of a recipe: tokenizer, data, pretrain, sft, rl, eval, report",
+                       epilog=config.recipe_reference(), formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--recipe", default="cpu", help="a built-in recipe's name (see --list) or a .toml file")
     s.add_argument("--list", action="store_true", help="list the built-in recipes and what each is for")
     s.add_argument("--force", nargs="*", help="stages to redo (or 'all'), even if their output is complete")
@@ -375,13 +386,14 @@ def build_parser():
     s.add_argument("--sizes", type=float, nargs="+", default=[20, 200], help="data: corpus sizes in MB")
     s.add_argument("--vocab-size", type=int, default=8192, help="data: tokenizer vocabulary")
     s.add_argument("--repeats", type=int, default=3, help="data: turns of each side (the median time is kept)")
-    s.add_argument("--task", nargs="+", help="grpo: the task (default addition); decode --prompts tasks: the "
+    s.add_argument("--task", nargs="+", help="grpo: the task (default addition); decode --prompt-kind tasks: the "
                    "tasks whose held-out prompts are decoded (default addition countdown)")
-    s.add_argument("--difficulty", type=int, help="grpo: task difficulty (default 2); decode --prompts tasks: 3")
-    s.add_argument("--prompts", help="grpo: problems per step (default 4); decode: random (random tokens, the "
-                   "default) or tasks (held-out prompts of --task, asked as chat and decoded to their end, plain "
+    s.add_argument("--difficulty", type=int, help="grpo: task difficulty (default 2); decode --prompt-kind tasks: 3")
+    s.add_argument("--prompt-kind", choices=["random", "tasks"], default="random", help="decode: random (random "
+                   "tokens) or tasks (held-out prompts of --task, asked as chat and decoded to their end, plain "
                    "against MTP self-speculation)")
-    s.add_argument("--n", type=int, default=50, help="decode --prompts tasks, serve: held-out problems per task")
+    s.add_argument("--prompts", type=int, default=4, help="grpo: problems per step")
+    s.add_argument("--n", type=int, default=50, help="decode --prompt-kind tasks, serve: held-out problems per task")
     s.add_argument("--at-once", type=int, nargs="+", default=[1, 8], help="serve: requests in flight at a time")
     s.add_argument("--group", type=int, default=8, help="grpo: completions per problem")
     s.add_argument("--ckpt", help="decode: checkpoint to benchmark (default: a random model of --size); "
@@ -389,8 +401,8 @@ def build_parser():
     s.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode: batch sizes")
     s.add_argument("--prompt-len", type=int, default=64, help="decode: prompt tokens")
     s.add_argument("--new-tokens", type=int, default=128, help="decode: tokens to generate")
-    s.add_argument("--rounds", type=int, default=5, help="decode with --peer llama.cpp or --prompts tasks, serve: "
-                   "rounds in which the two sides take turns (the medians are compared)")
+    s.add_argument("--rounds", type=int, default=5, help="decode with --peer llama.cpp or --prompt-kind tasks, "
+                   "serve: rounds in which the two sides take turns (the medians are compared)")
     s.add_argument("--peer", default=None, choices=["transformers", "llama.cpp", "trl"],
                    help="transformers (train, decode), llama.cpp (decode, serve) or trl (grpo)")
     s.add_argument("--size", type=int, help="size dial (depth; default: train 4, the cpu recipe's; decode 6)")

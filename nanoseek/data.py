@@ -33,24 +33,6 @@ SHARD_TOKENS = 50_000_000  # tokens per shard file
 ENCODE_BATCH = 1000  # documents encoded together (tokenizers encodes a batch on every core)
 WRITE_TOKENS = 1 << 18  # tokens held before they are appended to their shard file
 READ_CHARS = 1 << 20  # characters of a text file read at a time
-HF_KEYS = {"path": "a Hub id or a local directory or file", "name": "the dataset's configuration",
-           "split": "the split to read", "column": "text (pretraining) or messages (chat, OpenAI style)",
-           "max_documents": "stop after this many documents (0: all)"}
-OPTIONS = {  # the options of `nanoseek data` beside --tokenizer and --out: (default, meaning)
-    "input": ([], "files or globs: .txt, .jsonl ({text} or {messages}), .parquet"),
-    "hf": ("", "a Hugging Face dataset instead, streamed: a Hub id or a local directory or file"),
-    "name": ("", "--hf: " + HF_KEYS["name"]),
-    "split": ("train", "--hf: " + HF_KEYS["split"]),
-    "column": ("text", "--hf: " + HF_KEYS["column"]),
-    "max_documents": (0, "--hf: " + HF_KEYS["max_documents"]),
-    "task": ([], "make data from tasks instead (worked solutions as <think> traces)"),
-    "n": (10000, "--task: problems per task"),
-    "kind": ("chat", "--task: chat (SFT) or text data"),
-    "difficulty": (0, "--task: one difficulty (0: all)"),
-    "checker": ("exact", "--task with a JSONL file: its checker"),
-    "seed": (0, "--task: seed of the problems"),
-    "val_fraction": (0.01, "share of documents held out"),
-}
 
 
 class DataError(ValueError):
@@ -142,7 +124,7 @@ def _read_jsonl(file):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
-                yield _row_document(row, f"{file}:{lineno}")
+                yield row_document(row, f"{file}:{lineno}")
         except UnicodeDecodeError as e:
             raise DataError(f"{file}: not UTF-8 text ({e})") from None
 
@@ -160,43 +142,11 @@ def _read_parquet(file):
     i = 0
     for batch in parquet.iter_batches(batch_size=ENCODE_BATCH, columns=columns):
         for row in batch.to_pylist():
-            yield _row_document(row, f"{file}: row {i}")
+            yield row_document(row, f"{file}: row {i}")
             i += 1
 
 
-def check_hf_source(source, where="--hf"):
-    """A Hugging Face source ({path, name, split, column, max_documents}) with every key filled in."""
-    example = '{ path = "HuggingFaceFW/fineweb-edu", name = "sample-10BT", column = "text" }'
-    if not isinstance(source, dict) or not isinstance(source.get("path"), str) or not source["path"]:
-        raise DataError(f"{where}: a Hugging Face source is a table with a path, e.g. {example}")
-    unknown = sorted(set(source) - set(HF_KEYS))
-    if unknown:
-        raise DataError(f"{where}: unknown keys {unknown} in a Hugging Face source; valid keys: {sorted(HF_KEYS)}")
-    full = {"path": source["path"], **{key: source.get(key, OPTIONS[key][0]) for key in HF_KEYS if key != "path"}}
-    for key, value in list(full.items())[1:]:
-        if not isinstance(value, type(OPTIONS[key][0])) or isinstance(value, bool):
-            raise DataError(f"{where}: {key} should be {type(OPTIONS[key][0]).__name__}, got {value!r}")
-    if full["column"] not in ("text", "messages"):
-        raise DataError(f"{where}: column must be 'text' (pretraining) or 'messages' (chat), not {full['column']!r}")
-    return full
-
-
-def read_hf(source):
-    """Yield ("text", str) or ("chat", messages) per row of a Hugging Face dataset's column, streamed."""
-    from nanoseek.hub import open_dataset
-
-    source = check_hf_source(source)
-    path, column, limit = source["path"], source["column"], source["max_documents"]
-    rows = open_dataset(path, source["name"], source["split"])
-    for i, row in enumerate(rows):
-        if limit and i >= limit:
-            break
-        if column not in row:
-            raise DataError(f"{path}: no column {column!r}, its columns are {sorted(row)}; pick one with --column")
-        yield _row_document({column: row[column]}, f"{path} ({source['split']}): row {i}")
-
-
-def _row_document(row, where):
+def row_document(row, where):
     if isinstance(row, dict) and isinstance(row.get("text"), str):
         return "text", row["text"]
     if isinstance(row, dict) and isinstance(row.get("messages"), list):

@@ -27,22 +27,6 @@ from nanoseek.tokenizer import trim_conversation
 
 SLICES = ("lengths", "phrasing")  # problem data the report breaks accuracy down by, where a task has it
 BATCH = 128  # sequences decoded at once (one compiled graph at any batch): 4x fewer decode steps than 32 at a time
-OPTIONS = {  # every option of `nanoseek eval` beside the checkpoints: (default, meaning)
-    "task": (["countdown"], "tasks (built-in names, .jsonl, file.py:Class)"),
-    "checker": ("exact", "checker for JSONL tasks: exact, numeric or math"),
-    "n": (500, "held-out problems per task"),
-    "k": (1, "samples per problem for pass@k (1: greedy pass@1 only)"),
-    "k_n": (0, "problems, the first of the n, that get the k samples (0: all n)"),
-    "difficulty": (0, "one difficulty (0: the task's whole range)"),
-    "max_new_tokens": (256, "longest completion (0: per task, twice its longest worked solution, at least 64)"),
-    "second_turn": (False, "also ask each problem as the second turn, after one of another task and its answer"),
-    "depth_n": (0, "also ask the last checkpoint the first depth_n problems as turn 10 of a chat of mixed turns, and "
-                   "a third as many at each turn 2..9, trimmed as `nanoseek chat` trims (0: not)"),
-    "seed": (0, "seed of the held-out problems and the pass@k samples"),
-    "out": (None, "directory for eval.json, eval.md and eval.png"),
-    "device": (None, "cpu or cuda (default: cuda when available)"),
-    "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
-}
 
 
 def wilson(successes, n, z=1.96):

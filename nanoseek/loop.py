@@ -5,10 +5,9 @@
     out/metrics.jsonl  one line per step; a resumed run rewrites the lines after its step
     out/*.png          plots of the metrics
 
-Options checked against a stage's table; the checkpoints in an output directory (listing, pruning, the newest
-whole one to resume from, writing one with the record every stage keeps); metrics lines and plots; and `Run`,
-the part of the loop around the steps: SIGINT or SIGTERM asks the run to save and stop, a progress bar, and
-at the end of each step a checkpoint when one is due.
+The checkpoints in an output directory (listing, pruning, the newest whole one to resume from, writing one with
+the record every stage keeps); metrics lines and plots; and `Run`, the part of the loop around the steps: SIGINT
+or SIGTERM asks the run to save and stop, a progress bar, and at the end of each step a checkpoint when one is due.
 """
 
 import json
@@ -16,22 +15,12 @@ import os
 import re
 import shutil
 import signal
-from types import SimpleNamespace
 from typing import NamedTuple
 
 from tqdm import tqdm
 
 from nanoseek import checkpoint
 from nanoseek.device import any_rank, barrier
-
-
-def options_from(given, defaults, stage):
-    """The options of a run: `defaults` (option -> default) updated by `given`; unknown names are an error."""
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown {stage} options {sorted(unknown)}; valid: {sorted(defaults)}")
-    return SimpleNamespace(**{**defaults, **given})
-
 
 # ----------------------------------------------------------------------------- checkpoints
 

@@ -21,41 +21,15 @@ import time
 from tqdm import tqdm
 
 from nanoseek import checkpoint, data
+from nanoseek.config import FineTune, MTPConfig, TrainConfig, config_from, values
 from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
 from nanoseek.engine import Engine
-from nanoseek.loop import options_from
 from nanoseek.rl import task_list
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import as_chat, parse_completion, with_history
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import train
 
-OPTIONS = {  # every option of mtp: (default, meaning)
-    "init": (None, "checkpoint whose MTP module learns to draft its greedy output (the final model)"),
-    "out": (None, "output directory"),
-    "task": ("addition,countdown", "tasks whose training problems the model answers, comma-separated"),
-    "checker": ("exact", "answer checker for a JSONL task: exact, numeric or math"),
-    "difficulty": (0, "problem difficulty (0: the task's whole range)"),
-    "problems": (400, "training-split problems per task the model answers greedily"),
-    "max_new_tokens": (256, "longest answer"),
-    "turns": (2, "most turns in a conversation: earlier turns are other conversations' questions and answers"),
-    "val_fraction": (0.02, "share of the conversations held out (at least one)"),
-    "steps": (60, "optimizer steps"),
-    "batch": (16, "sequences per step"),
-    "seq": (256, "tokens per sequence"),
-    "lr": (1e-3, "peak learning rate"),
-    "warmup": (5, "linear warmup steps"),
-    "optimizer": ("muon", "muon or adamw (see optim.py)"),
-    "ckpt_every": (0, "steps between checkpoints (0: only at the end)"),
-    "seed": (0, "seed for problems and data order"),
-    "resume": (False, "reuse out/data, and continue from the newest checkpoint in --out"),
-    "device": (None, "cpu or cuda (default: cuda when available)"),
-    "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
-    "progress": (True, "show a progress bar"),
-}
-DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
-TRAINING = ("steps", "batch", "seq", "lr", "warmup", "optimizer", "ckpt_every", "seed", "device", "dtype",
-            "progress")  # options passed on to train.train
 BATCH = 128  # sequences the engine decodes together
 
 
@@ -69,7 +43,7 @@ def own_answers(o, compute, show):
     if not tasks:
         raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
     rng = random.Random(o.seed)
-    problems = [task.sample(rng, "train", o.difficulty or None) for task in tasks for _ in range(o.problems)]
+    problems = [task.sample(rng, "train", o.levels) for task in tasks for _ in range(o.problems)]
     engine = Engine(model.to(compute.device), tokenizer, max_batch=BATCH, dtype=o.dtype)
     chats = []
     with tqdm(total=len(problems), disable=not show, desc="mtp answers", dynamic_ncols=True) as bar:
@@ -96,10 +70,11 @@ def build_data(o, chats, out_dir):
     data.build(None, Tokenizer.load(o.init), out_dir, max(o.val_fraction, 1 / len(docs)), documents=docs)
 
 
-def align_mtp(options: dict):
-    """Decode the model's own answers, then train its MTP module on them with `options` (keys of DEFAULTS).
-    Returns the number of conversations, the training's last metrics and seconds_decoding (0 when resumed)."""
-    o = options_from(options, DEFAULTS, "mtp")
+def align_mtp(options: MTPConfig | dict):
+    """Decode the model's own answers, then train its MTP module on them with `options` (an MTPConfig, or a dict
+    of its fields). Returns the number of conversations, the training's last metrics and seconds_decoding (0 when
+    resumed)."""
+    o = config_from(MTPConfig, options)
     if not o.init or not o.out:
         raise ValueError("--init (the final checkpoint) and --out are required")
     if o.problems < 1 or o.turns < 1:
@@ -121,9 +96,7 @@ def run_stage(o, compute, rank0):
         seconds = time.perf_counter() - t0
         gc.collect()  # the decoding model and its engine are gone before training starts
         barrier()
-    options = {k: getattr(o, k) for k in TRAINING}
-    last = train({**options, "init": o.init, "data": data_dir, "out": o.out, "resume": o.resume,
-                  "mtp_only": True, "mtp_weight": 1.0, "eval_every": 0}, "sft")
+    last = train(TrainConfig(**values(o, FineTune), data=data_dir, mtp_only=True, mtp_weight=1.0), "sft")
     conversations = sum(shard["documents"] for split in data.load_manifest(data_dir)["splits"].values()
                         for shard in split)
     return {"conversations": conversations, **last, "seconds_decoding": seconds}

@@ -4,9 +4,8 @@
     -> eval (of every stage) -> report.md
 
 A recipe is a TOML file: a built-in one (nanoseek/recipes/NAME.toml, shipped in the package) or your own.
-[pretrain] and [sft] take the options of `nanoseek pretrain`, [rl] those of `nanoseek rl`; [run], [data] and
-[eval] are described in SECTIONS below ([data] shares val_fraction with `nanoseek data`, [eval] shares n, k
-and max_new_tokens with `nanoseek eval`).
+Its sections and their keys are the fields of the configs in config.RECIPE (`nanoseek run --help` lists them);
+a stage gets its section as its config, with where it starts and writes, the seed, device and dtype of [run].
 """
 
 import functools
@@ -31,49 +30,14 @@ from nanoseek import mtp as mtp_module
 from nanoseek import rejection as rejection_module
 from nanoseek import rl as rl_module
 from nanoseek import train as train_module
+from nanoseek.config import RECIPE, Scoring, accepts, recipe_keys, type_name, values
 from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
+from nanoseek.hub import check_hf_source, read_hf
 from nanoseek.plan import PlanError, plan_recipe
 from nanoseek.tasks import chat_documents, get_task, task_documents
 from nanoseek.tasks.smalltalk import smalltalk_texts
 from nanoseek.tokenizer import trim_conversation
 
-SECTIONS = {  # section -> key -> (default, meaning)
-    "run": {
-        "out": ("runs/default", "directory every stage writes into"),
-        "seed": (0, "seed for data, initialisation and sampling"),
-        "stages": (["pretrain", "sft", "rl"], "training stages to run, in this order; add \"rs\" for rejection "
-                                               "sampling and SFT after GRPO (R1's third stage), \"mtp\" last to "
-                                               "train the MTP module to draft the final model's answers"),
-        "device": ("", "cpu or cuda (empty: cuda when available)"),
-        "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
-    },
-    "data": {
-        "tasks": (["addition", "countdown"], "tasks whose worked solutions make the training data"),
-        "difficulties": ({}, "per task, the difficulties to draw (empty: the task's whole range)"),
-        "pretrain_problems": (20000, "problems per task rendered as plain text for pretraining (or {task: count})"),
-        "sft_problems": (5000, "problems per task rendered as chat with <think> for SFT (or {task: count})"),
-        "turns": (1, "most turns in an SFT conversation: earlier turns are other problems with their answers"),
-        "smalltalk": (0, "plain conversational turns in SFT: greetings, who the model is, what it cannot do"),
-        "corpus": ([], "your own text/JSONL/Parquet files, added to the pretraining data"),
-        "hf": ([], "Hugging Face datasets, streamed: [{ path, name, split, column, max_documents }]; column "
-                   "\"text\" adds to the pretraining data, \"messages\" to the SFT data"),
-        "vocab_size": (1024, "tokenizer vocabulary"),
-        "tokenizer_chars": (1_000_000_000, "the tokenizer trains on the first this many characters of each source "
-                                           "(the tasks' text, the smalltalk, the corpus, each hf dataset)"),
-        "val_fraction": data_module.OPTIONS["val_fraction"],
-    },
-    "eval": {
-        "tasks": (["addition", "countdown"], "tasks to evaluate every stage on"),
-        "difficulties": ({}, "per task, the difficulties to evaluate (empty: those of [data])"),
-        **{k: evaluate_module.OPTIONS[k] for k in ("n", "k", "k_n", "max_new_tokens", "second_turn", "depth_n")},
-        "stages": (["pretrain", "sft", "rl"], "stages whose checkpoints are evaluated"),
-    },
-    "pretrain": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
-    "sft": {k: v for k, v in train_module.OPTIONS.items() if k not in ("data", "out", "init", "resume")},
-    "rl": {k: v for k, v in rl_module.OPTIONS.items() if k not in ("out", "init", "resume")},
-    "rs": {k: v for k, v in rejection_module.OPTIONS.items() if k not in ("out", "init", "resume")},
-    "mtp": {k: v for k, v in mtp_module.OPTIONS.items() if k not in ("out", "init", "resume")},
-}
 TRAINING_STAGES = ("pretrain", "sft", "rl", "rs", "mtp")
 RECIPES = resources.files("nanoseek") / "recipes"  # the built-in recipes, read as package data
 RANK0_STAGES = ("tokenizer", "data", "eval", "report")  # under torchrun: rank 0 runs these, the others wait
@@ -109,25 +73,10 @@ def load_recipe(name_or_path, overrides=None):
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         raw.setdefault(section, {})[name] = value
-    recipe = {}
     for section in raw:
-        if section not in SECTIONS:
-            raise RecipeError(f"{path}: unknown section [{section}]; valid sections: {sorted(SECTIONS)}")
-    for section, fields in SECTIONS.items():
-        given = raw.get(section, {})
-        unknown = sorted(set(given) - set(fields))
-        if unknown:
-            raise RecipeError(f"{path}: unknown keys {unknown} in [{section}]; valid keys: {sorted(fields)}")
-        values = {}
-        for key, (default, _) in fields.items():
-            value = given.get(key, default)
-            counts = key in PER_TASK and isinstance(value, dict)
-            well_typed = _counts_by_task(value) if counts else _same_type(value, default)
-            if default is not None and value is not None and not well_typed:
-                raise RecipeError(f"{path}: [{section}] {key} should be {type(default).__name__}, "
-                                  f"got {value!r}")
-            values[key] = value
-        recipe[section] = values
+        if section not in RECIPE:
+            raise RecipeError(f"{path}: unknown section [{section}]; valid sections: {sorted(RECIPE)}")
+    recipe = {section: _section(path, section, raw.get(section, {})) for section in RECIPE}
     stages = recipe["run"]["stages"]
     if not stages or [s for s in TRAINING_STAGES if s in stages] != stages:
         raise RecipeError(f"{path}: [run] stages must name training stages once each, in the order "
@@ -136,7 +85,7 @@ def load_recipe(name_or_path, overrides=None):
     if unknown:
         raise RecipeError(f"{path}: [eval] stages {unknown} are not in [run] stages {stages}")
     try:
-        recipe["data"]["hf"] = [data_module.check_hf_source(source, f"{path}: [data] hf[{i}]")
+        recipe["data"]["hf"] = [check_hf_source(source, f"{path}: [data] hf[{i}]")
                                 for i, source in enumerate(recipe["data"]["hf"])]
     except data_module.DataError as e:
         raise RecipeError(str(e)) from None
@@ -144,19 +93,17 @@ def load_recipe(name_or_path, overrides=None):
     return recipe
 
 
-PER_TASK = ("pretrain_problems", "sft_problems")  # a count for every task, or a table of counts by task
-
-
-def _counts_by_task(value):
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
-
-
-def _same_type(value, default):
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, float):
-        return isinstance(value, int | float)
-    return isinstance(value, type(default))
+def _section(path, section, given):
+    """{key: value} of a recipe section, every key there (defaults filled in, list-or-one values as lists)."""
+    keys = recipe_keys(section)
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise RecipeError(f"{path}: unknown keys {unknown} in [{section}]; valid keys: {sorted(keys)}")
+    for key, value in given.items():
+        if value is not None and not accepts(keys[key].type, value):
+            raise RecipeError(f"{path}: [{section}] {key} should be {type_name(keys[key].type)}, got {value!r}")
+    config = RECIPE[section](**given)
+    return {key: getattr(config, key) for key in keys}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -258,7 +205,7 @@ def _hf_docs(recipe, column):
     """The documents of the recipe's Hugging Face sources of one column ("text" or "messages"), streamed."""
     for source in recipe["data"]["hf"]:
         if source["column"] == column:
-            yield from data_module.read_hf(source)
+            yield from read_hf(source)
 
 
 def stage_tokenizer(recipe, paths, device):
@@ -267,7 +214,7 @@ def stage_tokenizer(recipe, paths, device):
     d = recipe["data"]
     smalltalk = smalltalk_texts([get_task(spec) for spec in d["tasks"]], d["smalltalk"], recipe["run"]["seed"])
     sources = [data_module.document_texts(_text_docs(recipe)), smalltalk, data_module.read_texts(d["corpus"]),
-               *(data_module.document_texts(data_module.read_hf(source)) for source in d["hf"])]
+               *(data_module.document_texts(read_hf(source)) for source in d["hf"])]
     texts = itertools.chain.from_iterable(first_chars(texts, d["tokenizer_chars"]) for texts in sources)
     tok = train_tokenizer(texts, vocab_size=d["vocab_size"])
     tmp = paths["tokenizer"] + ".tmp"
@@ -290,10 +237,14 @@ def stage_data(recipe, paths, device):
     return {"pretrain_tokens": count(text), "sft_tokens": count(chat)}
 
 
-def _train(recipe, paths, device, stage, data, init):
-    opts = {**recipe[stage], "data": data, "out": paths[stage], "init": init, "resume": True,
-            "seed": recipe["run"]["seed"], "device": device, "dtype": recipe["run"]["dtype"]}
-    last = train_module.train(opts, "pretrain" if stage == "pretrain" else "sft")
+def stage_config(recipe, paths, device, stage, **more):
+    """A training stage's config: its section, where it starts and writes, and [run]'s seed, device and dtype."""
+    return RECIPE[stage](**{**recipe[stage], "init": _init(recipe, paths, stage), "out": paths[stage], "resume": True,
+                            "seed": recipe["run"]["seed"], "device": device, "dtype": recipe["run"]["dtype"], **more})
+
+
+def _train(recipe, paths, device, stage, data):
+    last = train_module.train(stage_config(recipe, paths, device, stage, data=data), stage)
     meta = json.load(open(os.path.join(paths[stage], "final", "nanoseek.json")))
     return {"tokens": meta["tokens_seen"], "steps": meta["step"], "loss": last.get("main_loss"),
             "val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb"),
@@ -301,39 +252,33 @@ def _train(recipe, paths, device, stage, data, init):
 
 
 def stage_pretrain(recipe, paths, device):
-    return _train(recipe, paths, device, "pretrain", paths["text"], _init(recipe, paths, "pretrain"))
+    return _train(recipe, paths, device, "pretrain", paths["text"])
 
 
 def stage_sft(recipe, paths, device):
-    return _train(recipe, paths, device, "sft", paths["chat"], _init(recipe, paths, "sft"))
-
-
-def _options(recipe, paths, device, stage):
-    return {**recipe[stage], "init": _init(recipe, paths, stage), "out": paths[stage], "resume": True,
-            "seed": recipe["run"]["seed"], "device": device, "dtype": recipe["run"]["dtype"]}
+    return _train(recipe, paths, device, "sft", paths["chat"])
 
 
 def stage_rl(recipe, paths, device):
-    last = rl_module.rl(_options(recipe, paths, device, "rl"))
+    last = rl_module.rl(stage_config(recipe, paths, device, "rl"))
     return {"steps": last["step"], "reward": last["reward"], "accuracy": last["accuracy"]}
 
 
 def stage_rs(recipe, paths, device):
-    return rejection_module.rejection_sampling(_options(recipe, paths, device, "rs"))
+    return rejection_module.rejection_sampling(stage_config(recipe, paths, device, "rs"))
 
 
 def stage_mtp(recipe, paths, device):
-    result = mtp_module.align_mtp(_options(recipe, paths, device, "mtp"))
+    result = mtp_module.align_mtp(stage_config(recipe, paths, device, "mtp"))
     return {k: result[k] for k in ("conversations", "step", "mtp_loss", "seconds_decoding")}
 
 
 def stage_eval(recipe, paths, device):
     e, d = recipe["eval"], recipe["data"]
     difficulty = {spec: e["difficulties"].get(spec) or d["difficulties"].get(spec) or None for spec in e["tasks"]}
-    evaluate_module.evaluate([os.path.join(paths[s], "final") for s in e["stages"]], e["tasks"], n=e["n"], k=e["k"],
-                             max_new_tokens=e["max_new_tokens"], seed=recipe["run"]["seed"], out=paths["eval"],
-                             device=device, dtype=recipe["run"]["dtype"], difficulty=difficulty, k_n=e["k_n"],
-                             second_turn=e["second_turn"], depth_n=e["depth_n"])
+    evaluate_module.evaluate([os.path.join(paths[s], "final") for s in e["stages"]], e["tasks"], **values(e, Scoring),
+                             seed=recipe["run"]["seed"], out=paths["eval"], device=device,
+                             dtype=recipe["run"]["dtype"], difficulty=difficulty)
     final = os.path.join(paths[e["stages"][-1]], "final")
     chat = evaluate_module.chat_replies(final, device=device, dtype=recipe["run"]["dtype"])
     _write_json(os.path.join(paths["eval"], "chat.json"), {"checkpoint": final, **chat})

@@ -24,51 +24,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanoseek import checkpoint, data
+from nanoseek.config import FineTune, RSConfig, TrainConfig, config_from, values
 from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
 from nanoseek.engine import Engine
-from nanoseek.loop import options_from
 from nanoseek.rl import task_list
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import Problem, as_chat, parse_completion, smalltalk_chats, task_documents, with_history
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import train
 
-OPTIONS = {  # every option of rs: (default, meaning)
-    "init": (None, "checkpoint to sample from and fine-tune (the RL model)"),
-    "out": (None, "output directory"),
-    "task": ("countdown", "built-in task, problems.jsonl, or file.py:ClassName; several, comma-separated, take turns"),
-    "checker": ("exact", "answer checker for a JSONL task: exact, numeric or math"),
-    "difficulty": (0, "problem difficulty (0: the task's whole range)"),
-    "problems": (600, "training-split problems to sample"),
-    "samples": (8, "completions sampled per problem"),
-    "temperature": (1.0, "sampling temperature"),
-    "max_new_tokens": (256, "longest completion"),
-    "keep": (2, "distinct accepted completions kept per problem at most"),
-    "require_steps": (False, "accept only completions whose every reasoning step is right as well (a process "
-                             "check, for tasks with check_steps)"),
-    "replay": ("addition", "tasks whose worked solutions are mixed into the fine-tuning data, comma-separated "
-                           "(empty: none)"),
-    "replay_problems": (200, "worked solutions per replay task"),
-    "smalltalk": (0, "plain conversational turns mixed in: greetings, who the model is, what it cannot do"),
-    "turns": (1, "most turns in a conversation: earlier turns are other conversations' questions and answers"),
-    "val_fraction": (0.02, "share of the conversations held out (at least one)"),
-    "steps": (60, "fine-tuning optimizer steps"),
-    "batch": (16, "sequences per fine-tuning step"),
-    "seq": (256, "tokens per sequence"),
-    "lr": (3e-4, "peak fine-tuning learning rate"),
-    "warmup": (5, "linear warmup steps"),
-    "optimizer": ("muon", "muon or adamw (see optim.py)"),
-    "eval_every": (0, "steps between held-out evaluations (0: only at the end)"),
-    "ckpt_every": (0, "steps between checkpoints (0: only at the end)"),
-    "seed": (0, "seed for problems, sampling and data order"),
-    "resume": (False, "reuse out/samples.jsonl and out/data, and continue from the newest checkpoint in --out"),
-    "device": (None, "cpu or cuda (default: cuda when available)"),
-    "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
-    "progress": (True, "show a progress bar"),
-}
-DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
-FINE_TUNING = ("steps", "batch", "seq", "lr", "warmup", "optimizer", "eval_every", "ckpt_every", "seed", "device",
-               "dtype", "progress")  # options passed on to train.train
 BATCH = 256  # sequences the engine decodes together
 
 
@@ -81,7 +45,7 @@ def draw_problems(o, tasks):
     drawn = []
     for i in range(o.problems):
         task = tasks[i % len(tasks)]
-        drawn.append((i, task, task.sample(rng, "train", o.difficulty or None)))
+        drawn.append((i, task, task.sample(rng, "train", o.levels)))
     return drawn
 
 
@@ -191,9 +155,8 @@ def conversations(o, lines):
     smalltalk turns, shuffled, each after 0 to turns - 1 earlier turns (see tasks.with_history)."""
     rng = random.Random(o.seed)
     finals = kept_chats(lines)
-    replay = [spec.strip() for spec in o.replay.split(",") if spec.strip()]
-    for i, spec in enumerate(replay):
-        docs = task_documents(spec, o.replay_problems, "chat", o.seed * 100 + i + 1, o.difficulty or None, o.checker)
+    for i, spec in enumerate(o.replay):
+        docs = task_documents(spec, o.replay_problems, "chat", o.seed * 100 + i + 1, o.levels, o.checker)
         finals += [messages for _, messages in docs]
     problems = list(finals)
     if o.smalltalk:
@@ -248,24 +211,23 @@ def run_stage(o, rank, world, compute):
         print(f"rejection sampling: kept {c['kept']} of {c['sampled']} completions ({c['accepted']} accepted) "
               f"from {c['problems_solved']} of {c['problems']} problems")
     if not c["accepted"]:  # nothing of the model's own to keep: the mixed-in conversations alone, or an error
-        if not (o.replay.strip() or o.smalltalk):
+        if not (o.replay or o.smalltalk):
             raise no_accepted_error(c)
         if rank == 0:
             print(f"warning: {no_accepted_error(c)}; fine-tuning on the replayed and smalltalk conversations alone")
     if rank == 0 and not (o.resume and os.path.exists(os.path.join(data_dir, "manifest.json"))):
         build_data(o, read_jsonl(samples_file), data_dir)
     barrier()
-    options = {k: getattr(o, k) for k in FINE_TUNING}
-    train({**options, "init": o.init, "data": data_dir, "out": o.out, "resume": o.resume}, "sft")
+    train(TrainConfig(**values(o, FineTune), data=data_dir), "sft")
     meta = checkpoint.load_meta(os.path.join(o.out, "final"))
     return {**c, "steps": meta["step"], "tokens": meta["tokens_seen"], "seconds_sampling": seconds}
 
 
-def rejection_sampling(options: dict):
-    """Sample, check, keep and fine-tune with `options` (keys of DEFAULTS). Returns the counts (problems, sampled,
-    accepted, kept, problems_solved), the fine-tuning's steps and tokens, and seconds_sampling (0 when resumed
-    samples were reused)."""
-    o = options_from(options, DEFAULTS, "rs")
+def rejection_sampling(options: RSConfig | dict):
+    """Sample, check, keep and fine-tune with `options` (an RSConfig, or a dict of its fields). Returns the counts
+    (problems, sampled, accepted, kept, problems_solved), the fine-tuning's steps and tokens, and seconds_sampling
+    (0 when resumed samples were reused)."""
+    o = config_from(RSConfig, options)
     check(o)
     compute = policy(o.device, o.dtype)
     with stage_ranks():

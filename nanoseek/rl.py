@@ -20,64 +20,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from nanoseek import checkpoint
+from nanoseek.config import RLConfig, config_from, sample_levels
 from nanoseek.device import all_reduce, any_rank, policy, stage_ranks, start_ranks
 from nanoseek.engine import Engine, Sequence
 from nanoseek.evaluate import evaluate_model, test_problems
-from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
+from nanoseek.loop import Run, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.model import logit_chunk
 from nanoseek.optim import build_optimizer
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import Reward, as_chat, get_task
 from nanoseek.train import optimizer_tensors, restore_optimizer
-
-OPTIONS = {  # every option of rl: (default, meaning)
-    "init": (None, "checkpoint to start from (an SFT model)"),
-    "task": ("countdown", "built-in task, problems.jsonl, or file.py:ClassName; several, comma-separated, "
-                          "take turns (a skill already learned stays in practice)"),
-    "checker": ("exact", "answer checker for a JSONL task: exact, numeric or math"),
-    "difficulty": ([], "difficulties to draw problems from, e.g. those the SFT data had (empty: the task's whole "
-                       "range)"),
-    "out": (None, "output directory"),
-    "steps": (50, "GRPO steps"),
-    "prompts": (8, "problems per step, over all ranks"),
-    "group": (8, "G: completions per problem"),
-    "max_new_tokens": (256, "longest completion"),
-    "replay": ("", "tasks whose worked solutions keep training beside GRPO, comma-separated (empty: none), "
-                   "so that a skill learned in SFT is not lost"),
-    "replay_rows": (16, "worked solutions per step for --replay"),
-    "replay_difficulty": ([], "difficulties of the --replay tasks' problems (empty: those of --difficulty)"),
-    "temperature": (1.0, "sampling temperature of the rollouts"),
-    "optimizer": ("adamw", "adamw: AdamW on every weight; muon: Muon on the hidden matrices, AdamW on the rest"),
-    "lr": (1e-4, "learning rate"),
-    "warmup": (0, "steps over which the learning rate rises linearly to --lr (Adam's first steps are full-size)"),
-    "weight_decay": (0.0, "AdamW weight decay"),
-    "mu": (1, "update passes over each batch of rollouts"),
-    "micro_batch": (0, "rollouts per forward in the update, gradients accumulated (0: all of this rank's at once); "
-                       "bounds the update's memory, not its result"),
-    "eps_low": (0.2, "PPO clip below 1"),
-    "eps_high": (0.28, "PPO clip above 1 (clip-higher)"),
-    "beta": (0.0, "k3 KL penalty to the starting model (0: no reference model)"),
-    "advantage": ("std", "std (GRPO) or mean (Dr. GRPO: no division by the group's std)"),
-    "accuracy_weight": (1.0, "reward for a right answer"),
-    "format_weight": (0.1, "reward for <reasoning></think><answer>"),
-    "step_weight": (0.0, "reward for the share of reasoning steps that compute what they say (a process reward; "
-                         "tasks with check_steps)"),
-    "overlong_penalty": (0.0, "subtracted when a completion hits max_new_tokens"),
-    "dynamic_sampling": (True, "drop groups with equal rewards and draw more problems"),
-    "max_draws": (3, "dynamic sampling: rounds of extra problems per step at most"),
-    "clip": (1.0, "gradient-norm clipping (0: off)"),
-    "eval_every": (10, "steps between greedy evaluations on held-out problems, for the curve in rl.png (0: none)"),
-    "eval_n": (100, "held-out problems per task (and per replay task) in those evaluations"),
-    "ckpt_every": (25, "steps between checkpoints (0: only at the end)"),
-    "keep": (2, "step checkpoints to keep"),
-    "seed": (0, "seed for problems and sampling"),
-    "resume": (False, "continue from the newest checkpoint in --out"),
-    "device": (None, "cpu or cuda (default: cuda when available)"),
-    "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
-    "progress": (True, "show a progress bar"),
-}
-DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
-
 
 # ----------------------------------------------------------------------------- the math
 
@@ -255,15 +207,8 @@ class Group(NamedTuple):
 
 
 def task_list(specs, checker):
-    """The tasks named in a comma-separated list (empty: none)."""
-    return [get_task(spec.strip(), checker) for spec in specs.split(",") if spec.strip()]
-
-
-def sample_levels(difficulty):
-    """A difficulty option (one level, a list, or empty) as Task.sample takes it: a level, a list, or None."""
-    levels = difficulty if isinstance(difficulty, list) else [difficulty] * bool(difficulty)
-    levels = [int(d) for d in levels]  # from the command line they come as text
-    return levels[0] if len(levels) == 1 else levels or None
+    """The tasks named in a list of names (empty: none)."""
+    return [get_task(spec, checker) for spec in specs]
 
 
 class GRPO:
@@ -282,7 +227,7 @@ class GRPO:
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
         self.tasks, self.replay_tasks = task_list(o.task, o.checker), task_list(o.replay, o.checker)
-        self.difficulty = sample_levels(o.difficulty)
+        self.difficulty = o.levels
         self.replay_difficulty = sample_levels(o.replay_difficulty) or self.difficulty
         if not self.tasks:
             raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
@@ -497,9 +442,9 @@ def plot_rl(metrics_file, out_dir):
           ("policy", "", {"entropy": "entropy", "clip fraction": "clip_frac", "KL": "kl"})])
 
 
-def rl(options: dict):
-    """Run GRPO with `options` (keys of DEFAULTS); returns the last step's metrics."""
-    o = options_from(options, DEFAULTS, "rl")
+def rl(options: RLConfig | dict):
+    """Run GRPO with `options` (an RLConfig, or a dict of its fields); returns the last step's metrics."""
+    o = config_from(RLConfig, options)
     with stage_ranks():
         return GRPO(o).run()
 

@@ -16,10 +16,11 @@ from contextlib import nullcontext
 import torch
 
 from nanoseek import checkpoint
+from nanoseek.config import TrainConfig, config_from
 from nanoseek.data import DataError, Loader, load_manifest, sequential_batches
 from nanoseek.device import all_reduce, policy, stage_ranks, start_ranks
 from nanoseek.hardware import peak_flops
-from nanoseek.loop import Run, options_from, plot, read_metrics, resume_point, save_checkpoint
+from nanoseek.loop import Run, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.model import (
     DeepSeekV3,
     config_for_size,
@@ -32,46 +33,6 @@ from nanoseek.model import (
 from nanoseek.optim import build_optimizer
 from nanoseek.tokenizer import Tokenizer
 
-OPTIONS = {  # every option of pretrain and sft: (default, meaning)
-    "init": (None, "checkpoint to start from (sft: required)"),
-    "size": (6, "size dial for a fresh model when there is no --init"),
-    "data": (None, "data directory made by `nanoseek data`"),
-    "out": (None, "output directory"),
-    "steps": (200, "optimizer steps"),
-    "batch": (16, "sequences per optimizer step, over all ranks and micro-steps"),
-    "device_batch": (0, "rows per forward on each rank; gradients accumulate over batch / (device_batch x ranks) "
-                        "micro-steps (0: a rank's whole share of the batch in one forward)"),
-    "seq": (256, "tokens per sequence"),
-    "rows": ("documents", "documents: rows of whole documents, each attending to itself only; "
-                          "windows: plain windows of the token stream (long free text)"),
-    "lr": (3e-3, "peak learning rate"),
-    "min_lr_ratio": (0.1, "final learning rate as a fraction of the peak"),
-    "warmup": (20, "linear warmup steps"),
-    "schedule": ("cosine", "cosine, or wsd (warmup-stable-decay)"),
-    "decay_frac": (0.2, "wsd: fraction of steps spent decaying"),
-    "optimizer": ("muon", "muon: Muon on the hidden matrices, AdamW on the rest (see optim.py); adamw: AdamW on all"),
-    "weight_decay": (0.1, "weight decay on matrices"),
-    "beta1": (0.9, "AdamW beta1"),
-    "beta2": (0.95, "AdamW beta2"),
-    "clip": (1.0, "gradient-norm clipping (0: off)"),
-    "mtp_weight": (0.3, "lambda: weight of the multi-token-prediction loss"),
-    "mtp_only": (False, "train the MTP modules alone, the main model frozen: they learn to draft what it writes"),
-    "bias_update_speed": (0.001, "gamma: aux-loss-free expert bias step"),
-    "balance_alpha": (0.0, "alpha: sequence-wise balance loss weight"),
-    "eval_every": (50, "steps between held-out evaluations (0: only at the end)"),
-    "eval_windows": (32, "held-out sequences per evaluation"),
-    "ckpt_every": (100, "steps between checkpoints (0: only at the end)"),
-    "keep": (2, "step checkpoints to keep"),
-    "max_bad_steps": (5, "stop after this many non-finite steps in a row"),
-    "seed": (0, "seed for initialisation and data order"),
-    "resume": (False, "continue from the newest checkpoint in --out"),
-    "compile": (False, "torch.compile the model"),
-    "fsdp": (False, "shard with FSDP2 instead of replicating with DDP (under torchrun)"),
-    "device": (None, "cpu or cuda (default: cuda when available)"),
-    "dtype": ("auto", "compute dtype under autocast: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32"),
-    "progress": (True, "show a progress bar"),
-}
-DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
 
 class TrainingError(RuntimeError):
     pass
@@ -393,9 +354,10 @@ def plot_metrics(metrics_file, out_dir):
              [("expert load balance", "max / mean tokens per expert", {k: k for k in layers[0] if k != "step"})])
 
 
-def train(options: dict, mode: str):
-    """Run pretraining or SFT with `options` (keys of DEFAULTS); returns the last step's metrics."""
-    o = options_from(options, DEFAULTS, "training")
+def train(options: TrainConfig | dict, mode: str):
+    """Run pretraining or SFT with `options` (a TrainConfig, or a dict of its fields); returns the last step's
+    metrics."""
+    o = config_from(TrainConfig, options)
     if o.schedule not in ("cosine", "wsd"):
         raise ValueError(f"--schedule must be cosine or wsd, not {o.schedule!r}")
     with stage_ranks():

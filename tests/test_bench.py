@@ -162,7 +162,7 @@ def test_cached_tools_are_not_built_again(monkeypatch, tmp_path):
 
 
 def test_speculation_on_task_prompts_is_exact_and_prints_its_ratio_last(chat_model, capsys):
-    """bench decode --prompts tasks: held-out prompts of the task, decoded plainly and speculatively, the same
+    """bench decode --prompt-kind tasks: held-out prompts of the task, decoded plainly and speculatively, the same
     tokens; rates of both sides in every round, the speedups printed last."""
     r = speculation.bench_speculation(chat_model, tasks=["addition"], n=5, difficulty=2, batches=(1, 2), new_tokens=24,
                                 rounds=2)
@@ -180,14 +180,16 @@ def test_speculation_on_task_prompts_is_exact_and_prints_its_ratio_last(chat_mod
 def test_bench_decode_prompts_say_what_is_wrong(capsys):
     from nanoseek.cli import main
 
-    assert main(["bench", "decode", "--prompts", "tasks"]) == 1
+    assert main(["bench", "decode", "--prompt-kind", "tasks"]) == 1
     assert "needs --ckpt" in capsys.readouterr().err
-    assert main(["bench", "decode", "--prompts", "tasks", "--ckpt", "x", "--peer", "llama.cpp"]) == 1
+    assert main(["bench", "decode", "--prompt-kind", "tasks", "--ckpt", "x", "--peer", "llama.cpp"]) == 1
     assert "drop --peer" in capsys.readouterr().err
-    assert main(["bench", "decode", "--prompts", "words"]) == 1
-    assert "random (random tokens, the default) or tasks" in capsys.readouterr().err
-    assert main(["bench", "grpo", "--ckpt", "x", "--prompts", "tasks"]) == 1
-    assert "a number of --prompts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--prompt-kind", "words"])
+    assert "invalid choice: 'words' (choose from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # grpo's --prompts counts problems per step, as `nanoseek rl --prompts` does
+        main(["bench", "grpo", "--ckpt", "x", "--prompts", "tasks"])
+    assert "--prompts: invalid int value: 'tasks'" in capsys.readouterr().err
 
 
 def test_serve_bench_drives_servers_in_turns_and_compares_replies(chat_model, tmp_path):

@@ -8,7 +8,8 @@ import random
 
 from nanoseek import checkpoint
 from nanoseek import evaluate as evaluation
-from nanoseek.evaluate import OPTIONS, evaluate, markdown_table, token_budget
+from nanoseek.config import EvalConfig
+from nanoseek.evaluate import evaluate, markdown_table, token_budget
 from nanoseek.report import chat_section, write_report
 from nanoseek.tasks import as_chat, get_task
 from nanoseek.tasks.arithmetic import ADDITION_PHRASINGS
@@ -17,7 +18,7 @@ from nanoseek.tokenizer import Tokenizer
 
 
 def test_pass_at_k_on_the_first_k_n_problems(random_policy):
-    assert "k_n" in OPTIONS and "second_turn" in OPTIONS
+    assert {"k_n", "second_turn"} <= set(vars(EvalConfig()))
     results = evaluate([random_policy], ["addition"], n=6, k=2, k_n=3, max_new_tokens=3, device="cpu")
     r = results[random_policy]["addition"]
     assert r["all"]["n"] == 6 and r["all"]["pass@2_n"] == 3 and 0.0 <= r["all"]["pass@2"] <= 1.0

@@ -12,9 +12,9 @@ import pytest
 from conftest import TINY
 
 from nanoseek import cli
-from nanoseek.data import DataError, build, load_manifest, read_hf
+from nanoseek.data import DataError, build, load_manifest
 from nanoseek.evaluate import evaluate
-from nanoseek.hub import HubError
+from nanoseek.hub import HubError, read_hf
 from nanoseek.pipeline import RecipeError, load_recipe, run
 from nanoseek.rl import rl
 from nanoseek.tasks import get_task, task_documents
@@ -185,8 +185,8 @@ def test_gpu_chat_recipe_streams_fineweb_smoltalk_and_gsm8k():
     assert [(s["path"], s["name"], s["column"]) for s in recipe["data"]["hf"]] == [
         ("HuggingFaceFW/fineweb-edu", "sample-10BT", "text"), ("HuggingFaceTB/smoltalk", "all", "messages")]
     assert all(s["max_documents"] > 0 for s in recipe["data"]["hf"])  # a sample, never the whole corpus
-    assert recipe["data"]["tasks"] == recipe["eval"]["tasks"] == [recipe["rl"]["task"]]
-    task = get_task(recipe["rl"]["task"])  # read lazily: nothing is downloaded here
+    assert recipe["data"]["tasks"] == recipe["eval"]["tasks"] == recipe["rl"]["task"]
+    task = get_task(recipe["rl"]["task"][0])  # read lazily: nothing is downloaded here
     assert (task.path, task.config, task.name) == ("openai/gsm8k", "main", "gsm8k")
 
 

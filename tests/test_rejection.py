@@ -11,7 +11,8 @@ import torch
 from conftest import documents
 
 from nanoseek import checkpoint, rejection
-from nanoseek.cli import build_parser, cmd_rs
+from nanoseek.cli import build_parser, cmd_rs, from_args
+from nanoseek.config import RSConfig
 from nanoseek.rejection import rejection_sampling
 from nanoseek.tasks import Problem, as_chat, get_task, parse_completion
 from nanoseek.tokenizer import Tokenizer
@@ -177,8 +178,9 @@ def test_no_accepted_completion_is_a_clear_error(random_policy, tasks, tmp_path)
 def test_cli_and_options(random_policy, tmp_path):
     args = build_parser().parse_args(["rs", "--init", "ck", "--out", "o", "--samples", "4", "--replay", "",
                                       "--temperature", "0.7", "--no-progress"])
-    assert args.func is cmd_rs and args.samples == 4 and args.replay == "" and args.temperature == 0.7
-    assert args.keep == 2 and args.progress is False
+    o = from_args(RSConfig, args)
+    assert args.func is cmd_rs and o.samples == 4 and o.replay == [] and o.temperature == 0.7
+    assert o.keep == 2 and o.progress is False and o.task == ["countdown"] and o.difficulty == []
     with pytest.raises(ValueError, match="unknown rs options"):
         rejection_sampling({"init": random_policy, "out": str(tmp_path), "group": 8})
     with pytest.raises(ValueError, match="--init"):

@@ -10,9 +10,10 @@ import torch
 from conftest import torchrun
 
 from nanoseek import checkpoint
+from nanoseek.config import RLConfig
 from nanoseek.evaluate import evaluate, pass_at_k, wilson
-from nanoseek.loop import options_from, read_metrics
-from nanoseek.rl import DEFAULTS, GRPO, group_advantages, grpo_loss, micro_batches, rl, steps_share, token_logprobs
+from nanoseek.loop import read_metrics
+from nanoseek.rl import GRPO, group_advantages, grpo_loss, micro_batches, rl, steps_share, token_logprobs
 from nanoseek.tasks import get_task
 
 DIGITS_TASK = '''
@@ -210,10 +211,10 @@ def test_grpo_update_does_not_depend_on_the_micro_batch(random_policy, tmp_path)
     start = checkpoint.load(random_policy)[0].state_dict()
     kept, results = None, []
     for micro in (0, 1, 4):
-        o = options_from({"init": random_policy, "out": str(tmp_path / f"rl{micro}"), "task": "addition",
+        o = RLConfig(**{"init": random_policy, "out": str(tmp_path / f"rl{micro}"), "task": "addition",
                           "difficulty": 1, "replay": "addition", "replay_rows": 4, "prompts": 2, "group": 4,
                           "max_new_tokens": 12, "mu": 2, "beta": 0.1, "lr": 1e-2, "dynamic_sampling": False,
-                          "micro_batch": micro, "device": "cpu", "progress": False}, DEFAULTS, "rl")
+                          "micro_batch": micro, "device": "cpu", "progress": False})
         trainer = GRPO(o)
         if kept is None:  # the same rollouts for every micro-batch, with rewards that differ within groups
             kept = [g._replace(totals=[float(i % 3) for i in range(len(g.totals))]) for g in trainer.rollouts(0)[0]]
@@ -249,9 +250,9 @@ def test_the_update_equals_one_row_per_completion(random_policy, tmp_path, monke
     those of every completion in a row of its own."""
     import nanoseek.rl
 
-    o = options_from({"init": random_policy, "out": str(tmp_path / "rl"), "task": "addition", "difficulty": 1,
+    o = RLConfig(**{"init": random_policy, "out": str(tmp_path / "rl"), "task": "addition", "difficulty": 1,
                       "prompts": 2, "group": 4, "max_new_tokens": 12, "beta": 0.0, "dynamic_sampling": False,
-                      "device": "cpu", "progress": False}, DEFAULTS, "rl")
+                      "device": "cpu", "progress": False})
     trainer = GRPO(o)
     first, second = trainer.rollouts(0)[0]
     kept = [first._replace(totals=[1.0, 0.0, 0.0, 1.0]), second._replace(totals=[1.0] * 4)]
@@ -340,8 +341,8 @@ def test_tokens_a_tool_wrote_are_out_of_the_loss(random_policy, tmp_path, monkey
     from nanoseek.rl import Group
     from nanoseek.sampling import SamplingParams
 
-    o = options_from({"init": random_policy, "out": str(tmp_path / "rl"), "task": "addition", "prompts": 1,
-                      "group": 2, "beta": 0.1, "device": "cpu", "progress": False}, DEFAULTS, "rl")
+    o = RLConfig(**{"init": random_policy, "out": str(tmp_path / "rl"), "task": "addition", "prompts": 1,
+                      "group": 2, "beta": 0.1, "device": "cpu", "progress": False})
     trainer = GRPO(o)
     tok = trainer.tokenizer
     prompt = tok.render_chat([{"role": "user", "content": "What is 6 * 7?"}], add_generation_prompt=True)[0]

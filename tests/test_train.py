@@ -14,11 +14,12 @@ from conftest import TINY, torchrun
 
 import nanoseek
 from nanoseek import checkpoint
+from nanoseek.config import TrainConfig
 from nanoseek.data import DataError, build
-from nanoseek.loop import checkpoints_in, options_from, read_metrics
+from nanoseek.loop import checkpoints_in, read_metrics
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.tokenizer import train_tokenizer
-from nanoseek.train import DEFAULTS, Trainer, TrainingError, lr_at, train
+from nanoseek.train import Trainer, TrainingError, lr_at, train
 
 
 def run(data, out, mode="pretrain", **options):
@@ -221,7 +222,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_text(tokenizer, tmp_path):
     text = "12 + 35 = 47."  # 13 bytes; its BOS and EOS stand for no text
     build(None, tokenizer, tmp_path / "data", val_fraction=0.25, documents=[("text", text)] * 20)  # 5 held out
     opts = {**TINY, "data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "steps": 1}
-    assert Trainer(options_from(opts, DEFAULTS, "training"), "pretrain").held_out_bytes == 5 * 13
+    assert Trainer(TrainConfig(**opts), "pretrain").held_out_bytes == 5 * 13
     last = train(opts, "pretrain")
     targets = 5 * (len(tokenizer.encode(text)) + 1)  # each document's text tokens and its EOS
     assert last["val_bpb"] == pytest.approx(last["val_loss"] * targets / math.log(2) / (5 * 13), rel=1e-6)

@@ -1,4 +1,4 @@
-"""`nanoseek bench decode --prompts tasks`: MTP self-speculative decoding against plain decoding on held-out
+"""`nanoseek bench decode --prompt-kind tasks`: MTP self-speculative decoding against plain decoding on held-out
 prompts of a checkpoint's own tasks, two engines taking turns."""
 
 import statistics
@@ -93,7 +93,7 @@ def speculation_rounds(engines, prompts, params, rounds):
 
 
 def print_speculation(r):
-    print(f"bench decode --prompts tasks: {r['ckpt']}, held-out {' and '.join(r['tasks'])} (difficulty "
+    print(f"bench decode --prompt-kind tasks: {r['ckpt']}, held-out {' and '.join(r['tasks'])} (difficulty "
           f"{r['difficulty']}) asked as chat, greedy to the end (at most {r['new_tokens']} tokens), {r['device']}, "
           f"{r['threads']} threads; tok/s, median (min-max) of {r['rounds']} rounds taking turns:")
     for row in r["runs"]:
