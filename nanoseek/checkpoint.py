@@ -200,8 +200,8 @@ def _write_checkpoint(tmp, out_dir, model, tokenizer, meta, trainer_state, state
         os.makedirs(os.path.join(tmp, "trainer_state"))
         for fname, tensors in trainer_state.items():
             save_file(tensors, os.path.join(tmp, "trainer_state", fname))
-    _fsync_tree(tmp)
-    _replace_dir(tmp, out_dir)
+    fsync_tree(tmp)
+    replace_dir(tmp, out_dir)
 
 
 def _write_json(path, obj):
@@ -209,7 +209,7 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
-def _fsync_tree(root):
+def fsync_tree(root):
     for dirpath, _, files in os.walk(root):
         for f in files:
             fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
@@ -228,7 +228,7 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _replace_dir(src, dst):
+def replace_dir(src, dst):
     """Move a finished directory to dst; an existing dst is set aside first and removed last."""
     old = None
     if os.path.exists(dst):

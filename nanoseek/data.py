@@ -196,10 +196,10 @@ def build(inputs, tokenizer: Tokenizer, out_dir, val_fraction=0.01, documents=No
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     tokenizer.save(tmp)  # training reads the tokenizer from here, so shards and ids cannot drift apart
-    from nanoseek.checkpoint import _fsync_tree, _replace_dir
+    from nanoseek.checkpoint import fsync_tree, replace_dir
 
-    _fsync_tree(tmp)
-    _replace_dir(tmp, os.path.abspath(out_dir))
+    fsync_tree(tmp)
+    replace_dir(tmp, os.path.abspath(out_dir))
     return manifest
 
 

@@ -24,9 +24,8 @@ from nanoseek import checkpoint, data
 from nanoseek.config import FineTune, MTPConfig, TrainConfig, config_from, values
 from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
 from nanoseek.engine import Engine
-from nanoseek.rl import task_list
 from nanoseek.sampling import SamplingParams
-from nanoseek.tasks import as_chat, parse_completion, with_history
+from nanoseek.tasks import as_chat, get_tasks, parse_completion, with_history
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import train
 
@@ -39,7 +38,7 @@ def own_answers(o, compute, show):
     model, tokenizer = checkpoint.load(o.init)
     if tokenizer is None:
         raise ValueError(f"{o.init} has no tokenizer")
-    tasks = task_list(o.task, o.checker)
+    tasks = get_tasks(o.task, o.checker)
     if not tasks:
         raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
     rng = random.Random(o.seed)

@@ -16,6 +16,7 @@ train.py saves by name in safetensors.
 import torch
 from torch.optim.adamw import adamw
 
+from nanoseek.checkpoint import CheckpointError
 from nanoseek.hardware import fast_bfloat16
 from nanoseek.model import DeepSeekV3, Gate
 
@@ -132,3 +133,28 @@ def build_optimizer(model: DeepSeekV3, name, lr, weight_decay, betas):
               {"params": other, "weight_decay": weight_decay},
               {"params": vectors, "weight_decay": 0.0}]
     return MuonAdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def optimizer_tensors(opt, model):
+    """Optimizer state as named tensors, "{parameter}.{state key}" (safetensors, never pickle)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                out[f"{names[id(p)]}.{key}"] = value.detach()
+    return out
+
+
+def restore_optimizer(opt, model, tensors):
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        pname, key = name.rsplit(".", 1)
+        if pname not in params:
+            raise CheckpointError(f"optimizer state names unknown parameter {pname}")
+        p = params[pname]
+        if key != "step" and hasattr(p, "device_mesh"):  # an FSDP-sharded parameter: keep this rank's shard
+            from torch.distributed.tensor import distribute_tensor
+
+            t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+        opt.state[p][key] = t.to(p.device)  # fused AdamW keeps its step count on the parameter's device

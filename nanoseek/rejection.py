@@ -27,9 +27,8 @@ from nanoseek import checkpoint, data
 from nanoseek.config import FineTune, RSConfig, TrainConfig, config_from, values
 from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
 from nanoseek.engine import Engine
-from nanoseek.rl import task_list
 from nanoseek.sampling import SamplingParams
-from nanoseek.tasks import Problem, as_chat, parse_completion, smalltalk_chats, task_documents, with_history
+from nanoseek.tasks import Problem, as_chat, get_tasks, parse_completion, smalltalk_chats, task_documents, with_history
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import train
 
@@ -103,7 +102,7 @@ def sample(o, compute, mine, show):
 
 def sample_all(o, compute, rank, world):
     """samples.jsonl's lines, in problem order: each rank samples problems rank, rank + world, ..."""
-    tasks = task_list(o.task, o.checker)
+    tasks = get_tasks(o.task, o.checker)
     if not tasks:
         raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
     mine = draw_problems(o, tasks)[rank::world]
@@ -160,7 +159,7 @@ def conversations(o, lines):
         finals += [messages for _, messages in docs]
     problems = list(finals)
     if o.smalltalk:
-        finals += smalltalk_chats(task_list(o.task, o.checker) + task_list(o.replay, o.checker), o.smalltalk, rng)
+        finals += smalltalk_chats(get_tasks(o.task, o.checker) + get_tasks(o.replay, o.checker), o.smalltalk, rng)
     rng.shuffle(finals)
     return list(with_history(finals, o.turns, rng, problems))
 

@@ -26,10 +26,9 @@ from nanoseek.engine import Engine, Sequence
 from nanoseek.evaluate import evaluate_model, test_problems
 from nanoseek.loop import Run, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.model import logit_chunk
-from nanoseek.optim import build_optimizer
+from nanoseek.optim import build_optimizer, optimizer_tensors, restore_optimizer
 from nanoseek.sampling import SamplingParams
-from nanoseek.tasks import Reward, as_chat, get_task
-from nanoseek.train import optimizer_tensors, restore_optimizer
+from nanoseek.tasks import Reward, as_chat, get_tasks
 
 # ----------------------------------------------------------------------------- the math
 
@@ -206,11 +205,6 @@ class Group(NamedTuple):
     totals: list[float]
 
 
-def task_list(specs, checker):
-    """The tasks named in a list of names (empty: none)."""
-    return [get_task(spec, checker) for spec in specs]
-
-
 class GRPO:
     def __init__(self, o):
         self.o = o
@@ -226,7 +220,7 @@ class GRPO:
             raise ValueError(f"--micro-batch {o.micro_batch}: give rollouts per forward, or 0 for all at once")
         if o.prompts % self.world:
             raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
-        self.tasks, self.replay_tasks = task_list(o.task, o.checker), task_list(o.replay, o.checker)
+        self.tasks, self.replay_tasks = get_tasks(o.task, o.checker), get_tasks(o.replay, o.checker)
         self.difficulty = o.levels
         self.replay_difficulty = sample_levels(o.replay_difficulty) or self.difficulty
         if not self.tasks:

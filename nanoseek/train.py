@@ -30,7 +30,7 @@ from nanoseek.model import (
     sequence_balance_loss,
     target_counts,
 )
-from nanoseek.optim import build_optimizer
+from nanoseek.optim import build_optimizer, optimizer_tensors, restore_optimizer
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -56,31 +56,6 @@ def lr_at(step, o):
 
 
 # ----------------------------------------------------------------------------- optimizer state
-
-
-def optimizer_tensors(opt, model):
-    """Optimizer state as named tensors, "{parameter}.{state key}" (safetensors, never pickle)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, value in opt.state.get(p, {}).items():
-                out[f"{names[id(p)]}.{key}"] = value.detach()
-    return out
-
-
-def restore_optimizer(opt, model, tensors):
-    params = dict(model.named_parameters())
-    for name, t in tensors.items():
-        pname, key = name.rsplit(".", 1)
-        if pname not in params:
-            raise checkpoint.CheckpointError(f"optimizer state names unknown parameter {pname}")
-        p = params[pname]
-        if key != "step" and hasattr(p, "device_mesh"):  # an FSDP-sharded parameter: keep this rank's shard
-            from torch.distributed.tensor import distribute_tensor
-
-            t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
-        opt.state[p][key] = t.to(p.device)  # fused AdamW keeps its step count on the parameter's device
 
 
 # ----------------------------------------------------------------------------- the loop

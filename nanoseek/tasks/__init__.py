@@ -72,6 +72,11 @@ def get_task(spec: str, checker: str = "exact"):
                      "file.py:ClassName")
 
 
+def get_tasks(specs, checker="exact"):
+    """The tasks named in a list of names (empty: none)."""
+    return [get_task(spec, checker) for spec in specs]
+
+
 def task_documents(spec, n, kind="chat", seed=0, difficulty=None, checker="exact"):
     """n training problems of a task, worked by solve, as ("chat", messages with the reasoning) or ("text", str)
     documents for `nanoseek data`."""
