@@ -4,7 +4,7 @@ and then the answer."""
 import sys
 
 from nanoseek.checkpoint import load
-from nanoseek.device import policy
+from nanoseek.device import choose_compute
 from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine
 from nanoseek.model import trained_context
 from nanoseek.sampling import SamplingParams
@@ -19,7 +19,7 @@ REPEATING = "(stopped: the reply was repeating itself; /repeat 0 lets it run)"
 
 def chat(path, temperature=0.7, max_tokens=512, repetition_stop=DEFAULT_REPETITION_STOP, device=None, stdin=sys.stdin,
          out=sys.stdout):
-    compute = policy(device)
+    compute = choose_compute(device)
     model, tokenizer = load(path, compute.device)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; chat needs a checkpoint made by nanoseek")

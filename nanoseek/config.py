@@ -88,7 +88,7 @@ class Compute(Options):
 
 @dataclass
 class RunDir(Options):
-    """Where a training stage starts and writes, and the loop around its steps (loop.Run)."""
+    """Where a training stage starts and writes, and the loop around its steps (rundir.Run)."""
 
     init: str | None = opt(None, "checkpoint to start from (sft, rl, rs, mtp: required)", recipe=False)
     out: str | None = opt(None, "output directory", recipe=False)

@@ -1,6 +1,6 @@
-"""Where a process computes, in what dtype, and how its ranks talk: one policy for every command.
+"""Where a process computes, in what dtype, and how its ranks talk: one Compute for every command.
 
-    policy(device, dtype) -> Policy: CUDA when available (this rank's GPU under torchrun), else the CPU;
+    choose_compute(device, dtype) -> Compute: CUDA when available (this rank's GPU under torchrun), else the CPU;
     bfloat16 autocast on CUDA, float32 on the CPU. Weights stay float32; autocast runs the matmuls in
     the compute dtype.
 
@@ -19,7 +19,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
-class Policy:
+class Compute:
     device: str  # "cpu", "cuda", "cuda:1"
     dtype: torch.dtype  # the compute dtype: what autocast runs matmuls in
 
@@ -34,7 +34,7 @@ class Policy:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
-def policy(device=None, dtype=None) -> Policy:
+def choose_compute(device=None, dtype=None) -> Compute:
     """The device and compute dtype of this process: given ones win, else CUDA when available and
     bfloat16 autocast on it, float32 on the CPU. Under torchrun, "cuda" means this rank's GPU."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,10 +44,10 @@ def policy(device=None, dtype=None) -> Policy:
     if device == "cuda" and world_size() > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     if dtype in (None, "", "auto"):
-        return Policy(device, torch.bfloat16 if kind == "cuda" else torch.float32)
+        return Compute(device, torch.bfloat16 if kind == "cuda" else torch.float32)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto, bfloat16 or float32, not {dtype!r}")
-    return Policy(device, DTYPES[dtype])
+    return Compute(device, DTYPES[dtype])
 
 
 # ----------------------------------------------------------------------------- ranks

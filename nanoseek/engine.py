@@ -22,7 +22,7 @@ import itertools
 
 import torch
 
-from nanoseek.device import policy
+from nanoseek.device import choose_compute
 from nanoseek.model import DeepSeekV3
 from nanoseek.sampling import SamplingParams
 from nanoseek.sequence import Event, Sequence
@@ -54,7 +54,7 @@ class Engine:
         cfg = model.config
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
-        self.compute = policy(str(next(model.parameters()).device), dtype)
+        self.compute = choose_compute(str(next(model.parameters()).device), dtype)
         self.free = list(range(max_batch - 1, -1, -1))
         self.running: dict[int, Sequence] = {}
         self.ids = itertools.count()

@@ -16,7 +16,7 @@ import time
 from math import comb
 
 from nanoseek.checkpoint import load
-from nanoseek.device import policy
+from nanoseek.device import choose_compute
 from nanoseek.engine import Engine
 from nanoseek.model import trained_context
 from nanoseek.sampling import SamplingParams
@@ -199,7 +199,7 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
     (0: all). max_new_tokens 0: a budget per task from its worked solutions (token_budget). second_turn: also
     ask each problem after a problem of the next task in the list and its answer (greedy only). depth_n: also ask
     the last checkpoint problems as turns 2..10 of a mixed conversation (deep_turns)."""
-    compute = policy(device, dtype)
+    compute = choose_compute(device, dtype)
     loaded = [get_task(spec, checker) for spec in tasks]
     levels = [difficulty.get(spec) if isinstance(difficulty, dict) else difficulty for spec in tasks]
     problems = [test_problems(task, n, seed, level) for task, level in zip(loaded, levels)]
@@ -432,7 +432,7 @@ def chat_replies(ckpt, prompts=GREETINGS + tuple(HELD_OUT_PROMPTS), max_tokens=2
     greeting, two questions about the model and 20 requests it never trained on; a smalltalk prompt (each one
     of every kind, as written: lowercase, no punctuation; a thanks after an answered question, where people say
     it) is recognised when the reply thinks its kind's thought ("A greeting.")."""
-    compute = policy(device, dtype)
+    compute = choose_compute(device, dtype)
     model, tokenizer = load(ckpt, compute.device)
     engine = Engine(model, tokenizer, max_batch=BATCH, dtype=dtype)
     render = lambda p, before=(): tokenizer.render_chat([*before, {"role": "user", "content": p}],

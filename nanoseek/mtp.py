@@ -8,7 +8,7 @@ engine, then trains the MTP module alone on them (the main model, its embedding 
 SFT conversations of one to `turns` turns.
 
     out/data/   the model's own conversations, as `nanoseek data` writes them
-    out/final/  the model with its new MTP module; step checkpoints, metrics.jsonl and loss.png as loop.py writes
+    out/final/  the model with its new MTP module; step checkpoints, metrics.jsonl and loss.png as rundir.py writes
 
 --resume reuses out/data and continues training from the newest checkpoint in out.
 """
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from nanoseek import checkpoint, data
 from nanoseek.config import FineTune, MTPConfig, TrainConfig, config_from, values
-from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
+from nanoseek.device import barrier, choose_compute, from_rank0, stage_ranks, start_ranks
 from nanoseek.engine import Engine
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import as_chat, get_tasks, parse_completion, with_history
@@ -78,7 +78,7 @@ def align_mtp(options: MTPConfig | dict):
         raise ValueError("--init (the final checkpoint) and --out are required")
     if o.problems < 1 or o.turns < 1:
         raise ValueError("--problems and --turns must be at least 1")
-    compute = policy(o.device, o.dtype)
+    compute = choose_compute(o.device, o.dtype)
     with stage_ranks():
         rank, _ = start_ranks(compute.device)
         return run_stage(o, compute, rank == 0)

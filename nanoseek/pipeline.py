@@ -31,7 +31,7 @@ from nanoseek import rejection as rejection_module
 from nanoseek import rl as rl_module
 from nanoseek import train as train_module
 from nanoseek.config import RECIPE, Scoring, accepts, recipe_keys, type_name, values
-from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
+from nanoseek.device import barrier, choose_compute, from_rank0, stage_ranks, start_ranks
 from nanoseek.hub import check_hf_source, read_hf
 from nanoseek.plan import PlanError, plan_recipe
 from nanoseek.tasks import chat_documents, get_task, task_documents
@@ -120,7 +120,7 @@ def run(recipe, force=(), stop_after=None, log=_say):
     while the others wait, and rank 0 decides what is complete."""
     device = recipe["run"]["device"] or None
     with stage_ranks():
-        rank, _ = start_ranks(policy(device, recipe["run"]["dtype"]).device, timeout=RANK0_STAGE_TIMEOUT)
+        rank, _ = start_ranks(choose_compute(device, recipe["run"]["dtype"]).device, timeout=RANK0_STAGE_TIMEOUT)
         return _run_stages(recipe, force, stop_after, log if rank == 0 else lambda line: None, rank == 0)
 
 

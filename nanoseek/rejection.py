@@ -7,7 +7,7 @@ plain conversational turns, become chat data on which the SFT trainer fine-tunes
 
     out/samples.jsonl  one line per problem: the question, the completions kept, how many sampled and accepted
     out/data/          the fine-tuning conversations, as `nanoseek data` writes them
-    out/final/         the fine-tuned model; step checkpoints, metrics.jsonl and loss.png as loop.py writes them
+    out/final/         the fine-tuned model; step checkpoints, metrics.jsonl and loss.png as rundir.py writes them
 
 --resume reuses samples.jsonl and data/ as they are and continues training from the newest checkpoint in out.
 Under torchrun every rank samples its share of the problems (seeds follow the problem, not the rank); all train.
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from nanoseek import checkpoint, data
 from nanoseek.config import FineTune, RSConfig, TrainConfig, config_from, values
-from nanoseek.device import barrier, from_rank0, policy, stage_ranks, start_ranks
+from nanoseek.device import barrier, choose_compute, from_rank0, stage_ranks, start_ranks
 from nanoseek.engine import Engine
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import Problem, as_chat, get_tasks, parse_completion, smalltalk_chats, task_documents, with_history
@@ -228,7 +228,7 @@ def rejection_sampling(options: RSConfig | dict):
     (0 when resumed samples were reused)."""
     o = config_from(RSConfig, options)
     check(o)
-    compute = policy(o.device, o.dtype)
+    compute = choose_compute(o.device, o.dtype)
     with stage_ranks():
         rank, world = start_ranks(compute.device)
         return run_stage(o, rank, world, compute)

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from nanoseek.device import policy, world_size
-from nanoseek.loop import read_metrics
+from nanoseek.device import choose_compute, world_size
+from nanoseek.rundir import read_metrics
 
 
 def _load(path, default=None):
@@ -20,7 +20,7 @@ def write_report(recipe, paths):
     timings = _load(os.path.join(out, "stages.json"), {})
     results = _load(os.path.join(paths["eval"], "eval.json"), {})
     lines = [f"# nanoseek report: {os.path.basename(recipe['path'])}", ""]
-    compute = policy(recipe["run"]["device"] or None, recipe["run"]["dtype"])
+    compute = choose_compute(recipe["run"]["device"] or None, recipe["run"]["dtype"])
     ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
     lines.append(f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with {os.cpu_count()} cores, "
                  f"torch {torch.__version__}, device {compute.device}{ranks}, compute dtype "

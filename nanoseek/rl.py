@@ -21,12 +21,12 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from nanoseek import checkpoint
 from nanoseek.config import RLConfig, config_from, sample_levels
-from nanoseek.device import all_reduce, any_rank, policy, stage_ranks, start_ranks
+from nanoseek.device import all_reduce, any_rank, choose_compute, stage_ranks, start_ranks
 from nanoseek.engine import Engine, Sequence
 from nanoseek.evaluate import evaluate_model, test_problems
-from nanoseek.loop import Run, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.model import logit_chunk
 from nanoseek.optim import build_optimizer, optimizer_tensors, restore_optimizer
+from nanoseek.rundir import Run, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import Reward, as_chat, get_tasks
 
@@ -208,7 +208,7 @@ class Group(NamedTuple):
 class GRPO:
     def __init__(self, o):
         self.o = o
-        self.compute = policy(o.device, o.dtype)
+        self.compute = choose_compute(o.device, o.dtype)
         self.device = self.compute.device
         self.rank, self.world = start_ranks(self.device)
         self.rank0 = self.rank == 0

@@ -21,7 +21,7 @@ class Slots:
 
     def __init__(self, model, compute, slots, max_len, compile=False, ahead_of_time=None, speculative=False,
                  refused=()):
-        """compute: the device.Policy the model runs under; compile, ahead_of_time: how the steps run
+        """compute: the device.Compute the model runs under; compile, ahead_of_time: how the steps run
         (steps.compiler); speculative: speculate on greedy steps, with the model's first MTP module; refused:
         tokens whose drafts never stand (Speculator)."""
         cfg = model.config

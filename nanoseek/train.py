@@ -1,6 +1,6 @@
 """Pretraining and SFT: one loop, two data modes (text shards, or chat shards with an assistant-only mask).
 
-Writes what every training loop writes (see loop.py: step checkpoints, final/, metrics.jsonl), and loss.png
+Writes what every training loop writes (see rundir.py: step checkpoints, final/, metrics.jsonl), and loss.png
 and experts.png beside them.
 
 Runs on one CPU or GPU, or under `torchrun --nproc_per_node N -m nanoseek pretrain ...` with DDP
@@ -18,9 +18,8 @@ import torch
 from nanoseek import checkpoint
 from nanoseek.config import TrainConfig, config_from
 from nanoseek.data import DataError, Loader, load_manifest, sequential_batches
-from nanoseek.device import all_reduce, policy, stage_ranks, start_ranks
+from nanoseek.device import all_reduce, choose_compute, stage_ranks, start_ranks
 from nanoseek.hardware import peak_flops
-from nanoseek.loop import Run, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.model import (
     DeepSeekV3,
     config_for_size,
@@ -31,6 +30,7 @@ from nanoseek.model import (
     target_counts,
 )
 from nanoseek.optim import build_optimizer, optimizer_tensors, restore_optimizer
+from nanoseek.rundir import Run, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -64,7 +64,7 @@ def lr_at(step, o):
 class Trainer:
     def __init__(self, o, mode):
         self.o, self.mode = o, mode
-        self.compute = policy(o.device, o.dtype)
+        self.compute = choose_compute(o.device, o.dtype)
         self.device, self.dtype = self.compute.device, self.compute.dtype
         self.rank, self.world = start_ranks(self.device)
         self.rank0 = self.rank == 0

@@ -11,7 +11,7 @@ import torch
 from nanoseek import checkpoint
 from nanoseek.bench import common, llama_cpp, speculation
 from nanoseek.bench.train import steps_to, train_nanoseek_way, train_transformers_way
-from nanoseek.device import policy
+from nanoseek.device import choose_compute
 from nanoseek.model import DeepSeekV3, config_for_size, round_up
 from nanoseek.tokenizer import Tokenizer
 
@@ -26,7 +26,7 @@ def test_both_ways_start_from_the_same_held_out_loss(text_data, tmp_path):
         model.lm_head.weight.mul_(30)  # peaked logits: the loss depends on which target each position gets
     checkpoint.save(tmp_path / "init", model, tok)
     kw = {"steps": 2, "batch": 4, "seq": 32, "warmup": 1, "eval_every": 1, "eval_rows": 8, "seed": 0,
-          "compute": policy("cpu")}
+          "compute": choose_compute("cpu")}
     init = str(tmp_path / "init")
     _, ours = train_nanoseek_way(init, text_data, 0.0, **kw, out=str(tmp_path / "ours"))  # lr 0: the weights stay
     _, theirs = train_transformers_way(init, text_data, 0.0, **kw)

@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import TINY
 
-from nanoseek.loop import checkpoints_in, read_metrics
+from nanoseek.rundir import checkpoints_in, read_metrics
 from nanoseek.train import train
 
 KILLS = int(os.environ.get("NANOSEEK_FAULTS", "1"))

@@ -12,8 +12,8 @@ from conftest import torchrun
 from nanoseek import checkpoint
 from nanoseek.config import RLConfig
 from nanoseek.evaluate import evaluate, pass_at_k, wilson
-from nanoseek.loop import read_metrics
 from nanoseek.rl import GRPO, group_advantages, grpo_loss, micro_batches, rl, steps_share, token_logprobs
+from nanoseek.rundir import read_metrics
 from nanoseek.tasks import get_task
 
 DIGITS_TASK = '''

@@ -16,8 +16,8 @@ import nanoseek
 from nanoseek import checkpoint
 from nanoseek.config import TrainConfig
 from nanoseek.data import DataError, build
-from nanoseek.loop import checkpoints_in, read_metrics
 from nanoseek.model import DeepSeekV3, config_for_size
+from nanoseek.rundir import checkpoints_in, read_metrics
 from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train import Trainer, TrainingError, lr_at, train
 

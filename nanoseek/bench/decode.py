@@ -20,7 +20,7 @@ from nanoseek.bench.llama_cpp import (
     native_llama_tools,
     run_tool,
 )
-from nanoseek.device import policy
+from nanoseek.device import choose_compute
 from nanoseek.model import DeepSeekV3, config_for_size, param_counts
 
 
@@ -39,7 +39,7 @@ def bench_decode(ckpt=None, size=6, batches=(1, 16), prompt_len=64, new_tokens=1
     from nanoseek.engine import Engine
     from nanoseek.sampling import SamplingParams
 
-    compute = policy(device)
+    compute = choose_compute(device)
     device, dtype = compute.device, compute.dtype  # decoding casts the weights: no float32 master copy to keep
     with tempfile.TemporaryDirectory() as tmp:
         if ckpt is None:

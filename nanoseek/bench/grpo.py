@@ -22,8 +22,8 @@ def bench_grpo(ckpt, task="addition", difficulty=2, steps=4, prompts=4, group=8,
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from nanoseek.loop import read_metrics
     from nanoseek.rl import rl
+    from nanoseek.rundir import read_metrics
     from nanoseek.tasks import get_task
 
     quiet_transformers()

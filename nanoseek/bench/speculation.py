@@ -8,7 +8,7 @@ import torch
 
 from nanoseek import checkpoint
 from nanoseek.bench.common import held_out_conversations, interleaved, spread, spread_text
-from nanoseek.device import policy
+from nanoseek.device import choose_compute
 
 
 def task_prompts(tokenizer, tasks, n, difficulty=None):
@@ -46,7 +46,7 @@ def bench_speculation(ckpt, tasks=("addition", "countdown"), n=50, difficulty=3,
     from nanoseek.engine import Engine
     from nanoseek.sampling import SamplingParams
 
-    compute = policy(device)
+    compute = choose_compute(device)
     model, tokenizer = checkpoint.load(ckpt)
     if not len(model.mtp):
         raise ValueError(f"{ckpt} has no MTP module to draft with: speculation needs one (num_nextn_predict_layers)")

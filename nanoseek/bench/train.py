@@ -12,7 +12,7 @@ import torch
 from nanoseek import checkpoint
 from nanoseek.bench.common import quiet_transformers, sync
 from nanoseek.data import Loader, build, sequential_batches
-from nanoseek.device import policy
+from nanoseek.device import choose_compute
 from nanoseek.hardware import matmul_peak_flops
 from nanoseek.model import (
     DeepSeekV3,
@@ -93,7 +93,7 @@ def train_transformers_way(init, data, lr, steps, batch, seq, warmup, eval_every
 def train_nanoseek_way(init, data, lr, steps, batch, seq, warmup, eval_every, eval_rows, seed, compute, out):
     """`nanoseek pretrain` from init with its defaults (optimizer, schedule, compile setting) but the given
     lr, steps, batch and warmup. Returns (seconds per step, [(step, held-out loss)])."""
-    from nanoseek.loop import read_metrics
+    from nanoseek.rundir import read_metrics
     from nanoseek.train import train
 
     train({"init": init, "data": data, "out": out, "lr": lr, "steps": steps, "batch": batch, "seq": seq,
@@ -125,7 +125,7 @@ def bench_train(size=4, batch=8, seq=256, steps=100, sweep=False, lrs=None, peer
     quiet_transformers()
     rates = TRAIN_LRS if sweep else {side: (lr,) for side, lr in BEST_LRS.items()}
     lrs, peer_lrs = lrs or rates["nanoseek"], peer_lrs or rates["transformers"]
-    compute = policy(device)
+    compute = choose_compute(device)
     device, dtype = compute.device, compute.dtype
     warmup = max(1, steps // 10)
     with tempfile.TemporaryDirectory() as tmp:

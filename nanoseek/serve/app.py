@@ -152,13 +152,13 @@ def serve(path, host="127.0.0.1", port=8000, api_key=None, max_batch=16, model_n
     import uvicorn
 
     from nanoseek.checkpoint import load
-    from nanoseek.device import policy
+    from nanoseek.device import choose_compute
 
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be at least 1 (got {threads})")
         torch.set_num_threads(threads)
-    model, tokenizer = load(path, policy(device).device)
+    model, tokenizer = load(path, choose_compute(device).device)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; serve a checkpoint made by nanoseek")
     if COMPILE:
