@@ -38,18 +38,31 @@ def peak_flops(device="cpu", dtype=torch.float32):
 
 
 @functools.cache  # once a process: `nanoseek run` asks before it starts (the plan) and at every training stage
-def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10):
-    """Measured peak of this machine: best FLOP/s of an n x n matmul."""
+def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10, budget_s=0.5):
+    """Measured peak of this machine: best FLOP/s of an n x n matmul. The size starts at 128 and doubles up to n
+    while `reps` matmuls of the next size fit in budget_s, so a slow dtype (bfloat16 emulated on a CPU) is
+    measured in a second, not in minutes."""
+    size, seconds = 128, []
+    while True:
+        seconds = matmul_seconds(device, dtype, size, 2)
+        if size >= n or min(seconds) * reps * 8 > budget_s:
+            break
+        size *= 2
+    return 2 * size**3 / min(seconds + matmul_seconds(device, dtype, size, reps))
+
+
+def matmul_seconds(device, dtype, n, reps):
+    """Seconds each of `reps` n x n matmuls took."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    best = float("inf")
-    for _ in range(reps + 2):
+    seconds = []
+    for _ in range(reps):
         sync()
         t = time.perf_counter()
         a @ b
         sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+        seconds.append(time.perf_counter() - t)
+    return seconds
 
 
 @functools.cache

@@ -14,6 +14,9 @@ from nanoseek.model import Config
 from nanoseek.tokenizer import train_tokenizer
 
 os.environ.setdefault("NANOSEEK_COMPILE", "0")  # engines decode eagerly in tests and their subprocesses, unless asked
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread a worker (and its subprocesses): the workers share the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from nanoseek import hardware
 from nanoseek.hardware import GPUS, gpu_named
 from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.pipeline import load_recipe, main_run
@@ -91,3 +92,21 @@ def test_run_refuses_a_recipe_that_cannot_fit_before_any_work(tmp_path, capsys):
                                      "pretrain.seq": 4096})
     assert "| pretrain | device_batch" in capsys.readouterr().out  # the plan is printed first
     assert not os.path.exists(out)
+
+
+def test_a_slow_dtype_is_measured_at_a_smaller_size(monkeypatch):
+    """The peak's matmul grows from 128 while ten of the next size fit in half a second: a dtype whose matmuls
+    take a second each (bfloat16 emulated on a CPU) is measured small, a fast one at 1024."""
+    sizes = []
+
+    def fake_seconds(device, dtype, n, reps):
+        sizes.append(n)
+        per_flop = 1e-9 if dtype == torch.bfloat16 else 1e-11
+        return [2 * n**3 * per_flop] * reps
+
+    monkeypatch.setattr(hardware, "matmul_seconds", fake_seconds)
+    assert hardware.matmul_peak_flops.__wrapped__("cpu", torch.float32) == pytest.approx(1e11)
+    assert max(sizes) == 1024
+    sizes.clear()
+    assert hardware.matmul_peak_flops.__wrapped__("cpu", torch.bfloat16) == pytest.approx(1e9)
+    assert max(sizes) == 256  # ten of 512 would take 2.7 s
