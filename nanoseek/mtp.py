@@ -11,41 +11,38 @@ SFT conversations of one to `turns` turns.
     out/final/  the model with its new MTP module; step checkpoints, metrics.jsonl and loss.png as rundir.py writes
 
 --resume reuses out/data and continues training from the newest checkpoint in out.
+
+This module owns the decoding, what is kept of it and the MTP-only training; selftrain.py the stage's steps
+(generation once, data, training) that `nanoseek rs` shares.
 """
 
-import gc
 import os
 import random
-import time
 
 from tqdm import tqdm
 
-from nanoseek import checkpoint, data
-from nanoseek.config import FineTune, MTPConfig, TrainConfig, config_from, values
-from nanoseek.device import barrier, choose_compute, from_rank0, stage_ranks, start_ranks
+from nanoseek import data
+from nanoseek.config import MTPConfig, config_from
 from nanoseek.engine import Engine
 from nanoseek.sampling import SamplingParams
-from nanoseek.tasks import as_chat, get_tasks, parse_completion, with_history
-from nanoseek.tokenizer import Tokenizer
-from nanoseek.train import train
+from nanoseek.selftrain import data_dir, finetune, generate_once, load_model, on_ranks, training_tasks, write_data
+from nanoseek.tasks import as_chat, parse_completion
 
 BATCH = 128  # sequences the engine decodes together
+TOO_FEW = ("the model finished only {} of its answers: answer more problems (--problems) or allow longer answers "
+           "(--max-new-tokens)")
 
 
-def own_answers(o, compute, show):
+def own_answers(o, compute):
     """One-turn chats: o.problems training problems of each task and the model's greedy answer to each (the
     finished ones, with their reasoning as the model wrote it)."""
-    model, tokenizer = checkpoint.load(o.init)
-    if tokenizer is None:
-        raise ValueError(f"{o.init} has no tokenizer")
-    tasks = get_tasks(o.task, o.checker)
-    if not tasks:
-        raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
+    model, tokenizer = load_model(o)
+    tasks = training_tasks(o)
     rng = random.Random(o.seed)
     problems = [task.sample(rng, "train", o.levels) for task in tasks for _ in range(o.problems)]
     engine = Engine(model.to(compute.device), tokenizer, max_batch=BATCH, dtype=o.dtype)
     chats = []
-    with tqdm(total=len(problems), disable=not show, desc="mtp answers", dynamic_ncols=True) as bar:
+    with tqdm(total=len(problems), disable=not o.progress, desc="mtp answers", dynamic_ncols=True) as bar:
         for start in range(0, len(problems), BATCH):
             batch = problems[start : start + BATCH]
             prompts = [tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in batch]
@@ -58,15 +55,15 @@ def own_answers(o, compute, show):
     return chats
 
 
-def build_data(o, chats, out_dir):
-    """The chats, each after 0 to turns - 1 earlier ones, written to out_dir with the model's tokenizer."""
-    rng = random.Random(o.seed)
-    rng.shuffle(chats)
-    docs = list(with_history(chats, o.turns, rng))
-    if len(docs) < 2:
-        raise ValueError(f"the model finished only {len(docs)} of its answers: answer more problems (--problems) "
-                         "or allow longer answers (--max-new-tokens)")
-    data.build(None, Tokenizer.load(o.init), out_dir, max(o.val_fraction, 1 / len(docs)), documents=docs)
+def run_stage(o, compute, rank, world):
+    """Rank 0 decodes (unless resumed with the data there) and writes the data; every rank trains the MTP module."""
+    manifest = os.path.join(data_dir(o), "manifest.json")
+    chats, seconds = generate_once(o, compute, manifest, lambda: own_answers(o, compute) if rank == 0 else None)
+    last = finetune(o, rank, lambda out_dir: write_data(o, chats, random.Random(o.seed), out_dir, TOO_FEW),
+                    mtp_only=True, mtp_weight=1.0)
+    conversations = sum(shard["documents"] for split in data.load_manifest(data_dir(o))["splits"].values()
+                        for shard in split)
+    return {"conversations": conversations, **last, "seconds_decoding": seconds}
 
 
 def align_mtp(options: MTPConfig | dict):
@@ -78,24 +75,4 @@ def align_mtp(options: MTPConfig | dict):
         raise ValueError("--init (the final checkpoint) and --out are required")
     if o.problems < 1 or o.turns < 1:
         raise ValueError("--problems and --turns must be at least 1")
-    compute = choose_compute(o.device, o.dtype)
-    with stage_ranks():
-        rank, _ = start_ranks(compute.device)
-        return run_stage(o, compute, rank == 0)
-
-
-def run_stage(o, compute, rank0):
-    """Rank 0 decodes and writes the data (unless resumed with it there); every rank trains."""
-    data_dir = os.path.join(o.out, "data")
-    os.makedirs(o.out, exist_ok=True)
-    t0, seconds = time.perf_counter(), 0.0
-    if not (o.resume and from_rank0(os.path.exists(os.path.join(data_dir, "manifest.json")))):
-        if rank0:
-            build_data(o, own_answers(o, compute, o.progress), data_dir)
-        seconds = time.perf_counter() - t0
-        gc.collect()  # the decoding model and its engine are gone before training starts
-        barrier()
-    last = train(TrainConfig(**values(o, FineTune), data=data_dir, mtp_only=True, mtp_weight=1.0), "sft")
-    conversations = sum(shard["documents"] for split in data.load_manifest(data_dir)["splits"].values()
-                        for shard in split)
-    return {"conversations": conversations, **last, "seconds_decoding": seconds}
+    return on_ranks(o, run_stage)

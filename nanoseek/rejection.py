@@ -11,26 +11,24 @@ plain conversational turns, become chat data on which the SFT trainer fine-tunes
 
 --resume reuses samples.jsonl and data/ as they are and continues training from the newest checkpoint in out.
 Under torchrun every rank samples its share of the problems (seeds follow the problem, not the rank); all train.
+
+This module owns the sampling, the checking, samples.jsonl and the mix of the fine-tuning data; selftrain.py
+the stage's steps (generation once, data, training) that `nanoseek mtp` shares.
 """
 
-import gc
 import json
 import os
 import random
-import time
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanoseek import checkpoint, data
-from nanoseek.config import FineTune, RSConfig, TrainConfig, config_from, values
-from nanoseek.device import barrier, choose_compute, from_rank0, stage_ranks, start_ranks
+from nanoseek import checkpoint
+from nanoseek.config import RSConfig, config_from
 from nanoseek.engine import Engine
 from nanoseek.sampling import SamplingParams
-from nanoseek.tasks import Problem, as_chat, get_tasks, parse_completion, smalltalk_chats, task_documents, with_history
-from nanoseek.tokenizer import Tokenizer
-from nanoseek.train import train
+from nanoseek.selftrain import finetune, generate_once, load_model, on_ranks, training_tasks, write_data
+from nanoseek.tasks import Problem, as_chat, get_tasks, parse_completion, smalltalk_chats, task_documents
 
 BATCH = 256  # sequences the engine decodes together
 
@@ -78,9 +76,7 @@ def judge(task, problem, completions, keep, require_steps=False):
 
 def sample(o, compute, mine, show):
     """(index, samples.jsonl line) for each of `mine` (index, task, problem), sampled o.samples times each."""
-    model, tokenizer = checkpoint.load(o.init)
-    if tokenizer is None:
-        raise ValueError(f"{o.init} has no tokenizer")
+    model, tokenizer = load_model(o)
     per_batch = max(1, BATCH // o.samples)  # problems whose completions decode together
     engine = Engine(model.to(compute.device), tokenizer, max_batch=min(BATCH, per_batch * o.samples),
                     dtype=o.dtype)
@@ -100,18 +96,17 @@ def sample(o, compute, mine, show):
     return lines
 
 
-def sample_all(o, compute, rank, world):
-    """samples.jsonl's lines, in problem order: each rank samples problems rank, rank + world, ..."""
-    tasks = get_tasks(o.task, o.checker)
-    if not tasks:
-        raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
-    mine = draw_problems(o, tasks)[rank::world]
+def sample_all(o, compute, rank, world, samples_file):
+    """samples.jsonl's lines, in problem order, written to samples_file by rank 0: each rank samples problems
+    rank, rank + world, ..."""
+    mine = draw_problems(o, training_tasks(o))[rank::world]
     lines = sample(o, compute, mine, show=rank == 0 and o.progress) if mine else []
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, lines)
         lines = [line for part in parts for line in part]
-    return [line for _, line in sorted(lines, key=lambda pair: pair[0])]
+    if rank == 0:
+        write_jsonl(samples_file, [line for _, line in sorted(lines, key=lambda pair: pair[0])])
 
 
 def write_jsonl(path, lines):
@@ -149,29 +144,19 @@ def kept_chats(lines):
     return chats
 
 
-def conversations(o, lines):
-    """("chat", messages) to fine-tune on: the kept completions, worked solutions of the replay tasks and
-    smalltalk turns, shuffled, each after 0 to turns - 1 earlier turns (see tasks.with_history)."""
+def build_data(o, lines, out_dir):
+    """Write the chats to fine-tune on to out_dir (see selftrain.write_data): the kept completions, worked
+    solutions of the replay tasks and smalltalk turns, whose thanks follow one of the others."""
     rng = random.Random(o.seed)
-    finals = kept_chats(lines)
+    chats = kept_chats(lines)
     for i, spec in enumerate(o.replay):
         docs = task_documents(spec, o.replay_problems, "chat", o.seed * 100 + i + 1, o.levels, o.checker)
-        finals += [messages for _, messages in docs]
-    problems = list(finals)
+        chats += [messages for _, messages in docs]
+    problems = list(chats)
     if o.smalltalk:
-        finals += smalltalk_chats(get_tasks(o.task, o.checker) + get_tasks(o.replay, o.checker), o.smalltalk, rng)
-    rng.shuffle(finals)
-    return list(with_history(finals, o.turns, rng, problems))
-
-
-def build_data(o, lines, out_dir):
-    """Write the conversations to out_dir with the model's tokenizer; at least one is held out, since the
-    trainer's final evaluation reads the held-out split."""
-    docs = conversations(o, lines)
-    if len(docs) < 2:
-        raise ValueError(f"only {len(docs)} conversation to fine-tune on: sample more problems (--problems, "
-                         "--samples) or mix in worked solutions (--replay)")
-    data.build(None, Tokenizer.load(o.init), out_dir, max(o.val_fraction, 1 / len(docs)), documents=docs)
+        chats += smalltalk_chats(get_tasks(o.task, o.checker) + get_tasks(o.replay, o.checker), o.smalltalk, rng)
+    write_data(o, chats, rng, out_dir, "only {} conversation to fine-tune on: sample more problems (--problems, "
+               "--samples) or mix in worked solutions (--replay)", problems)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -192,19 +177,10 @@ def no_accepted_error(c):
         "model (--init: more SFT or GRPO) or make the problems easier (--difficulty)")
 
 
-def run_stage(o, rank, world, compute):
-    os.makedirs(o.out, exist_ok=True)
-    samples_file, data_dir = os.path.join(o.out, "samples.jsonl"), os.path.join(o.out, "data")
-    t0, seconds = time.perf_counter(), 0.0
-    if not (o.resume and from_rank0(os.path.exists(samples_file))):
-        lines = sample_all(o, compute, rank, world)
-        if rank == 0:
-            write_jsonl(samples_file, lines)
-        seconds = time.perf_counter() - t0
-        gc.collect()  # the sampling model and its engine are gone before training starts
-        if compute.device_type == "cuda":
-            torch.cuda.empty_cache()
-        barrier()
+def run_stage(o, compute, rank, world):
+    """Sample once, say what was kept, fine-tune on it; the counts, the training's steps and tokens."""
+    samples_file = os.path.join(o.out, "samples.jsonl")
+    _, seconds = generate_once(o, compute, samples_file, lambda: sample_all(o, compute, rank, world, samples_file))
     c = counts(read_jsonl(samples_file))
     if rank == 0:
         print(f"rejection sampling: kept {c['kept']} of {c['sampled']} completions ({c['accepted']} accepted) "
@@ -214,10 +190,7 @@ def run_stage(o, rank, world, compute):
             raise no_accepted_error(c)
         if rank == 0:
             print(f"warning: {no_accepted_error(c)}; fine-tuning on the replayed and smalltalk conversations alone")
-    if rank == 0 and not (o.resume and os.path.exists(os.path.join(data_dir, "manifest.json"))):
-        build_data(o, read_jsonl(samples_file), data_dir)
-    barrier()
-    train(TrainConfig(**values(o, FineTune), data=data_dir), "sft")
+    finetune(o, rank, lambda data_dir: build_data(o, read_jsonl(samples_file), data_dir))
     meta = checkpoint.load_meta(os.path.join(o.out, "final"))
     return {**c, "steps": meta["step"], "tokens": meta["tokens_seen"], "seconds_sampling": seconds}
 
@@ -228,7 +201,4 @@ def rejection_sampling(options: RSConfig | dict):
     (0 when resumed samples were reused)."""
     o = config_from(RSConfig, options)
     check(o)
-    compute = choose_compute(o.device, o.dtype)
-    with stage_ranks():
-        rank, world = start_ranks(compute.device)
-        return run_stage(o, rank, world, compute)
+    return on_ranks(o, run_stage)
