@@ -54,7 +54,7 @@ def sft_init(text_data, tmp_path_factory):
 def test_random_kills_resume_onto_the_same_trajectory(stage, text_data, chat_data, sft_init, chat_model, tmp_path):
     data = {"pretrain": text_data, "sft": chat_data, "rl": None}[stage]
     init = {"pretrain": None, "sft": sft_init, "rl": chat_model}[stage]
-    steps, key = (30, "loss") if stage != "rl" else (8, "reward")
+    steps, key = (80 if KILLS > 1 else 30, "loss") if stage != "rl" else (16 if KILLS > 1 else 8, "reward")
     out, rng = tmp_path / "killed", random.Random(stage)
     metrics, log = out / "metrics.jsonl", tmp_path / "killed.log"
     for kill in range(KILLS):
