@@ -185,7 +185,7 @@ def pack(rows, device):
     return Rows(ids, positions, sees, mask.float(), advantages.float())
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- rollouts and their rewards
 
 
 def steps_share(task, problem, completion):
@@ -205,100 +205,179 @@ class Group(NamedTuple):
     totals: list[float]
 
 
+def score_group(o, task, problem, prompt, completions):
+    """A problem's Group: each completion scored by the task, and its total reward: accuracy, format and (with
+    step_weight) the share of right reasoning steps, weighted, less the over-length penalty when it ran out of
+    tokens."""
+    rewards = [task.score(problem, s.text) for s in completions]
+    totals = [o.accuracy_weight * r.accuracy + o.format_weight * r.format
+              + (o.step_weight * steps_share(task, problem, s.text) if o.step_weight else 0.0)
+              - (o.overlong_penalty if s.finish_reason == "length" else 0.0)
+              for r, s in zip(rewards, completions)]
+    return Group(prompt, completions, rewards, totals)
+
+
+def advantage_groups(kept, mode):
+    """[(prompt ids, [(completion ids, advantage, 1 where sampled / 0 where forced)])] of the kept Groups, the
+    advantages group-relative (group_advantages with `mode`)."""
+    if not kept:
+        return []
+    advantages = group_advantages(torch.tensor([g.totals for g in kept]), mode).tolist()
+    return [(g.prompt, [(s.tokens, a, [int(not f) for f in s.forced]) for s, a in zip(g.completions, adv)])
+            for g, adv in zip(kept, advantages)]
+
+
+def update_batches(groups, micro_batch, drop_zero, bos_id, device):
+    """The update's forwards for groups (advantage_groups): Rows of at most micro_batch completions each, the
+    completions of advantage 0 left out with drop_zero (without the KL term they add nothing to the loss or
+    gradient). With nothing to train, one row of two BOS tokens that scores none."""
+    if drop_zero:
+        groups = [(p, [c for c in completions if c[1] != 0]) for p, completions in groups]
+    rows = shared_prompt_rows(groups, micro_batch)
+    return [pack(piece, device) for piece in micro_batches(rows, micro_batch)] or \
+        [pack([PackedRow([bos_id] * 2, [0, 1], [0, 0], [0, 0], [0.0, 0.0])], device)]
+
+
+def replay_batch(tokenizer, tasks, levels, rows, rng):
+    """Inputs and targets (rows, T) of fresh worked solutions of tasks at levels, the targets -100 but on the
+    assistant's tokens."""
+    chats = []
+    for i in range(rows):
+        task = tasks[i % len(tasks)]
+        problem = task.sample(rng, "train", levels)
+        chats.append(tokenizer.render_chat(as_chat(problem, *task.solve(problem))))
+    width = max(len(ids) for ids, _ in chats)
+    x = torch.full((len(chats), width), tokenizer.pad_id)
+    y = torch.full((len(chats), width), -100)
+    for i, (ids, mask) in enumerate(chats):
+        x[i, : len(ids)] = torch.tensor(ids)
+        y[i, : len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+    return x, y
+
+
+def rollout_metrics(kept, seen):
+    """Reward, accuracy, format and response length as means over every completion the ranks kept, and the
+    groups they kept and saw."""
+    sums = {  # over this rank's kept groups, then summed over the ranks
+        "reward": sum(t for g in kept for t in g.totals),
+        "accuracy": sum(r.accuracy for g in kept for r in g.rewards),
+        "format": sum(r.format for g in kept for r in g.rewards),
+        "response_length": sum(len(s.tokens) for g in kept for s in g.completions),
+        "completions": sum(len(g.completions) for g in kept),
+        "groups_kept": len(kept),
+        "groups_seen": seen,
+    }
+    sums = dict(zip(sums, all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    n = max(1.0, sums.pop("completions"))
+    return {**{key: sums[key] / n for key in ("reward", "accuracy", "format", "response_length")},
+            "groups_kept": int(sums["groups_kept"]), "groups_seen": int(sums["groups_seen"])}
+
+
+def greedy_accuracy(engine, tasks, o):
+    """{"heldout_TASK": greedy accuracy, and "attempts_TASK": the attempts a searching task's answers take} on
+    a fixed set of o.eval_n test problems of each (task, levels) in tasks."""
+    accuracy = {}
+    for task, levels in tasks:
+        rows = evaluate_model(engine, task, test_problems(task, o.eval_n, o.seed, levels),
+                              max_new_tokens=o.max_new_tokens)
+        accuracy[f"heldout_{task.name}"] = sum(r["correct"] for r in rows) / len(rows)
+        if rows[0]["attempts"] is not None:
+            accuracy[f"attempts_{task.name}"] = sum(r["attempts"] for r in rows) / len(rows)
+    return accuracy
+
+
+def check_options(o, world):
+    """A ValueError for options GRPO cannot run with."""
+    if not o.init or not o.out:
+        raise ValueError("--init (an SFT checkpoint) and --out are required")
+    if o.temperature <= 0:
+        raise ValueError(f"--temperature {o.temperature}: GRPO samples its groups, give a temperature above 0")
+    if o.micro_batch < 0:
+        raise ValueError(f"--micro-batch {o.micro_batch}: give rollouts per forward, or 0 for all at once")
+    if o.prompts % world:
+        raise ValueError(f"--prompts {o.prompts} must divide over {world} ranks")
+
+
+def load_policy(o, point, device):
+    """(policy, tokenizer, reference) on device: the policy and tokenizer of the resume point, else of --init,
+    its MTP modules frozen (GRPO trains the main model only; DDP wants a gradient for every weight it holds);
+    the reference, the frozen --init model of the KL term, when beta > 0 (else None)."""
+    source = point.path if point else o.init
+    model, tokenizer = (point.model, point.tokenizer) if point else checkpoint.load(source)
+    model.to(device)
+    if tokenizer is None:
+        raise ValueError(f"{source} has no tokenizer")
+    ref = None
+    if o.beta > 0:
+        ref = checkpoint.load(o.init, device)[0].eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    for p in model.mtp.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer, ref
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
 class GRPO:
+    """One rank's part of a GRPO run: the policy (and the reference of the KL term), its optimizer, the engine
+    that samples its rollouts, and the steps."""
+
     def __init__(self, o):
         self.o = o
         self.compute = choose_compute(o.device, o.dtype)
         self.device = self.compute.device
         self.rank, self.world = start_ranks(self.device)
         self.rank0 = self.rank == 0
-        if not o.init or not o.out:
-            raise ValueError("--init (an SFT checkpoint) and --out are required")
-        if o.temperature <= 0:
-            raise ValueError(f"--temperature {o.temperature}: GRPO samples its groups, give a temperature above 0")
-        if o.micro_batch < 0:
-            raise ValueError(f"--micro-batch {o.micro_batch}: give rollouts per forward, or 0 for all at once")
-        if o.prompts % self.world:
-            raise ValueError(f"--prompts {o.prompts} must divide over {self.world} ranks")
+        check_options(o, self.world)
         self.tasks, self.replay_tasks = get_tasks(o.task, o.checker), get_tasks(o.replay, o.checker)
         self.difficulty = o.levels
         self.replay_difficulty = sample_levels(o.replay_difficulty) or self.difficulty
         if not self.tasks:
             raise ValueError("--task names no task: give a built-in task, a .jsonl file or file.py:ClassName")
+        levels = {**{t.name: self.replay_difficulty for t in self.replay_tasks},
+                  **{t.name: self.difficulty for t in self.tasks}}  # held out: each task once, at its levels
+        self.eval_tasks = [(t, levels[t.name]) for t in {t.name: t for t in self.tasks + self.replay_tasks}.values()]
         point = resume_point(o.out) if o.resume else None
-        source = point.path if point else o.init
-        self.model, self.tokenizer = (point.model, point.tokenizer) if point else checkpoint.load(source)
-        self.model.to(self.device)
-        if self.tokenizer is None:
-            raise ValueError(f"{source} has no tokenizer")
-        self.ref = None
-        if o.beta > 0:
-            self.ref = checkpoint.load(o.init, self.device)[0].eval()
-            for p in self.ref.parameters():
-                p.requires_grad_(False)
-        for p in self.model.mtp.parameters():  # GRPO trains the main model only; DDP wants a gradient for
-            p.requires_grad_(False)  # every weight it holds
-        self.net = self.model
-        if self.world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.model, self.tokenizer, self.ref = load_policy(o, point, self.device)
+        self.net = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = build_optimizer(self.model, o.optimizer, o.lr, o.weight_decay, (0.9, 0.99))
         self.engine = Engine(self.model, self.tokenizer, max_batch=max(1, o.prompts // self.world) * o.group,
                              dtype=o.dtype)
-        self.start_step = 0
+        self.start_step = point.meta["step"] if point else 0
         if point:
-            self.start_step = point.meta["step"]
             restore_optimizer(self.opt, self.model, point.states["optimizer.safetensors"])
             if self.rank0:
-                print(f"resuming from {source} at step {self.start_step}")
+                print(f"resuming from {point.path} at step {self.start_step}")
+
+    def draw(self, step, draw):
+        """This rank's problems of one draw at `step`, G completions each through the engine, scored: [Group]
+        and the tokens generated."""
+        o, per_rank = self.o, self.o.prompts // self.world
+        rng = random.Random(hash((o.seed, step, draw, self.rank)) & 0xFFFFFFFF)
+        tasks = [self.tasks[(self.rank * per_rank + i) % len(self.tasks)] for i in range(per_rank)]
+        problems = [task.sample(rng, "train", self.difficulty) for task in tasks]
+        prompts = [self.tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in problems]
+        params = [SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature,
+                                 seed=(o.seed * 7919 + step * 104729 + draw * 1299709 + self.rank * 15485863
+                                       + i) & 0x7FFFFFFF)
+                  for i in range(per_rank * o.group)]
+        seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
+        groups = [score_group(o, task, problem, prompts[i], seqs[i * o.group : (i + 1) * o.group])
+                  for i, (task, problem) in enumerate(zip(tasks, problems))]
+        return groups, sum(len(s.tokens) for s in seqs)
 
     def rollouts(self, step):
-        """This rank's Groups (problems and their G completions), how many groups it drew and how many tokens
-        it generated; dynamic sampling drops groups whose rewards are all equal and draws others instead."""
-        o = self.o
-        per_rank = o.prompts // self.world
+        """This rank's Groups, how many groups it drew and how many tokens it generated; dynamic sampling drops
+        groups whose rewards are all equal and draws others instead."""
+        o, per_rank = self.o, self.o.prompts // self.world
         kept, draws, seen, generated = [], 0, 0, 0
         while len(kept) < per_rank and draws <= (o.max_draws if o.dynamic_sampling else 0):
-            rng = random.Random(hash((o.seed, step, draws, self.rank)) & 0xFFFFFFFF)
-            tasks = [self.tasks[(self.rank * per_rank + i) % len(self.tasks)] for i in range(per_rank)]
-            problems = [task.sample(rng, "train", self.difficulty) for task in tasks]
-            prompts = [self.tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in problems]
-            params = [SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature,
-                                     seed=(o.seed * 7919 + step * 104729 + draws * 1299709 + self.rank * 15485863
-                                           + i) & 0x7FFFFFFF)
-                      for i in range(per_rank * o.group)]
-            seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
-            generated += sum(len(s.tokens) for s in seqs)
-            for i, (task, problem) in enumerate(zip(tasks, problems)):
-                completions = seqs[i * o.group : (i + 1) * o.group]
-                rewards = [task.score(problem, s.text) for s in completions]
-                totals = [o.accuracy_weight * r.accuracy + o.format_weight * r.format
-                          + (o.step_weight * steps_share(task, problem, s.text) if o.step_weight else 0.0)
-                          - (o.overlong_penalty if s.finish_reason == "length" else 0.0)
-                          for r, s in zip(rewards, completions)]
-                seen += 1
-                if o.dynamic_sampling and max(totals) == min(totals):
-                    continue
-                if len(kept) < per_rank:
-                    kept.append(Group(prompts[i], completions, rewards, totals))
-            draws += 1
-        return kept, seen, generated
-
-    def replay_loss(self, step):
-        """Next-token loss on the assistant tokens of fresh worked solutions of the replay tasks."""
-        o = self.o
-        rng = random.Random(hash((o.seed, step, self.rank, -1)) & 0xFFFFFFFF)
-        rows = []
-        for i in range(o.replay_rows):
-            task = self.replay_tasks[i % len(self.replay_tasks)]
-            problem = task.sample(rng, "train", self.replay_difficulty)
-            rows.append(self.tokenizer.render_chat(as_chat(problem, *task.solve(problem))))
-        width = max(len(ids) for ids, _ in rows)
-        x = torch.full((len(rows), width), self.tokenizer.pad_id)
-        y = torch.full((len(rows), width), -100)
-        for i, (ids, mask) in enumerate(rows):
-            x[i, : len(ids)] = torch.tensor(ids)
-            y[i, : len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
-        return self.net(x.to(self.device), targets=y.to(self.device))[1]
+            groups, tokens = self.draw(step, draws)
+            kept += [g for g in groups if not (o.dynamic_sampling and max(g.totals) == min(g.totals))]
+            seen, generated, draws = seen + len(groups), generated + tokens, draws + 1
+        return kept[:per_rank], seen, generated
 
     def update(self, kept, step):
         """mu passes of the clipped objective over this step's rollouts, in rows that hold each prompt once with
@@ -310,14 +389,10 @@ class GRPO:
         o = self.o
         if not any_rank(bool(kept)):
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-        groups = self._groups(kept)
+        groups = advantage_groups(kept, o.advantage)
         n_tokens = torch.tensor(float(sum(sum(m) for _, completions in groups for _, _, m in completions)) or 1.0,
                                 device=self.device)  # the loss is a mean over every sampled completion token
-        if o.beta == 0:  # without the KL term a completion of advantage 0 adds nothing to the loss or gradient
-            groups = [(p, [c for c in completions if c[1] != 0]) for p, completions in groups]
-        rows = shared_prompt_rows(groups, o.micro_batch)
-        batches = [pack(piece, self.device) for piece in micro_batches(rows, o.micro_batch)] or \
-            [pack([PackedRow([self.tokenizer.bos_id] * 2, [0, 1], [0, 0], [0, 0], [0.0, 0.0])], self.device)]
+        batches = update_batches(groups, o.micro_batch, o.beta == 0, self.tokenizer.bos_id, self.device)
         n_trained = sum(b.mask[:, 1:].sum() for b in batches).clamp(min=1)
         with torch.no_grad(), self.compute.autocast():  # with one pass the policy that sampled is the one updated
             old = [b.logprobs(self.model, o.temperature)[0] if o.mu > 1 else None for b in batches]
@@ -348,29 +423,18 @@ class GRPO:
         self.model.eval()
         return {**{key: float(value) for key, value in totals.items()}, "grad_norm": float(grad_norm)}
 
-    def _groups(self, kept):
-        """[(prompt ids, [(completion ids, advantage, 1 where sampled / 0 where forced)])] of the kept groups."""
-        if not kept:
-            return []
-        advantages = group_advantages(torch.tensor([g.totals for g in kept]), self.o.advantage).tolist()
-        return [(g.prompt, [(s.tokens, a, [int(not f) for f in s.forced]) for s, a in zip(g.completions, adv)])
-                for g, adv in zip(kept, advantages)]
+    def replay_loss(self, step):
+        """Next-token loss on the assistant tokens of fresh worked solutions of the replay tasks."""
+        rng = random.Random(hash((self.o.seed, step, self.rank, -1)) & 0xFFFFFFFF)
+        x, y = replay_batch(self.tokenizer, self.replay_tasks, self.replay_difficulty, self.o.replay_rows, rng)
+        return self.net(x.to(self.device), targets=y.to(self.device))[1]
 
     def heldout_accuracy(self):
         """{"heldout_TASK": greedy accuracy} on a fixed set of eval_n test problems of each task and replay task
         (rank 0 alone; the others get {})."""
         if not self.rank0 or not self.o.eval_every:
             return {}
-        accuracy = {}
-        levels = {**{t.name: self.replay_difficulty for t in self.replay_tasks},
-                  **{t.name: self.difficulty for t in self.tasks}}
-        for task in {t.name: t for t in self.tasks + self.replay_tasks}.values():
-            problems = test_problems(task, self.o.eval_n, self.o.seed, levels[task.name])
-            rows = evaluate_model(self.engine, task, problems, max_new_tokens=self.o.max_new_tokens)
-            accuracy[f"heldout_{task.name}"] = sum(r["correct"] for r in rows) / len(rows)
-            if rows[0]["attempts"] is not None:
-                accuracy[f"attempts_{task.name}"] = sum(r["attempts"] for r in rows) / len(rows)
-        return accuracy
+        return greedy_accuracy(self.engine, self.eval_tasks, self.o)
 
     def save(self, step, final=False, metrics=None):
         if not self.rank0:
@@ -380,9 +444,8 @@ class GRPO:
         save_checkpoint(self.o, "rl", step, final, self.model, self.tokenizer, meta, state)
 
     def run(self):
-        o = self.o
+        o, last = self.o, {}
         self.model.eval()
-        last = {}
         with Run(o, "rl", self.start_step, self.rank0) as run:
             if self.start_step == 0 and o.eval_every:
                 run.log({"step": 0, **self.heldout_accuracy()})
@@ -393,21 +456,7 @@ class GRPO:
                 for group in self.opt.param_groups:
                     group["lr"] = o.lr * min(1.0, (step + 1) / o.warmup) if o.warmup else o.lr
                 stats = self.update(kept, step)
-                sums = {  # over this rank's kept groups, then summed over the ranks
-                    "reward": sum(t for g in kept for t in g.totals),
-                    "accuracy": sum(r.accuracy for g in kept for r in g.rewards),
-                    "format": sum(r.format for g in kept for r in g.rewards),
-                    "response_length": sum(len(s.tokens) for g in kept for s in g.completions),
-                    "completions": sum(len(g.completions) for g in kept),
-                    "groups_kept": len(kept),
-                    "groups_seen": seen,
-                }
-                sums = dict(zip(sums, all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
-                n = max(1.0, sums["completions"])  # means over every completion kept
-                last = {"step": step + 1, "reward": sums["reward"] / n, "accuracy": sums["accuracy"] / n,
-                        "format": sums["format"] / n, "response_length": sums["response_length"] / n,
-                        "groups_kept": int(sums["groups_kept"]), "groups_seen": int(sums["groups_seen"]),
-                        "lr": self.opt.param_groups[0]["lr"],
+                last = {"step": step + 1, **rollout_metrics(kept, seen), "lr": self.opt.param_groups[0]["lr"],
                         "seconds": time.perf_counter() - t0, "rollout_seconds": rollout_seconds,
                         "rollout_tokens_per_s": generated / rollout_seconds, **stats}
                 if o.eval_every and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):

@@ -55,101 +55,196 @@ def lr_at(step, o):
     return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------- optimizer state
+# ----------------------------------------------------------------------------- setup
+
+
+def micro_steps(batch, device_batch, world):
+    """Forwards per optimizer step on each rank: batch / (device_batch x world), one when device_batch is 0 or
+    holds a rank's whole share; a message when the numbers do not divide."""
+    if device_batch < 0:
+        raise ValueError(f"--device-batch {device_batch}: give rows per forward, or 0 for a rank's whole share")
+    if batch % world:
+        raise ValueError(f"--batch {batch} must divide over {world} ranks")
+    per_rank = batch // world
+    if device_batch <= 0 or device_batch >= per_rank:
+        return 1
+    if per_rank % device_batch:
+        raise ValueError(f"--batch {batch} over {world} rank(s) is {per_rank} rows per rank, which "
+                         f"--device-batch {device_batch} does not divide: pick a divisor of {per_rank}")
+    return per_rank // device_batch
+
+
+def load_model(o, mode, point):
+    """(model, tokenizer) to train: those of the resume point, else of --init, else a new model of o.size with
+    the data's tokenizer (sft needs a checkpoint). Checks that the data is what `mode` trains on."""
+    model, tok = None, None
+    if point:
+        model, tok = point.model, point.tokenizer
+    elif o.init:
+        model, tok = checkpoint.load(o.init)
+    tokenizer = tok if tok is not None else Tokenizer.load(o.data)
+    manifest = load_manifest(o.data, tokenizer)  # the shards were made with this model's tokenizer
+    want = "chat" if mode == "sft" else "text"
+    if manifest["kind"] != want:
+        raise DataError(
+            f"{o.data} holds {manifest['kind']} data but {mode} trains on {want} data; "
+            + ("make chat data from JSONL with a \"messages\" field" if want == "chat" else "use `nanoseek sft`")
+        )
+    if model is None and mode == "sft":
+        raise ValueError("sft needs --init CHECKPOINT (a pretrained model)")
+    if model is None:
+        cfg = config_for_size(o.size, vocab_size=round_up(len(tokenizer), 64))
+        cfg.max_position_embeddings = max(cfg.max_position_embeddings, o.seq)
+        cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_id, tokenizer.eos_id
+        cfg.pad_token_id = tokenizer.pad_id
+        torch.manual_seed(o.seed)
+        model = DeepSeekV3(cfg).init_weights(o.seed)
+    model.config.trained_context_length = o.seq  # every checkpoint of this run records it: see trained_context
+    return model, tokenizer
+
+
+def freeze_untrained(model, o):
+    """Turns off the gradients of the weights this run leaves as they are: the MTP modules when no loss reaches
+    them, everything else with --mtp-only."""
+    if o.mtp_weight == 0:  # DDP wants a gradient for every weight it holds
+        for p in model.mtp.parameters():
+            p.requires_grad_(False)
+    if o.mtp_only:
+        if not len(model.mtp) or o.mtp_weight <= 0:
+            raise ValueError("--mtp-only trains the MTP modules: the model needs one (num_nextn_predict_layers) "
+                             "and --mtp-weight above 0")
+        drafting = {id(p) for p in model.mtp.parameters()}  # shared embedding and head stay frozen
+        for p in model.parameters():
+            p.requires_grad_(id(p) in drafting)
+
+
+def wrap(model, o, world):
+    """What the forward and backward go through: the model under DDP (or FSDP2 with --fsdp) across ranks, and
+    torch.compile with --compile."""
+    net = model
+    if world > 1 and o.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(model.model.layers) + list(model.mtp):
+            fully_shard(block)
+        net = fully_shard(model)
+    elif world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    return torch.compile(net) if o.compile else net
+
+
+def restore(point, model, opt, loader):
+    """Puts the optimizer, the loader's place and torch's RNG back as `point` saved them; -> (its step, tokens
+    seen by then)."""
+    loader.restore(point.meta["trainer"]["loader"])
+    restore_optimizer(opt, model, point.states["optimizer.safetensors"])
+    torch.set_rng_state(point.states["rng.safetensors"]["torch"])
+    return point.meta["step"], point.meta.get("tokens_seen", 0)
+
+
+def to_device(compute, x, y, docs):
+    """A batch on the compute device; on CUDA from pinned memory without waiting, so the copy overlaps the work
+    already queued."""
+    if compute.device_type != "cuda":
+        return x.to(compute.device), y.to(compute.device), docs if docs is None else docs.to(compute.device)
+    return tuple(t if t is None else t.pin_memory().to(compute.device, non_blocking=True) for t in (x, y, docs))
+
+
+# ----------------------------------------------------------------------------- held-out evaluation
+
+
+def text_bytes(tokenizer, ids):
+    """UTF-8 bytes of the text `ids` stand for, special tokens (BOS, EOS, the chat markers) counting none."""
+    return len(tokenizer.decode(ids.tolist(), skip_special_tokens=True).encode())
+
+
+class HeldOut:
+    """The first eval_windows sequences of the data's val split, 8 to a batch."""
+
+    def __init__(self, o, tokenizer, compute):
+        self.o, self.tokenizer, self.compute = o, tokenizer, compute
+
+    def batches(self):
+        o = self.o
+        return sequential_batches(o.data, "val", o.seq, 8, o.eval_windows, rows=o.rows)
+
+    @functools.cached_property
+    def bytes(self):
+        """UTF-8 bytes of the text the targets stand for, special tokens excluded: bits per byte's denominator,
+        counted once."""
+        return sum(text_bytes(self.tokenizer, y[y != -100]) for _, y, _ in self.batches())
+
+    def evaluate(self, model):
+        """model's loss (nats/token) and bits per byte over these sequences ({} when there are none)."""
+        model.eval()
+        nats, tokens = 0.0, 0
+        with torch.no_grad(), self.compute.autocast():
+            for x, y, docs in self.batches():
+                x, y, docs = to_device(self.compute, x, y, docs)
+                _, main_loss, _ = model(x, targets=y, document_ids=docs)
+                n = int((y != -100).sum())
+                nats += float(main_loss) * n
+                tokens += n
+        model.train()
+        if not tokens:
+            return {}
+        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, self.bytes)}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+
+
+def full_state(model, opt, sharded):
+    """(model state, optimizer state) as whole CPU tensors; when sharded (FSDP) every rank must call it."""
+    model_state, opt_state = model.state_dict(), optimizer_tensors(opt, model)
+    if sharded:  # gather the shards, tensor by tensor, in the same order everywhere
+        model_state = {k: _full(v) for k, v in model_state.items()}
+        opt_state = {k: _full(v) for k, v in opt_state.items()}
+    cpu = lambda state: {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return cpu(model_state), cpu(opt_state)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
 class Trainer:
+    """One rank's part of a pretraining or SFT run: the model and what it runs under (DDP, FSDP, compile), the
+    optimizer, the loader of this rank's rows, and the steps over them."""
+
     def __init__(self, o, mode):
         self.o, self.mode = o, mode
         self.compute = choose_compute(o.device, o.dtype)
-        self.device, self.dtype = self.compute.device, self.compute.dtype
+        self.device = self.compute.device
         self.rank, self.world = start_ranks(self.device)
         self.rank0 = self.rank == 0
         self.accum = micro_steps(o.batch, o.device_batch, self.world)
         if not o.data or not o.out:
             raise ValueError("--data and --out are required")
-        self.start_step, self.tokens_seen = 0, 0
         point = resume_point(o.out) if o.resume else None
-        model, tok = None, None
-        if point:
-            model, tok = point.model, point.tokenizer
-        elif o.init:
-            model, tok = checkpoint.load(o.init)
-        self.tokenizer = tok if tok is not None else Tokenizer.load(o.data)
-        manifest = load_manifest(o.data, self.tokenizer)  # the shards were made with this model's tokenizer
-        want = "chat" if mode == "sft" else "text"
-        if manifest["kind"] != want:
-            raise DataError(
-                f"{o.data} holds {manifest['kind']} data but {mode} trains on {want} data; "
-                + ("make chat data from JSONL with a \"messages\" field" if want == "chat" else "use `nanoseek sft`")
-            )
-        if model is None and mode == "sft":
-            raise ValueError("sft needs --init CHECKPOINT (a pretrained model)")
-        if model is None:
-            cfg = config_for_size(o.size, vocab_size=round_up(len(self.tokenizer), 64))
-            cfg.max_position_embeddings = max(cfg.max_position_embeddings, o.seq)
-            cfg.bos_token_id, cfg.eos_token_id = self.tokenizer.bos_id, self.tokenizer.eos_id
-            cfg.pad_token_id = self.tokenizer.pad_id
-            torch.manual_seed(o.seed)
-            model = DeepSeekV3(cfg).init_weights(o.seed)
-        model.config.trained_context_length = o.seq  # every checkpoint of this run records it: see trained_context
+        model, self.tokenizer = load_model(o, mode, point)
         self.model = model.to(self.device).train()
-        if o.mtp_weight == 0:  # no loss reaches the MTP modules, and DDP wants a gradient for every weight it holds
-            for p in self.model.mtp.parameters():
-                p.requires_grad_(False)
-        if o.mtp_only:
-            if not len(self.model.mtp) or o.mtp_weight <= 0:
-                raise ValueError("--mtp-only trains the MTP modules: the model needs one (num_nextn_predict_layers) "
-                                 "and --mtp-weight above 0")
-            drafting = {id(p) for p in self.model.mtp.parameters()}  # shared embedding and head stay frozen
-            for p in self.model.parameters():
-                p.requires_grad_(id(p) in drafting)
-        self.params = param_counts(self.model)
+        freeze_untrained(self.model, o)
+        self.params = param_counts(self.model)  # (total, active)
         self.flops = flops_per_token(self.model.config, self.params[1], o.seq)
-        self.net = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
+        self.net = wrap(self.model, o, self.world)  # before the optimizer: FSDP replaces the parameters
         self.opt = build_optimizer(self.model, o.optimizer, o.lr, o.weight_decay, (o.beta1, o.beta2))
         self.loader = Loader(o.data, "train", o.seq, o.batch // self.accum, seed=o.seed, rank=self.rank,
                              world=self.world, rows=o.rows)
-        if point:
-            self._restore(point)
-        self.trained_position = self.loader.state()  # the rows trained on so far: what a checkpoint saves
-
-    def _wrap(self, model):
-        net = model
-        if self.world > 1 and self.o.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in list(model.model.layers) + list(model.mtp):
-                fully_shard(block)
-            net = fully_shard(model)
-        elif self.world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model)
-        return torch.compile(net) if self.o.compile else net
-
-    def _restore(self, point):
-        self.start_step = point.meta["step"]
-        self.loader.restore(point.meta["trainer"]["loader"])
-        restore_optimizer(self.opt, self.model, point.states["optimizer.safetensors"])
-        torch.set_rng_state(point.states["rng.safetensors"]["torch"])
-        self.tokens_seen = point.meta.get("tokens_seen", 0)
-        if self.rank0:
+        self.held_out = HeldOut(o, self.tokenizer, self.compute)
+        self.start_step, self.tokens_seen = restore(point, self.model, self.opt, self.loader) if point else (0, 0)
+        if point and self.rank0:
             print(f"resuming from {point.path} at step {self.start_step}")
-
-    def full_state(self):
-        """(model state, optimizer state) as whole CPU tensors; under FSDP every rank must call it."""
-        model_state, opt_state = self.model.state_dict(), optimizer_tensors(self.opt, self.model)
-        if self.o.fsdp and self.world > 1:  # gather the shards, tensor by tensor, in the same order everywhere
-            model_state = {k: _full(v) for k, v in model_state.items()}
-            opt_state = {k: _full(v) for k, v in opt_state.items()}
-        cpu = lambda state: {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        return cpu(model_state), cpu(opt_state)
+        self.trained_position = self.loader.state()  # the rows trained on so far: what a checkpoint saves
 
     def save(self, step, final=False, metrics=None):
         """Write out/step_N (or out/final) on rank 0; every rank must call it (FSDP gathers the shards)."""
-        model_state, opt_state = self.full_state()
+        model_state, opt_state = full_state(self.model, self.opt, self.o.fsdp and self.world > 1)
         if not self.rank0:
             return
         meta = {"tokens_seen": self.tokens_seen, "metrics": metrics or {}, "params_total": self.params[0],
@@ -160,50 +255,16 @@ class Trainer:
         }
         save_checkpoint(self.o, self.mode, step, final, self.model, self.tokenizer, meta, state, model_state)
 
-    @functools.cached_property
-    def held_out_bytes(self):
-        """UTF-8 bytes of the text the held-out targets stand for, special tokens excluded: bits per byte's
-        denominator, counted once."""
-        o = self.o
-        batches = sequential_batches(o.data, "val", o.seq, 8, o.eval_windows, rows=o.rows)
-        return sum(text_bytes(self.tokenizer, y[y != -100]) for _, y, _ in batches)
-
-    def evaluate(self):
-        """Held-out loss (nats/token) and bits per byte over the first eval_windows sequences."""
-        o = self.o
-        self.model.eval()
-        nats, tokens = 0.0, 0
-        with torch.no_grad(), self.compute.autocast():
-            for x, y, docs in sequential_batches(o.data, "val", o.seq, 8, o.eval_windows, rows=o.rows):
-                x, y, docs = self._to_device(x, y, docs)
-                _, main_loss, _ = self.model(x, targets=y, document_ids=docs)
-                n = int((y != -100).sum())
-                nats += float(main_loss) * n
-                tokens += n
-        self.model.train()
-        if not tokens:
-            return {}
-        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, self.held_out_bytes)}
-
-    def _to_device(self, x, y, docs):
-        """The batch on the device; on CUDA from pinned memory without waiting, so the copy overlaps the work
-        already queued."""
-        if self.compute.device_type != "cuda":
-            return x.to(self.device), y.to(self.device), docs if docs is None else docs.to(self.device)
-        x, y, docs = (t if t is None else t.pin_memory().to(self.device, non_blocking=True) for t in (x, y, docs))
-        return x, y, docs
-
     def run(self):
-        o = self.o
-        with Run(o, self.mode, self.start_step, self.rank0) as run:
+        with Run(self.o, self.mode, self.start_step, self.rank0) as run:
             last = self._loop(run)
         if self.rank0:
-            plot_metrics(run.metrics_file, o.out)
+            plot_metrics(run.metrics_file, self.o.out)
         return last
 
     def _loop(self, run):
         o = self.o
-        peak, source = peak_flops(self.device, self.dtype)
+        peak, source = peak_flops(self.device, self.compute.dtype)
         run.say(f"MFU against the {source}: {peak / 1e12:.1f} TFLOP/s")
         bad_in_row, last = 0, {}
         upcoming = self.next_batches() if self.start_step < o.steps else None
@@ -244,7 +305,7 @@ class Trainer:
                 "expert_imbalance": [float(load.max() / load.mean()) for load in loads if load.sum() > 0],
             }
             if (o.eval_every and (step + 1) % o.eval_every == 0) or step + 1 == o.steps:
-                last.update(self.evaluate())
+                last.update(self.held_out.evaluate(self.model))
             run.log(last, loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                     mfu=f"{100 * last['mfu']:.1f}%")
             run.end_step(step + 1, last, self.save)
@@ -252,7 +313,7 @@ class Trainer:
 
     def next_batches(self):
         """The next step's micro-batches of this rank, (x, y, document ids) each, on their way to the device."""
-        return [self._to_device(*self.loader.next_batch()) for _ in range(self.accum)]
+        return [to_device(self.compute, *self.loader.next_batch()) for _ in range(self.accum)]
 
     def train_step(self, batches):
         """Forward and backward over a step's micro-batches (next_batches), gradients summed so that they are
@@ -285,33 +346,6 @@ class Trainer:
                     loads[i] += routing[m].load
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip or float("inf"))
         return all_reduce(sums), grad_norm, all_reduce(loads)
-
-
-def micro_steps(batch, device_batch, world):
-    """Forwards per optimizer step on each rank: batch / (device_batch x world), one when device_batch is 0 or
-    holds a rank's whole share; a message when the numbers do not divide."""
-    if device_batch < 0:
-        raise ValueError(f"--device-batch {device_batch}: give rows per forward, or 0 for a rank's whole share")
-    if batch % world:
-        raise ValueError(f"--batch {batch} must divide over {world} ranks")
-    per_rank = batch // world
-    if device_batch <= 0 or device_batch >= per_rank:
-        return 1
-    if per_rank % device_batch:
-        raise ValueError(f"--batch {batch} over {world} rank(s) is {per_rank} rows per rank, which "
-                         f"--device-batch {device_batch} does not divide: pick a divisor of {per_rank}")
-    return per_rank // device_batch
-
-
-def _full(t):
-    from torch.distributed.tensor import DTensor
-
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
-
-
-def text_bytes(tokenizer, ids):
-    """UTF-8 bytes of the text `ids` stand for, special tokens (BOS, EOS, the chat markers) counting none."""
-    return len(tokenizer.decode(ids.tolist(), skip_special_tokens=True).encode())
 
 
 def plot_metrics(metrics_file, out_dir):

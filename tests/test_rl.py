@@ -12,7 +12,16 @@ from conftest import torchrun
 from nanoseek import checkpoint
 from nanoseek.config import RLConfig
 from nanoseek.evaluate import evaluate, pass_at_k, wilson
-from nanoseek.rl import GRPO, group_advantages, grpo_loss, micro_batches, rl, steps_share, token_logprobs
+from nanoseek.rl import (
+    GRPO,
+    advantage_groups,
+    group_advantages,
+    grpo_loss,
+    micro_batches,
+    rl,
+    steps_share,
+    token_logprobs,
+)
 from nanoseek.rundir import read_metrics
 from nanoseek.tasks import get_task
 
@@ -266,7 +275,7 @@ def test_the_update_equals_one_row_per_completion(random_policy, tmp_path, monke
     assert scored == [sum(len(s.tokens) for s in first.completions)]  # the second group never ran
 
     model = checkpoint.load(random_policy)[0].train()
-    ids, mask, adv = one_row_each(trainer._groups(kept))
+    ids, mask, adv = one_row_each(advantage_groups(kept, o.advantage))
     logp, _ = token_logprobs(model, ids, mask)
     loss, _ = grpo_loss(logp, logp.detach(), adv, mask[:, 1:])
     loss.backward()

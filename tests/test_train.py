@@ -222,7 +222,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_text(tokenizer, tmp_path):
     text = "12 + 35 = 47."  # 13 bytes; its BOS and EOS stand for no text
     build(None, tokenizer, tmp_path / "data", val_fraction=0.25, documents=[("text", text)] * 20)  # 5 held out
     opts = {**TINY, "data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "steps": 1}
-    assert Trainer(TrainConfig(**opts), "pretrain").held_out_bytes == 5 * 13
+    assert Trainer(TrainConfig(**opts), "pretrain").held_out.bytes == 5 * 13
     last = train(opts, "pretrain")
     targets = 5 * (len(tokenizer.encode(text)) + 1)  # each document's text tokens and its EOS
     assert last["val_bpb"] == pytest.approx(last["val_loss"] * targets / math.log(2) / (5 * 13), rel=1e-6)
