@@ -75,8 +75,9 @@ def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0, k_n=
         mine = samples[i * k : (i + 1) * k]
         correct = sum(task.score(p, s.text).accuracy for s in mine) if k > 1 and i < sampled else None
         right_steps, steps = task.check_steps(p, g.text) if hasattr(task, "check_steps") else (0, 0)
+        refused = task.refused_calls(g.text) if hasattr(task, "refused_calls") else 0
         rows.append({"difficulty": p.difficulty, **{key: p.data[key] for key in SLICES if key in p.data},
-                     "steps": steps, "wrong_steps": steps - right_steps,
+                     "steps": steps, "wrong_steps": steps - right_steps - refused, "refused_calls": refused,
                      "attempts": task.attempts(g.text) if hasattr(task, "attempts") else None,
                      "correct": reward.accuracy, "format": reward.format,
                      "truncated": g.finish_reason == "length", "thinking_tokens": thinking,
@@ -181,6 +182,7 @@ def summarize(rows, k):
            "thinking_tokens": sum(r["thinking_tokens"] for r in rows) / n if n else 0.0}
     if any(r.get("steps") for r in rows):
         out["steps"], out["wrong_steps"] = sum(r["steps"] for r in rows), sum(r["wrong_steps"] for r in rows)
+        out["refused_calls"] = sum(r.get("refused_calls", 0) for r in rows)
     if any(r.get("attempts") is not None for r in rows):
         out["attempts"] = sum(r["attempts"] for r in rows) / n
     sampled = [r for r in rows if r["sample_correct"] is not None]
@@ -289,7 +291,7 @@ def markdown_table(results, k):
     tasks = list(next(iter(results.values())))
     for t in tasks:
         for d in ["all", *results[ckpts[0]][t]["by_difficulty"]]:
-            cells = [_cell(results[c][t]["all"] if d == "all" else results[c][t]["by_difficulty"][d], k)
+            cells = [task_cell(results[c][t]["all"] if d == "all" else results[c][t]["by_difficulty"][d], k)
                      for c in ckpts]
             lines.append(f"| {t} | {d} | " + " | ".join(cells) + " |")
     speed = [f"- {_short(c)}, {t}: {g['tokens']:,} tokens generated in {g['seconds']:.1f} s, "
@@ -350,7 +352,8 @@ def slice_tables(results):
     return text
 
 
-def _cell(s, k):
+def task_cell(s, k):
+    """A task's summary as one table cell: pass@1 with its interval, pass@k, truncation, attempts, steps."""
     cell = _pass1(s)
     if f"pass@{k}" in s:
         of = f" (n={s[f'pass@{k}_n']})" if s.get(f"pass@{k}_n", s["n"]) != s["n"] else ""
@@ -361,6 +364,8 @@ def _cell(s, k):
         cell += f", {s['attempts']:.2f} attempts"
     if "steps" in s:
         cell += f", {s['wrong_steps']} of {s['steps']} steps wrong"
+        if s.get("refused_calls"):
+            cell += f", {s['refused_calls']} calls refused"
     return cell + f", format {100 * s['format']:.0f}%, think {s['thinking_tokens']:.0f} tok (n={s['n']})"
 
 

@@ -9,7 +9,7 @@ import random
 from nanoseek import checkpoint
 from nanoseek import evaluate as evaluation
 from nanoseek.config import EvalConfig
-from nanoseek.evaluate import evaluate, markdown_table, token_budget
+from nanoseek.evaluate import evaluate, markdown_table, summarize, task_cell, token_budget
 from nanoseek.report import chat_section, write_report
 from nanoseek.tasks import as_chat, get_task
 from nanoseek.tasks.arithmetic import ADDITION_PHRASINGS
@@ -180,3 +180,12 @@ def test_deep_turns_follow_mixed_conversations_trimmed_to_the_trained_context(ra
     assert list(r["by_depth"]) == [str(d) for d in range(1, 11)] and r["by_depth"]["10"]["n"] == 6
     assert r["deep_replies"]["n"] == 8 * 2 + 6 and r["by_depth"]["1"]["n"] == 6
     assert "Turn depth" in markdown_table(results, 1)
+
+
+def test_refused_calls_are_counted_apart_from_wrong_steps():
+    """A call the calculator refused is reported as refused, not as a step whose result is wrong."""
+    row = {"correct": 0.0, "format": 1.0, "truncated": False, "thinking_tokens": 9, "sample_correct": None,
+           "steps": 3, "wrong_steps": 1, "refused_calls": 2}
+    s = summarize([row, {**row, "wrong_steps": 0, "refused_calls": 0}], 1)
+    assert (s["steps"], s["wrong_steps"], s["refused_calls"]) == (6, 1, 2)
+    assert ", 1 of 6 steps wrong, 2 calls refused" in task_cell(s, 1)

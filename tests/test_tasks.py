@@ -18,7 +18,7 @@ from nanoseek.tasks import (
     task_documents,
 )
 from nanoseek.tasks.arithmetic import ADDITION_PHRASINGS
-from nanoseek.tasks.countdown import MISSES, evaluate_expression, expressions, steps_right
+from nanoseek.tasks.countdown import MISSES, evaluate_expression, expressions, refused_calls, steps_right
 from nanoseek.tasks.countdown import PHRASINGS as COUNTDOWN_PHRASINGS
 from nanoseek.tasks.smalltalk import HELD_OUT_PROMPTS, smalltalk_turn, thought_kind
 from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, split_thinking
@@ -309,6 +309,8 @@ def test_wrong_steps_are_counted_in_calls_and_in_plain_text():
     call = lambda e, v: f"{TOOL_CALL_BEGIN}{e}{TOOL_CALL_END}{TOOL_OUTPUT_BEGIN}{v}{TOOL_OUTPUT_END}"  # noqa: E731
     assert steps_right(f"{call('14-6', 8)}, {call('8+2', 11)} (target 10) no\n3+4=7,7*2=15") == (2, 4)
     assert steps_right(f"{call('1/0', 'error: division by zero')} (target 5) no") == (0, 1)
+    refused = f"{call('2)', 'error: not an arithmetic expression')}\n{call('1/0', 'error: division by zero')}"
+    assert refused_calls(refused + f"\n{call('8+2', 10)} yes") == 2 and refused_calls(call("8+2", 11)) == 0
 
 
 def test_pretraining_text_carries_tool_markup_as_control_tokens(tokenizer):

@@ -154,6 +154,12 @@ def steps_right(reasoning):
     return right, len(steps)
 
 
+def refused_calls(reasoning):
+    """Calculator calls in a trace that the calculator refused (its result an "error: ..." string, as for a
+    malformed call such as `2)`): steps_right counts them among the steps that are not right."""
+    return len(re.findall(f"{re.escape(TOOL_OUTPUT_BEGIN)}error:", reasoning))
+
+
 class Countdown(GeneratedTask):
     name = "countdown"
     difficulties = range(3, 6)  # how many numbers
@@ -184,6 +190,10 @@ class Countdown(GeneratedTask):
     def check_steps(self, problem, completion):
         """(right, all) steps of the reasoning: each a rule can check on its own."""
         return steps_right(parse_completion(completion)[0])
+
+    def refused_calls(self, completion):
+        """How many of the reasoning's calculator calls the calculator refused."""
+        return refused_calls(parse_completion(completion)[0])
 
     def attempts(self, completion):
         """How many attempts the reasoning made: its lines that end in a check's yes or no."""
