@@ -138,11 +138,16 @@ def worked_solution(numbers, target, rng):
     return "\n".join(lines), hit
 
 
+def calculator_calls(reasoning):
+    """(expression, result) of every calculator call in a trace that has its result written after it."""
+    return re.findall(f"{re.escape(TOOL_CALL_BEGIN)}(.*?){re.escape(TOOL_CALL_END)}{re.escape(TOOL_OUTPUT_BEGIN)}"
+                      f"(.*?){re.escape(TOOL_OUTPUT_END)}", reasoning)
+
+
 def steps_right(reasoning):
     """(steps that compute what they say, steps) in a trace: calculator calls with the results written after
     them, and "a op b=value" steps the model wrote itself, comma- or line-separated."""
-    steps = re.findall(f"{re.escape(TOOL_CALL_BEGIN)}(.*?){re.escape(TOOL_CALL_END)}{re.escape(TOOL_OUTPUT_BEGIN)}"
-                       f"(.*?){re.escape(TOOL_OUTPUT_END)}", reasoning)
+    steps = calculator_calls(reasoning)
     plain = re.sub(f"{re.escape(TOOL_CALL_BEGIN)}.*?{re.escape(TOOL_OUTPUT_END)}", "", reasoning)
     steps += [step.partition("=")[::2] for line in plain.split("\n") for step in line.split(",") if "=" in step]
     right = 0
@@ -157,7 +162,7 @@ def steps_right(reasoning):
 def refused_calls(reasoning):
     """Calculator calls in a trace that the calculator refused (its result an "error: ..." string, as for a
     malformed call such as `2)`): steps_right counts them among the steps that are not right."""
-    return len(re.findall(f"{re.escape(TOOL_OUTPUT_BEGIN)}error:", reasoning))
+    return sum(result.startswith("error:") for _, result in calculator_calls(reasoning))
 
 
 class Countdown(GeneratedTask):
