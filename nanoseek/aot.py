@@ -1,13 +1,13 @@
 """A step compiled ahead of time: torch.export, then AOTInductor, for an engine of one sequence on a CPU.
 
-At one sequence torch.compile's runtime is half of a decode step on a CPU (0.60 ms a call against 0.34 ms
-for the same step compiled here, on the cpu recipe's model): dynamo's guards over every weight and input, the
-wrappers passing ~60 tensors. A package compiled by AOTInductor holds the graph as a shared library that takes
+At one sequence torch.compile's own runtime is a large part of a decode step on a CPU (docs/BENCHMARKS.md,
+"steps compiled ahead of time"): dynamo's guards over every weight and input, the wrappers passing every
+tensor. A package compiled by AOTInductor holds the graph as a shared library that takes
 only the step's inputs: no guard runs, and the weights are bound once, by reference, from the model, so
 nothing is copied and weights changed in place are decoded with (weights replaced by new tensors are not:
 make a new engine). The package depends on the code, the model's shape and the thread count, not on its
-weights, so it is kept on disk: ~15 s to compile the first time, ~1.5 s to load in a later process;
-compiling one deletes those of other nanoseek source.
+weights, so it is kept on disk and compiled once (a later process loads it in a fraction of the compile
+time); compiling one deletes those of other nanoseek source.
 
 A step is fn(model, *tensors, *caches): tensors have fixed shapes; caches are lists or tuples of tensors
 (one per layer) whose dimension 1, the cache length, is one dynamic size for all of them.
@@ -24,7 +24,7 @@ import torch
 import nanoseek
 
 # the weights stay the model's (bound at load, not packaged); matrix products with one row become fused
-# multiply-and-sum loops instead of calls to a BLAS (~0.05 ms less a step)
+# multiply-and-sum loops instead of calls to a BLAS (faster at one row: docs/BENCHMARKS.md)
 INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False,
                     "post_grad_fusion_options": {"decompose_mm_pass": {}}}
 

@@ -26,7 +26,7 @@ from nanoseek.text import DEFAULT_REPETITION_STOP
 from nanoseek.tokenizer import trim_conversation
 
 SLICES = ("lengths", "phrasing")  # problem data the report breaks accuracy down by, where a task has it
-BATCH = 128  # sequences decoded at once (one compiled graph at any batch): 4x fewer decode steps than 32 at a time
+BATCH = 128  # sequences decoded at once (one compiled graph at any batch): fewer decode steps than smaller batches
 
 
 def wilson(successes, n, z=1.96):
