@@ -21,7 +21,7 @@ run: setup
 
 test: setup
 	$(PY) -m ruff check nanoseek tests
-	$(PY) -m pytest tests -n auto --maxprocesses 4
+	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist worksteal
 
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
