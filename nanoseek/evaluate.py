@@ -182,7 +182,7 @@ def summarize(rows, k):
            "thinking_tokens": sum(r["thinking_tokens"] for r in rows) / n if n else 0.0}
     if any(r.get("steps") for r in rows):
         out["steps"], out["wrong_steps"] = sum(r["steps"] for r in rows), sum(r["wrong_steps"] for r in rows)
-        out["refused_calls"] = sum(r.get("refused_calls", 0) for r in rows)
+        out["refused_calls"] = sum(r["refused_calls"] for r in rows)
     if any(r.get("attempts") is not None for r in rows):
         out["attempts"] = sum(r["attempts"] for r in rows) / n
     sampled = [r for r in rows if r["sample_correct"] is not None]

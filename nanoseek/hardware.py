@@ -42,7 +42,7 @@ def matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, reps=10, budget
     """Measured peak of this machine: best FLOP/s of an n x n matmul. The size starts at 128 and doubles up to n
     while `reps` matmuls of the next size fit in budget_s, so a slow dtype (bfloat16 emulated on a CPU) is
     measured in a second, not in minutes."""
-    size, seconds = 128, []
+    size = 128
     while True:
         seconds = matmul_seconds(device, dtype, size, 2)
         if size >= n or min(seconds) * reps * 8 > budget_s:
