@@ -211,6 +211,8 @@ class TrainConfig(StepCheckpoints, FineTune):
                                 "writes")
     bias_update_speed: float = opt(0.001, "gamma: aux-loss-free expert bias step")
     balance_alpha: float = opt(0.0, "alpha: sequence-wise balance loss weight")
+    unlikelihood: float = opt(0.0, "weight of unlikelihood on repeating a calculator call: where a call departs "
+                                   "from an earlier one, the earlier call's token is pushed down (unlikelihood.py)")
     eval_windows: int = opt(32, "held-out sequences per evaluation")
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row")
     compile: bool = opt(False, "torch.compile the model")

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nanoseek.unlikelihood import unlikelihood_loss
+
 LOGIT_ELEMENTS = 2**27  # at most this many logits (512 MB in fp32) exist at once in a loss: see logit_chunk
 
 
@@ -543,7 +545,7 @@ class DeepSeekV3(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, targets=None, mtp_weight=0.0,
-                document_ids=None, hidden=False, routing=None):
+                document_ids=None, hidden=False, routing=None, negatives=None, unlikelihood=0.0):
         """input_ids (B, T) -> logits (B, T, vocab); attention_mask (B, T) marks real tokens with 1, or
         (B, T, T) says which tokens each token sees (with position_ids, rows that pack sequences sharing a prefix).
 
@@ -552,8 +554,9 @@ class DeepSeekV3(nn.Module):
         With targets (B, T), where targets[t] is the token after input_ids[t] and -100 is ignored, returns
         (loss, main loss, per-depth MTP losses) instead: loss = main + mtp_weight * mean of the MTP losses.
         With hidden=True, returns the final-norm hidden states (B, T, D) for a caller that applies lm_head
-        in chunks (rl.token_logprobs). With a dict `routing`, each MoE layer the forward runs puts its Routing
-        there under itself.
+        in chunks (rl.token_logprobs). With negatives (B, T) (-100: none) and unlikelihood > 0, the main loss adds
+        unlikelihood times -log(1 - p(negative)) summed and divided by the targets (unlikelihood.py). With a dict
+        `routing`, each MoE layer the forward runs puts its Routing there under itself.
         """
         h, ctx = self.hidden_states(input_ids, attention_mask, position_ids, document_ids, routing)
         if hidden:
@@ -561,6 +564,8 @@ class DeepSeekV3(nn.Module):
         if targets is None:
             return self.lm_head(h)
         main = chunked_cross_entropy(h, self.lm_head.weight, targets)
+        if negatives is not None and unlikelihood > 0:
+            main = main + unlikelihood * unlikelihood_loss(h, self.lm_head.weight, negatives, targets)
         mtp_losses = []
         if mtp_weight > 0:
             for k, hk in enumerate(self.mtp_hidden_states(h, input_ids, ctx, routing), start=1):

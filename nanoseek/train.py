@@ -32,6 +32,7 @@ from nanoseek.model import (
 from nanoseek.optim import build_optimizer, optimizer_tensors, restore_optimizer
 from nanoseek.rundir import Run, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.unlikelihood import repeated_call_negatives
 
 
 class TrainingError(RuntimeError):
@@ -331,9 +332,11 @@ class Trainer:
             sync = micro == self.accum - 1 or self.world == 1 or o.fsdp
             share = counts[micro] / total  # this micro-batch's part of each loss's mean over the global batch
             routing = {}  # MoE layer -> its Routing in this forward (MTP's layers only when MTP trains)
+            negatives = (repeated_call_negatives(x, y, docs, self.tokenizer.call_begin_id,
+                                                 self.tokenizer.call_end_id) if o.unlikelihood > 0 else None)
             with (nullcontext() if sync else self.net.no_sync()), self.compute.autocast():
                 _, main_loss, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs,
-                                             routing=routing)
+                                             routing=routing, negatives=negatives, unlikelihood=o.unlikelihood)
                 parts = torch.stack([main_loss, *mtp]) * share
                 loss = parts[0] + (o.mtp_weight * parts[1:].mean() if mtp else 0.0)
                 if o.balance_alpha > 0:
