@@ -143,12 +143,12 @@ def restore(point, model, opt, loader):
     return point.meta["step"], point.meta.get("tokens_seen", 0)
 
 
-def to_device(compute, x, y, docs):
-    """A batch on the compute device; on CUDA from pinned memory without waiting, so the copy overlaps the work
-    already queued."""
+def to_device(compute, *tensors):
+    """A batch's tensors (None stays None) on the compute device; on CUDA from pinned memory without waiting, so
+    the copy overlaps the work already queued."""
     if compute.device_type != "cuda":
-        return x.to(compute.device), y.to(compute.device), docs if docs is None else docs.to(compute.device)
-    return tuple(t if t is None else t.pin_memory().to(compute.device, non_blocking=True) for t in (x, y, docs))
+        return tuple(t if t is None else t.to(compute.device) for t in tensors)
+    return tuple(t if t is None else t.pin_memory().to(compute.device, non_blocking=True) for t in tensors)
 
 
 # ----------------------------------------------------------------------------- held-out evaluation
@@ -313,8 +313,16 @@ class Trainer:
         return last
 
     def next_batches(self):
-        """The next step's micro-batches of this rank, (x, y, document ids) each, on their way to the device."""
-        return [to_device(self.compute, *self.loader.next_batch()) for _ in range(self.accum)]
+        """The next step's micro-batches of this rank, (x, y, document ids, unlikelihood's negatives or None) each,
+        on their way to the device: the negatives are read from the ids here, on the host."""
+        batches = [self.loader.next_batch() for _ in range(self.accum)]
+        return [to_device(self.compute, x, y, docs, self.negatives(x, y, docs)) for x, y, docs in batches]
+
+    def negatives(self, x, y, docs):
+        """unlikelihood.repeated_call_negatives of a micro-batch, None when the option is off."""
+        if self.o.unlikelihood <= 0:
+            return None
+        return repeated_call_negatives(x, y, docs, self.tokenizer.call_begin_id, self.tokenizer.call_end_id)
 
     def train_step(self, batches):
         """Forward and backward over a step's micro-batches (next_batches), gradients summed so that they are
@@ -326,14 +334,12 @@ class Trainer:
         sums = torch.zeros(2 + len(self.model.mtp), device=self.device)  # loss, main loss, MTP loss per depth
         loads = torch.zeros(len(moes), moes[0].n_experts if moes else 0, device=self.device)
         depths = len(self.model.mtp) if o.mtp_weight > 0 else 0
-        counts = [target_counts(y, docs, depths) for _, y, docs in batches]
+        counts = [target_counts(y, docs, depths) for _, y, docs, _ in batches]
         total = all_reduce(sum(counts)).clamp(min=1)  # targets of each loss over every rank and micro-step
-        for micro, (x, y, docs) in enumerate(batches):
+        for micro, (x, y, docs, negatives) in enumerate(batches):
             sync = micro == self.accum - 1 or self.world == 1 or o.fsdp
             share = counts[micro] / total  # this micro-batch's part of each loss's mean over the global batch
             routing = {}  # MoE layer -> its Routing in this forward (MTP's layers only when MTP trains)
-            negatives = (repeated_call_negatives(x, y, docs, self.tokenizer.call_begin_id,
-                                                 self.tokenizer.call_end_id) if o.unlikelihood > 0 else None)
             with (nullcontext() if sync else self.net.no_sync()), self.compute.autocast():
                 _, main_loss, mtp = self.net(x, targets=y, mtp_weight=o.mtp_weight, document_ids=docs,
                                              routing=routing, negatives=negatives, unlikelihood=o.unlikelihood)

@@ -12,11 +12,9 @@ import torch.nn.functional as F
 
 
 def first_difference(a, b):
-    """The first index where token lists a and b differ, None when they are equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
+    """The first index where two calls' tokens differ, None when they are equal: each ends with the call's end
+    token and holds no other, so two different calls differ within the shorter one."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
 def repeated_call_negatives(x, targets, document_ids, begin_id, end_id):
@@ -27,17 +25,17 @@ def repeated_call_negatives(x, targets, document_ids, begin_id, end_id):
     rows, trained = x.tolist(), (targets != -100).tolist()
     docs = document_ids.tolist() if document_ids is not None else [[0] * x.shape[1]] * x.shape[0]
     for b, (ids, doc) in enumerate(zip(rows, docs)):
-        earlier = []  # (document, the call's tokens through its end token)
+        earlier = {}  # document -> its calls so far, each its tokens through its end token
         for i in (i for i, t in enumerate(ids) if t == begin_id):
-            end = next((j for j in range(i + 1, len(ids)) if ids[j] in (end_id, begin_id) or doc[j] != doc[i]), None)
+            end = next((j for j in range(i + 1, len(ids)) if ids[j] in (end_id, begin_id)), None)
             if end is None or ids[end] != end_id or doc[end] != doc[i]:
-                continue  # a call the row cuts, or one that never ends
+                continue  # a call the row or its document cuts, or one that never ends
             call = ids[i + 1 : end + 1]
-            for d, before in earlier:
-                k = first_difference(before, call) if d == doc[i] else None
-                if k is not None and k < len(before) and trained[b][i + k]:
+            for before in earlier.setdefault(doc[i], []):
+                k = first_difference(before, call)
+                if k is not None and trained[b][i + k]:
                     negatives[b, i + k] = before[k]  # position i + k predicts call[k]
-            earlier.append((doc[i], call))
+            earlier[doc[i]].append(call)
     return negatives
 
 
