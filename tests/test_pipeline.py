@@ -148,6 +148,15 @@ def test_builtin_recipes_load_and_say_what_they_are_for():
         assert os.path.basename(load_recipe(name)["path"]) == f"{name}.toml"
 
 
+def test_cpu_long_is_the_cpu_recipe_with_longer_training_only():
+    cpu, long = load_recipe("cpu"), load_recipe("cpu-long")
+    differs = {(section, key) for section in cpu if section != "path"
+               for key in cpu[section] if cpu[section][key] != long[section][key]}
+    assert differs == {("run", "out"), ("sft", "steps"), ("sft", "unlikelihood"), ("sft", "eval_every"),
+                       ("rl", "steps"), ("rl", "eval_every"), ("rl", "ckpt_every")}
+    assert long["sft"]["steps"] == 4 * cpu["sft"]["steps"] and long["sft"]["unlikelihood"] > 0
+
+
 def test_every_set_option_reaches_the_recipe():
     from nanoseek.cli import build_parser
 
