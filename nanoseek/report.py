@@ -22,9 +22,10 @@ def write_report(recipe, paths):
     lines = [f"# nanoseek report: {os.path.basename(recipe['path'])}", ""]
     compute = choose_compute(recipe["run"]["device"] or None, recipe["run"]["dtype"])
     ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
-    lines.append(f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with {os.cpu_count()} cores, "
-                 f"torch {torch.__version__}, device {compute.device}{ranks}, compute dtype "
-                 f"{str(compute.dtype).removeprefix('torch.')}.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # taskset counts
+    lines.append(f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with {cores} cores "
+                 f"({torch.get_num_threads()} torch threads), torch {torch.__version__}, device {compute.device}"
+                 f"{ranks}, compute dtype {str(compute.dtype).removeprefix('torch.')}.")
     lines.append("")
 
     # stages

@@ -6,6 +6,8 @@ import json
 import os
 import random
 
+import torch
+
 from nanoseek import checkpoint
 from nanoseek import evaluate as evaluation
 from nanoseek.config import EvalConfig
@@ -88,7 +90,9 @@ def test_second_turn_asks_after_another_task_and_its_bare_answer(random_policy, 
     assert "Second turn" in markdown_table(results, 1)
 
 
-def test_report_shows_rejection_sampling_second_turns_and_the_last_checkpoint(tmp_path):
+def test_report_shows_rejection_sampling_second_turns_and_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)  # as taskset -c 0,3,5 pins it
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     out = tmp_path / "run"
     paths = {s: str(out / s) for s in ("tokenizer", "pretrain", "sft", "rl", "rs", "eval")}
     row = {"difficulty": 1, "correct": 1.0, "format": 1.0, "truncated": False, "thinking_tokens": 5,
@@ -108,6 +112,7 @@ def test_report_shows_rejection_sampling_second_turns_and_the_last_checkpoint(tm
     assert "| task | checkpoint | first turn pass@1 | second turn pass@1 |" in report
     assert "| addition | rs/final | 100.0% [20.7, 100.0] | 100.0% [20.7, 100.0] |" in report
     assert f"Greedy completions of `{os.path.join(paths['rs'], 'final')}`" in report
+    assert " with 3 cores (2 torch threads), torch " in report
 
 
 def test_chat_replies_end_as_the_terminal_chat_ends_them(random_policy, tmp_path):
