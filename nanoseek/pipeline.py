@@ -60,16 +60,7 @@ def builtin_recipes():
 
 def load_recipe(name_or_path, overrides=None):
     """A recipe as {section: {key: value}} with every default filled in; unknown keys and wrong types are errors."""
-    file = Path(name_or_path) if name_or_path.endswith(".toml") else RECIPES / f"{name_or_path}.toml"
-    path = str(file)
-    if not file.is_file():
-        raise RecipeError(f"recipe {name_or_path!r} not found ({path}); built-in recipes: {list(builtin_recipes())}"
-                          " (`nanoseek run --list` says what each is for)")
-    try:
-        with file.open("rb") as f:
-            raw = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    path, raw = read_recipe(name_or_path)
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         raw.setdefault(section, {})[name] = value
@@ -91,6 +82,30 @@ def load_recipe(name_or_path, overrides=None):
         raise RecipeError(str(e)) from None
     recipe["path"] = path
     return recipe
+
+
+def read_recipe(name_or_path, seen=()):
+    """(path, {section: {key: value}}) as the file gives them; a top-level `base = "NAME"` (a built-in recipe or a
+    .toml file) starts from that recipe's sections, each key the file sets replacing the base's."""
+    file = Path(name_or_path) if name_or_path.endswith(".toml") else RECIPES / f"{name_or_path}.toml"
+    path = str(file)
+    if not file.is_file():
+        raise RecipeError(f"recipe {name_or_path!r} not found ({path}); built-in recipes: {list(builtin_recipes())}"
+                          " (`nanoseek run --list` says what each is for)")
+    try:
+        with file.open("rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    base = raw.pop("base", None)
+    if base is None:
+        return path, raw
+    if not isinstance(base, str) or base in seen:
+        raise RecipeError(f"{path}: base must name another recipe, once in a chain; got {base!r}")
+    merged = read_recipe(base, (*seen, name_or_path))[1]
+    for section, keys in raw.items():
+        merged.setdefault(section, {}).update(keys)
+    return path, merged
 
 
 def _section(path, section, given):

@@ -148,6 +148,13 @@ def test_builtin_recipes_load_and_say_what_they_are_for():
         assert os.path.basename(load_recipe(name)["path"]) == f"{name}.toml"
 
 
+def test_a_recipe_based_on_itself_is_refused(tmp_path):
+    loop = tmp_path / "loop.toml"
+    loop.write_text(f'base = "{loop}"\n')
+    with pytest.raises(RecipeError, match="base must name another recipe"):
+        load_recipe(str(loop))
+
+
 def test_cpu_long_is_the_cpu_recipe_with_longer_training_only():
     cpu, long = load_recipe("cpu"), load_recipe("cpu-long")
     differs = {(section, key) for section in cpu if section != "path"
