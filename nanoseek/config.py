@@ -253,6 +253,8 @@ class RLConfig(StepCheckpoints, TaskSpec, Sampling, Compute, Optim, RunDir):
     step_weight: float = opt(0.0, "reward for the share of reasoning steps that compute what they say (a process "
                                   "reward; tasks with check_steps)")
     overlong_penalty: float = opt(0.0, "subtracted when a completion hits max_new_tokens")
+    repeat_penalty: float = opt(0.0, "subtracted when a completion calls the calculator with a call it made before "
+                                     "(a search that retries an attempt it has checked)")
     dynamic_sampling: bool = opt(True, "drop groups with equal rewards and draw more problems")
     max_draws: int = opt(3, "dynamic sampling: rounds of extra problems per step at most")
     eval_n: int = opt(100, "held-out problems per task (and per replay task) in those evaluations")

@@ -29,6 +29,7 @@ from nanoseek.optim import build_optimizer, optimizer_tensors, restore_optimizer
 from nanoseek.rundir import Run, plot, read_metrics, resume_point, save_checkpoint
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import Reward, as_chat, get_tasks
+from nanoseek.unlikelihood import repeats_a_call
 
 # ----------------------------------------------------------------------------- the math
 
@@ -197,24 +198,28 @@ def steps_share(task, problem, completion):
 
 
 class Group(NamedTuple):
-    """One problem's G rollouts: the prompt's ids, the completions, their scores and total rewards."""
+    """One problem's G rollouts: the prompt's ids, the completions, their scores, total rewards and whether each
+    repeats a calculator call."""
 
     prompt: list[int]
     completions: list[Sequence]
     rewards: list[Reward]
     totals: list[float]
+    repeats: list[bool]
 
 
-def score_group(o, task, problem, prompt, completions):
+def score_group(o, task, problem, prompt, completions, call_ids):
     """A problem's Group: each completion scored by the task, and its total reward: accuracy, format and (with
     step_weight) the share of right reasoning steps, weighted, less the over-length penalty when it ran out of
-    tokens."""
+    tokens and the repeat penalty when it made a calculator call twice (call_ids: the call's begin and end ids)."""
     rewards = [task.score(problem, s.text) for s in completions]
+    repeats = [repeats_a_call(s.tokens, *call_ids) for s in completions]
     totals = [o.accuracy_weight * r.accuracy + o.format_weight * r.format
               + (o.step_weight * steps_share(task, problem, s.text) if o.step_weight else 0.0)
               - (o.overlong_penalty if s.finish_reason == "length" else 0.0)
-              for r, s in zip(rewards, completions)]
-    return Group(prompt, completions, rewards, totals)
+              - (o.repeat_penalty if repeated else 0.0)
+              for r, s, repeated in zip(rewards, completions, repeats)]
+    return Group(prompt, completions, rewards, totals, repeats)
 
 
 def advantage_groups(kept, mode):
@@ -256,12 +261,13 @@ def replay_batch(tokenizer, tasks, levels, rows, rng):
 
 
 def rollout_metrics(kept, seen):
-    """Reward, accuracy, format and response length as means over every completion the ranks kept, and the
-    groups they kept and saw."""
+    """Reward, accuracy, format, the share that repeats a calculator call and response length as means over every
+    completion the ranks kept, and the groups they kept and saw."""
     sums = {  # over this rank's kept groups, then summed over the ranks
         "reward": sum(t for g in kept for t in g.totals),
         "accuracy": sum(r.accuracy for g in kept for r in g.rewards),
         "format": sum(r.format for g in kept for r in g.rewards),
+        "repeats": sum(sum(g.repeats) for g in kept),
         "response_length": sum(len(s.tokens) for g in kept for s in g.completions),
         "completions": sum(len(g.completions) for g in kept),
         "groups_kept": len(kept),
@@ -269,7 +275,7 @@ def rollout_metrics(kept, seen):
     }
     sums = dict(zip(sums, all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
     n = max(1.0, sums.pop("completions"))
-    return {**{key: sums[key] / n for key in ("reward", "accuracy", "format", "response_length")},
+    return {**{key: sums[key] / n for key in ("reward", "accuracy", "format", "repeats", "response_length")},
             "groups_kept": int(sums["groups_kept"]), "groups_seen": int(sums["groups_seen"])}
 
 
@@ -364,7 +370,8 @@ class GRPO:
                                        + i) & 0x7FFFFFFF)
                   for i in range(per_rank * o.group)]
         seqs = self.engine.generate([p for p in prompts for _ in range(o.group)], params)
-        groups = [score_group(o, task, problem, prompts[i], seqs[i * o.group : (i + 1) * o.group])
+        call_ids = (self.tokenizer.call_begin_id, self.tokenizer.call_end_id)
+        groups = [score_group(o, task, problem, prompts[i], seqs[i * o.group : (i + 1) * o.group], call_ids)
                   for i, (task, problem) in enumerate(zip(tasks, problems))]
         return groups, sum(len(s.tokens) for s in seqs)
 
@@ -477,7 +484,8 @@ def plot_rl(metrics_file, out_dir):
     heldout = sorted({k for r in rows for k in r if k.startswith("heldout_")})
     attempts = sorted({k for r in rows for k in r if k.startswith("attempts_")})
     plot(rows, os.path.join(out_dir, "rl.png"),
-         [("rollout reward", "", {"reward": "reward", "accuracy": "accuracy", "format": "format"}),
+         [("rollout reward", "", {"reward": "reward", "accuracy": "accuracy", "format": "format",
+                                  "repeats a call": "repeats"}),
           ("held-out accuracy (greedy)", "", {k.removeprefix("heldout_"): k for k in heldout}),
           *([("attempts per answer (held-out, greedy)", "", {k.removeprefix("attempts_"): k for k in attempts})]
             if attempts else []),

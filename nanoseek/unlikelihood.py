@@ -39,6 +39,18 @@ def repeated_call_negatives(x, targets, document_ids, begin_id, end_id):
     return negatives
 
 
+def repeats_a_call(ids, begin_id, end_id):
+    """Whether a completion's token ids hold a calculator call, begin to end, equal to an earlier one."""
+    seen = set()
+    for i in (i for i, t in enumerate(ids) if t == begin_id):
+        end = next((j for j in range(i + 1, len(ids)) if ids[j] in (end_id, begin_id)), None)
+        if end is not None and ids[end] == end_id:
+            if tuple(ids[i + 1 : end]) in seen:
+                return True
+            seen.add(tuple(ids[i + 1 : end]))
+    return False
+
+
 def unlikelihood_loss(h, head_weight, negatives, targets):
     """Sum of -log(1 - p(negative)) over the positions with a negative, divided by the trained targets: on the
     scale of the mean cross-entropy. h (B, T, D) final hidden states; head_weight (vocab, D)."""

@@ -4,6 +4,7 @@ tiny seeded policy whose reward rises."""
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from nanoseek.rl import (
     grpo_loss,
     micro_batches,
     rl,
+    score_group,
     steps_share,
     token_logprobs,
 )
@@ -213,6 +215,20 @@ def test_process_reward_is_the_share_of_right_steps():
     assert steps_share(addition, addition.make(random.Random(2), 2), "1+1+0=02 2\n</think>\n\n2") == 0.0
 
 
+def test_repeat_penalty_lowers_the_reward_of_a_completion_that_repeats_a_call():
+    countdown = get_task("countdown")
+    p = countdown.make(random.Random(2), 3)
+    answer = f"a search\n</think>\n\n{countdown.solve(p)[1]}"  # right, whatever the reasoning
+    begin, end = 1, 2
+    once = SimpleNamespace(tokens=[1, 7, 8, 2, 9, 1, 7, 3, 2, 9], text=answer, finish_reason="stop")
+    twice = SimpleNamespace(tokens=[1, 7, 8, 2, 9, 1, 7, 8, 2, 9], text=answer, finish_reason="stop")
+    o = RLConfig(init="x", format_weight=0.0, repeat_penalty=0.4)
+    group = score_group(o, countdown, p, [0], [once, twice], (begin, end))
+    assert group.totals == [1.0, pytest.approx(0.6)] and group.repeats == [False, True]
+    o = RLConfig(init="x", format_weight=0.0)
+    assert score_group(o, countdown, p, [0], [once, twice], (begin, end)).totals == [1.0, 1.0]
+
+
 def test_grpo_update_does_not_depend_on_the_micro_batch(random_policy, tmp_path):
     """The same rollouts updated with micro_batch 1, 4 and all (two passes, KL to the reference and the
     replay loss on) give the same statistics of the last pass and the same gradient (Adam's step, ~lr for any
@@ -364,7 +380,7 @@ def test_tokens_a_tool_wrote_are_out_of_the_loss(random_policy, tmp_path, monkey
                                                                                                           forced))]
     calls = []
     monkeypatch.setattr(nanoseek.rl, "grpo_loss", lambda *a: calls.append(a) or grpo_loss(*a))
-    stats = trainer.update([Group(prompt, seqs, [None, None], [1.0, 0.0])], 0)
+    stats = trainer.update([Group(prompt, seqs, [None, None], [1.0, 0.0], [False, False])], 0)
     logp, old, advantages, mask, eps_low, eps_high, beta, ref, n_tokens = calls[0]
     sampled = sum(len(t) for t in tokens) - len(output)
     assert mask.sum() == n_tokens == sampled and math.isfinite(stats["entropy"]) and stats["kl"] >= 0

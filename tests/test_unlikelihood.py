@@ -12,7 +12,7 @@ from nanoseek.model import DeepSeekV3
 from nanoseek.rundir import read_metrics
 from nanoseek.tasks import as_chat, get_task
 from nanoseek.train import train
-from nanoseek.unlikelihood import repeated_call_negatives
+from nanoseek.unlikelihood import repeated_call_negatives, repeats_a_call
 
 BEGIN, END = 1, 2
 #      0  1  2  3  4  5  6  7  8  9 10 11 12 13 14 15
@@ -32,6 +32,13 @@ def test_a_call_that_departs_from_an_earlier_one_gets_the_earlier_token_as_negat
     # [7 3] departs from [7 8] where 8 would come (predicted at position 7); the third call repeats the first
     # (nothing to push down against it) and departs from the second where 3 would come (position 12)
     assert negatives() == {7: 8, 12: 3}
+
+
+def test_a_call_made_again_token_for_token_is_a_repeat():
+    assert repeats_a_call(IDS, BEGIN, END)  # [7 8] at 1 and again at 11
+    assert not repeats_a_call(IDS[:11], BEGIN, END)
+    assert not repeats_a_call(IDS[:14], BEGIN, END)  # the third call is cut before its end
+    assert not repeats_a_call([1, 7, 8, 2, 1, 7, 8, 9, 2], BEGIN, END)  # [7 8 9] is another call
 
 
 def test_calls_of_other_documents_and_untrained_positions_get_none():
