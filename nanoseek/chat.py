@@ -8,7 +8,7 @@ from nanoseek.device import choose_compute
 from nanoseek.engine import COMPILE, COMPILE_NOTE, Engine
 from nanoseek.model import trained_context
 from nanoseek.sampling import SamplingParams
-from nanoseek.text import DEFAULT_REPETITION_STOP
+from nanoseek.text import CHAT_TEMPERATURE, DEFAULT_REPETITION_STOP
 from nanoseek.tokenizer import ConversationTooLong, ThinkingStream, show_tools, trim_conversation
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -17,8 +17,8 @@ HELP = ("commands: /reset (new conversation), /temp X, /max N, /repeat N (stop a
 REPEATING = "(stopped: the reply was repeating itself; /repeat 0 lets it run)"
 
 
-def chat(path, temperature=0.7, max_tokens=512, repetition_stop=DEFAULT_REPETITION_STOP, device=None, stdin=sys.stdin,
-         out=sys.stdout):
+def chat(path, temperature=CHAT_TEMPERATURE, max_tokens=512, repetition_stop=DEFAULT_REPETITION_STOP, device=None,
+         stdin=sys.stdin, out=sys.stdout):
     compute = choose_compute(device)
     model, tokenizer = load(path, compute.device)
     if tokenizer is None:

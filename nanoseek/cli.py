@@ -300,7 +300,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     from nanoseek import config
-    from nanoseek.text import DEFAULT_REPETITION_STOP
+    from nanoseek.text import CHAT_TEMPERATURE, DEFAULT_REPETITION_STOP
 
     s = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with the chat format")
     s.add_argument("--input", nargs="+", help="files or globs: .txt, .jsonl, .parquet")
@@ -344,7 +344,8 @@ def build_parser():
 
     s = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
     s.add_argument("ckpt")
-    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--temperature", type=float, default=CHAT_TEMPERATURE,
+                   help="sampling temperature (0: greedy; the default writes the most right answers, docs/SPEEDRUN.md)")
     s.add_argument("--max-tokens", type=int, default=512)
     s.add_argument("--repetition-stop", type=int, default=DEFAULT_REPETITION_STOP,
                    help="end a reply whose last N tokens repeat one block (0: off)")

@@ -4,6 +4,7 @@ by the length of what came before."""
 
 MAX_PERIOD = 32  # longest block (in tokens) the repetition stop looks for
 DEFAULT_REPETITION_STOP = 64  # chat and the server: a block repeated back to back over 64 tokens ends the turn
+CHAT_TEMPERATURE = 0.4  # chat and the web page: more right answers than greedy or 0.7 (docs/SPEEDRUN.md)
 
 
 class TextStream:
