@@ -13,7 +13,8 @@ Tools (tools.py): when a sequence samples the tool-call end token, the engine ru
 its output as forced tokens (no room: finish_reason "length"); they enter the cache as one prefill chunk
 while the other sequences decode in the same step, and the sequence's next logits are the chunk's last. The
 chunk is eager, so a step compiled ahead of time is untouched. A completion's text shows the markup as the
-tokens' strings. tools=False: the call end is a token like any other.
+tokens' strings. With tools, a reply writes only the control tokens the chat template allows where it is
+(template.py): no call in the answer, no second </think>. tools=False: every token is a token like any other.
 
 Sampling lives in sampling.py, a sequence's text (detokenising, stop strings, streaming) in text.py.
 """
@@ -28,6 +29,7 @@ from nanoseek.sampling import SamplingParams
 from nanoseek.sequence import Event, Sequence
 from nanoseek.slots import Slots
 from nanoseek.steps import COMPILE, COMPILE_NOTE
+from nanoseek.template import FREE, control_ids, phase_after, template_masks
 from nanoseek.text import RepetitionStop, TextStream
 
 __all__ = ["COMPILE", "COMPILE_NOTE", "Engine", "EngineFull", "Event", "SamplingParams", "Sequence"]
@@ -61,8 +63,11 @@ class Engine:
         self.stop_ids = {tokenizer.eos_id} if tokenizer is not None else {cfg.eos_token_id}
         self.tools = tools and tokenizer is not None and tokenizer.tools
         compile = COMPILE if compile is None else compile
-        refused = {tokenizer.call_end_id} if self.tools else set()  # a call ends sampled, then runs
-        self.slots = Slots(model, self.compute, max_batch, self.max_len, compile, ahead_of_time, speculative, refused)
+        # with tools, the chat template's control tokens are sampled under its masks, and their drafts never stand
+        refused = control_ids(tokenizer) if self.tools else set()
+        masks = template_masks(tokenizer, cfg.vocab_size, self.compute.device) if self.tools else None
+        self.slots = Slots(model, self.compute, max_batch, self.max_len, compile, ahead_of_time, speculative, refused,
+                           masks)
         self.cache, self.speculator = self.slots.cache, self.slots.speculator  # the Speculator, or None
         if compile:
             self.warm_up()
@@ -93,7 +98,8 @@ class Engine:
         taken = len(self.free) - len(prompts)
         slots = self.free[taken:][::-1]  # the slots pop() would give, taken only once the prefill is done
         seqs = [Sequence(next(self.ids), list(prompt), sp, slot, text_state=TextStream(self.tokenizer, sp.stop),
-                         repeats=RepetitionStop(sp.repetition_stop) if sp.repetition_stop else None)
+                         repeats=RepetitionStop(sp.repetition_stop) if sp.repetition_stop else None,
+                         phase=phase_after(prompt, self.tokenizer) if self.tools else FREE)
                 for prompt, sp, slot in zip(prompts, params, slots)]
         self.slots.prefill(seqs, self.prefill_tokens)
         del self.free[taken:]
@@ -148,6 +154,8 @@ class Engine:
         """s takes the model's token (Sequence.take); a finished s leaves its slot -> what is new for the client
         (a tool's output included)."""
         new_tokens = s.take(token, logprob, self.stop_ids, self.max_len, self.tokenizer if self.tools else None)
+        if self.tools:
+            s.phase = phase_after(new_tokens, self.tokenizer, s.phase)
         finished = s.finish_reason is not None
         if finished:
             self.running.pop(s.id, None)

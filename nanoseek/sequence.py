@@ -23,6 +23,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length", "repetition" or "abort"
     text_state: TextStream | None = None  # how text is made from tokens
     repeats: RepetitionStop | None = None  # with params.repetition_stop > 0
+    phase: int = 0  # where the reply is in the chat template (template.py), where the engine runs tools
 
     @property
     def text(self):  # decoded generated text, cut at a stop string

@@ -20,16 +20,18 @@ class Slots:
     takes the main model's hidden states of every position they write."""
 
     def __init__(self, model, compute, slots, max_len, compile=False, ahead_of_time=None, speculative=False,
-                 refused=()):
+                 refused=(), masks=None):
         """compute: the device.Compute the model runs under; compile, ahead_of_time: how the steps run
         (steps.compiler); speculative: speculate on greedy steps, with the model's first MTP module; refused:
-        tokens whose drafts never stand (Speculator)."""
+        tokens whose drafts never stand (Speculator); masks: (phases, V) bool, the tokens a sequence's phase
+        forbids (template.template_masks), or None."""
         cfg = model.config
         self.model, self.compute = model, compute
         self.device = next(model.parameters()).device
         self.cache = LatentCache(cfg.num_hidden_layers, slots, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                  compute.dtype, self.device)
         self.logits = torch.zeros(slots, cfg.vocab_size, device=self.device)  # (slots, V)
+        self.masks = masks
         build = compiler(model, compute, slots, compile, ahead_of_time)
         self.decode_step = build(decode_step)
         # the seeded draws' integer hashing, compiled at the first seeded draw (chat never makes one)
@@ -47,6 +49,9 @@ class Slots:
         """The next token of every sequence, drawn together in one call with one host sync (two with logprobs); a
         seeded row's draw depends on its seed and token index only -> the tokens and their log-probabilities."""
         logits = self.logits if len(self.logits) == 1 else self.logits[[s.slot for s in seqs]]  # one slot: kept
+        if self.masks is not None:
+            forbidden = self.masks[torch.tensor([s.phase for s in seqs], device=self.device)]  # (B, V)
+            logits = logits.masked_fill(forbidden, float("-inf"))
         tokens = sample_tokens(logits, [s.params for s in seqs], [len(s.tokens) for s in seqs], self.noise).tolist()
         return tokens, logprobs(seqs, tokens, logits)
 

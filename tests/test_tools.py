@@ -19,6 +19,7 @@ from nanoseek.model import DeepSeekV3, config_for_size
 from nanoseek.rejection import kept_chats
 from nanoseek.sampling import SamplingParams
 from nanoseek.serve import create_app
+from nanoseek.template import ANSWER, CALL, FREE, THINK, control_ids, phase_after, template_masks
 from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_DISPLAY, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END
 
 PROMPT, OTHER = [5, 60, 61, 62, 63], [70, 71, 72]
@@ -222,7 +223,7 @@ def test_speculative_decoding_with_a_call_is_plain_greedy_decoding(tokenizer, ex
     prompts = [PROMPT, OTHER, PROMPT[:2]]
     plain = Engine(model, tok, max_batch=4, compile=False).generate(prompts, greedy(20))
     fast = Engine(model, tok, max_batch=4, compile=False, speculative=True)
-    assert fast.speculator.refused == {tok.call_end_id}
+    assert fast.speculator.refused == control_ids(tok) and tok.call_end_id in control_ids(tok)
     for seq in plain + fast.generate(prompts, greedy(20)):
         assert seq.tokens == expected and seq.forced == [i in range(len(expected) - 6, len(expected) - 2)
                                                          for i in range(len(expected))]
@@ -304,3 +305,38 @@ def test_a_kept_trace_trains_on_the_call_not_on_the_output(tokenizer):
     assert ids[start:at] == call(tokenizer) and all(mask[start:at])
     assert ids[at : at + len(forced)] == forced and not any(mask[at : at + len(forced)])
     assert mask[at + len(forced)] == 1
+
+
+# ----------------------------------------------------------------------------- the template's control tokens
+
+
+def test_a_reply_writes_only_the_control_tokens_the_template_allows_where_it_is(tokenizer):
+    """A model that would open another call after </think>: with tools, the answer cannot hold one or any other
+    control token (the engine takes the likeliest allowed token); a prompt outside a turn is not constrained."""
+    tok = tokenizer
+    model = calling_model(tok)
+    with torch.no_grad():  # after </think>, a call again instead of the end of sentence
+        axis = model.model.embed_tokens.weight[tok.end_think_id].argmax()
+        model.lm_head.weight[tok.eos_id, axis], model.lm_head.weight[tok.call_begin_id, axis] = 0.0, 1.0
+    in_turn = [tok.bos_id, tok.user_id, *tok.encode("hi"), tok.assistant_id, tok.think_id]
+    masked = Engine(model, tok, max_batch=2, compile=False).generate([in_turn], greedy(12))[0]
+    answer = masked.tokens[masked.tokens.index(tok.end_think_id) + 1 :]
+    assert masked.tokens[: len(call(tok)) + len(output(tok))] == call(tok) + output(tok)
+    assert answer and not set(answer) & control_ids(tok)
+    raw = Engine(model, tok, max_batch=2, compile=False).generate([OTHER], greedy(12))[0]  # not in a turn
+    assert raw.tokens[raw.tokens.index(tok.end_think_id) + 1] == tok.call_begin_id
+
+
+def test_the_template_phases_and_what_each_forbids(tokenizer):
+    tok = tokenizer
+    prompt = tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)[0]
+    assert phase_after(prompt, tok) == THINK
+    assert phase_after(prompt + call(tok)[:-1], tok) == CALL
+    assert phase_after(prompt + call(tok) + output(tok), tok) == THINK
+    assert phase_after(prompt + [tok.end_think_id], tok) == ANSWER
+    assert phase_after(prompt + [tok.end_think_id, tok.eos_id], tok) == FREE
+    masks = template_masks(tok, 448)
+    allowed = lambda phase: {t for t in control_ids(tok) if not masks[phase, t]}
+    assert allowed(THINK) == {tok.call_begin_id, tok.end_think_id}
+    assert allowed(CALL) == {tok.call_end_id} and allowed(ANSWER) == set() and allowed(FREE) == control_ids(tok)
+    assert not masks[:, tok.eos_id].any() and masks.sum() == sum(len(control_ids(tok) - allowed(p)) for p in range(4))
