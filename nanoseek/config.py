@@ -176,6 +176,8 @@ class Scoring(Decoding):
                                    "answer")
     depth_n: int = opt(0, "also ask the last checkpoint the first depth_n problems as turn 10 of a chat of mixed "
                           "turns, and a third as many at each turn 2..9, trimmed as `nanoseek chat` trims (0: not)")
+    temperature: float = opt(0.0, "pass@1 of one seeded sample a problem at this temperature, as a chat samples "
+                                  "(0: greedy)")
 
 
 @dataclass

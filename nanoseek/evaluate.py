@@ -54,14 +54,19 @@ def test_problems(task, n, seed=0, difficulty=None):
     return [task.sample(rng, "test", strata[i % len(strata)]) for i in range(n)]
 
 
-def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0, k_n=0, conversations=None):
-    """Per-problem results: greedy correctness, format and truncation, thinking length, and for the first k_n
-    problems (0: all) the correctness of k samples at temperature 1. conversations: the messages each problem is
-    asked with (default: the problem alone)."""
+def evaluate_model(engine, task, problems, k=1, max_new_tokens=256, seed=0, k_n=0, conversations=None,
+                   temperature=0.0):
+    """Per-problem results: the correctness of the greedy completion (with temperature > 0, of one seeded sample
+    at it), its format and truncation, thinking length, and for the first k_n problems (0: all) the correctness of
+    k samples at temperature 1. conversations: the messages each problem is asked with (default: the problem
+    alone)."""
     tokenizer = engine.tokenizer
     conversations = conversations or [p.messages() for p in problems]
     prompts = [tokenizer.render_chat(m, add_generation_prompt=True)[0] for m in conversations]
-    greedy = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0))
+    greedy = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0) if not temperature
+                             else [SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                                  seed=2**32 + seed * 1_000_003 + i)  # apart from pass@k's seeds
+                                   for i in range(len(prompts))])
     sampled = min(k_n, len(problems)) if k_n > 0 else len(problems)
     samples = []
     if k > 1:
@@ -195,12 +200,13 @@ def summarize(rows, k):
 
 
 def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=None, device=None, checker="exact",
-             difficulty=None, dtype=None, k_n=0, second_turn=False, depth_n=0):
+             difficulty=None, dtype=None, k_n=0, second_turn=False, depth_n=0, temperature=0.0):
     """Evaluate each checkpoint on each task's held-out problems; write eval.json/.md/.png to out.
     difficulty: one for every task, or {task: difficulty}. k_n: how many of the n problems get the k samples
     (0: all). max_new_tokens 0: a budget per task from its worked solutions (token_budget). second_turn: also
     ask each problem after a problem of the next task in the list and its answer (greedy only). depth_n: also ask
-    the last checkpoint problems as turns 2..10 of a mixed conversation (deep_turns)."""
+    the last checkpoint problems as turns 2..10 of a mixed conversation (deep_turns). temperature > 0: every
+    pass@1 is one seeded sample a problem at it instead of the greedy completion."""
     compute = choose_compute(device, dtype)
     loaded = [get_task(spec, checker) for spec in tasks]
     levels = [difficulty.get(spec) if isinstance(difficulty, dict) else difficulty for spec in tasks]
@@ -220,15 +226,17 @@ def evaluate(checkpoints, tasks, n=100, k=1, max_new_tokens=256, seed=0, out=Non
         for task, mine, history, by_depth in zip(loaded, problems, histories, deep):
             budget = max_new_tokens or token_budget(task, mine, tokenizer)
             start = time.perf_counter()
-            rows = evaluate_model(engine, task, mine, k, budget, seed, k_n)
-            rows2 = evaluate_model(engine, task, mine, 1, budget, conversations=history) if history else []
-            depth_rows = {depth: evaluate_model(engine, task, [mine[j] for j, _ in asked], 1, budget,
-                                                conversations=[c for _, c in asked])
+            rows = evaluate_model(engine, task, mine, k, budget, seed, k_n, temperature=temperature)
+            rows2 = (evaluate_model(engine, task, mine, 1, budget, seed, conversations=history,
+                                    temperature=temperature) if history else [])
+            depth_rows = {depth: evaluate_model(engine, task, [mine[j] for j, _ in asked], 1, budget, seed,
+                                                conversations=[c for _, c in asked], temperature=temperature)
                           for depth, asked in by_depth.items()}
             if depth_rows:  # turn 1: the deepest turn's problems, asked alone
                 depth_rows = {1: [rows[j] for j, _ in by_depth[DEPTHS[-1]]], **depth_rows}
             seconds = time.perf_counter() - start
-            results[ckpt][task.name] = task_results(rows, rows2, k, budget, seconds, depth_rows)
+            results[ckpt][task.name] = {**task_results(rows, rows2, k, budget, seconds, depth_rows),
+                                        "temperature": temperature}
             if depth_rows:
                 results[ckpt][task.name]["context"] = context
     if out:
@@ -296,7 +304,9 @@ def markdown_table(results, k):
             lines.append(f"| {t} | {d} | " + " | ".join(cells) + " |")
     speed = [f"- {_short(c)}, {t}: {g['tokens']:,} tokens generated in {g['seconds']:.1f} s, "
              f"{g['tokens_per_s']:,.0f} tok/s" for c in ckpts for t in tasks if (g := results[c][t].get("generation"))]
-    text = "pass@1 (greedy) with 95% Wilson interval\n\n" + "\n".join(lines) + "\n\n"
+    temperature = next(iter(results[ckpts[0]].values())).get("temperature", 0.0)
+    how = f"one sample a problem at temperature {temperature:g}" if temperature else "greedy"
+    text = f"pass@1 ({how}) with 95% Wilson interval\n\n" + "\n".join(lines) + "\n\n"
     warnings = truncation_warnings(results)
     if warnings:
         text += "\n".join(warnings) + "\n\n"

@@ -28,6 +28,16 @@ def test_pass_at_k_on_the_first_k_n_problems(random_policy):
     assert [e["sample_correct"] is not None for e in r["examples"]] == [True, True, True]
 
 
+def test_pass_at_1_at_a_temperature_is_one_seeded_sample_a_problem(random_policy, tmp_path):
+    common = {"n": 3, "max_new_tokens": 24, "device": "cpu"}
+    texts = lambda results: [e["completion"] for e in results[random_policy]["addition"]["examples"]]
+    greedy = evaluate([random_policy], ["addition"], **common)
+    hot = evaluate([random_policy], ["addition"], temperature=1.0, out=str(tmp_path), **common)
+    assert texts(hot) == texts(evaluate([random_policy], ["addition"], temperature=1.0, **common))
+    assert texts(hot) != texts(greedy) and hot[random_policy]["addition"]["temperature"] == 1.0
+    assert "pass@1 (one sample a problem at temperature 1) with" in (tmp_path / "eval.md").read_text()
+
+
 def test_truncated_traces_are_counted_and_warned_about(random_policy, tmp_path):
     results = evaluate([random_policy], ["addition"], n=4, max_new_tokens=1, device="cpu", out=str(tmp_path))
     assert results[random_policy]["addition"]["all"]["truncated"] == 1.0
