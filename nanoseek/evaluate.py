@@ -365,7 +365,7 @@ def slice_tables(results):
 def task_cell(s, k):
     """A task's summary as one table cell: pass@1 with its interval, pass@k, truncation, attempts, steps."""
     cell = _pass1(s)
-    if f"pass@{k}" in s:
+    if k > 1 and f"pass@{k}" in s:  # pass@1 is the cell's first figure
         of = f" (n={s[f'pass@{k}_n']})" if s.get(f"pass@{k}_n", s["n"]) != s["n"] else ""
         cell += f", pass@{k} {100 * s[f'pass@{k}']:.1f}%{of}"
     if s.get("truncated"):

@@ -204,3 +204,4 @@ def test_refused_calls_are_counted_apart_from_wrong_steps():
     s = summarize([row, {**row, "wrong_steps": 0, "refused_calls": 0}], 1)
     assert (s["steps"], s["wrong_steps"], s["refused_calls"]) == (6, 1, 2)
     assert ", 1 of 6 steps wrong, 2 calls refused" in task_cell(s, 1)
+    assert task_cell(s, 1).count("pass@1") == 0  # pass@1 leads the cell, unnamed, once
