@@ -17,6 +17,15 @@ def first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
+def calls(ids, begin_id, end_id):
+    """(start, end) of each calculator call in ids that ends: ids[start] its begin token, ids[end] its end token,
+    no other begin between them."""
+    for i in (i for i, t in enumerate(ids) if t == begin_id):
+        end = next((j for j in range(i + 1, len(ids)) if ids[j] in (end_id, begin_id)), None)
+        if end is not None and ids[end] == end_id:
+            yield i, end
+
+
 def repeated_call_negatives(x, targets, document_ids, begin_id, end_id):
     """(B, T) long, -100 but at the trained positions where a calculator call departs from an earlier call of its
     document: there, the earlier call's token, what writing that call again would put next. x (B, T) input
@@ -26,10 +35,9 @@ def repeated_call_negatives(x, targets, document_ids, begin_id, end_id):
     docs = document_ids.tolist() if document_ids is not None else [[0] * x.shape[1]] * x.shape[0]
     for b, (ids, doc) in enumerate(zip(rows, docs)):
         earlier = {}  # document -> its calls so far, each its tokens through its end token
-        for i in (i for i, t in enumerate(ids) if t == begin_id):
-            end = next((j for j in range(i + 1, len(ids)) if ids[j] in (end_id, begin_id)), None)
-            if end is None or ids[end] != end_id or doc[end] != doc[i]:
-                continue  # a call the row or its document cuts, or one that never ends
+        for i, end in calls(ids, begin_id, end_id):
+            if doc[end] != doc[i]:
+                continue  # a call its document cuts
             call = ids[i + 1 : end + 1]
             for before in earlier.setdefault(doc[i], []):
                 k = first_difference(before, call)
@@ -42,12 +50,10 @@ def repeated_call_negatives(x, targets, document_ids, begin_id, end_id):
 def repeats_a_call(ids, begin_id, end_id):
     """Whether a completion's token ids hold a calculator call, begin to end, equal to an earlier one."""
     seen = set()
-    for i in (i for i, t in enumerate(ids) if t == begin_id):
-        end = next((j for j in range(i + 1, len(ids)) if ids[j] in (end_id, begin_id)), None)
-        if end is not None and ids[end] == end_id:
-            if tuple(ids[i + 1 : end]) in seen:
-                return True
-            seen.add(tuple(ids[i + 1 : end]))
+    for i, end in calls(ids, begin_id, end_id):
+        if tuple(ids[i + 1 : end]) in seen:
+            return True
+        seen.add(tuple(ids[i + 1 : end]))
     return False
 
 
